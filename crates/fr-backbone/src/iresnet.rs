@@ -1,0 +1,348 @@
+//! IResNet: the improved residual network of ArcFace.
+//!
+//! Duta et al., "Improved Residual Networks for Image and Video Recognition" (ICPR 2020), in the
+//! face-recognition form of Deng et al., "ArcFace" (CVPR 2019). Reference code: insightface
+//! `recognition/arcface_torch/backbones/iresnet.py`. Parameter paths equal that module's
+//! `state_dict()` keys, so official checkpoints load unchanged.
+//!
+//! ```text
+//! conv1 3x3/1 → bn1 → prelu                                  (B, w0, S, S)
+//! layer1..4: IBasicBlock × layers[i], the first with stride 2 (B, w3, S/16, S/16)
+//!   block: bn1 → conv1 3x3/1 → bn2 → prelu → conv2 3x3/s → bn3, + downsample(x)
+//! bn2 → flatten → dropout → fc → features (BatchNorm1d, weight fixed at 1)   (B, D)
+//! ```
+
+use candle_core::{Module, ModuleT, Tensor};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, Linear, PReLU, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// BatchNorm epsilon used everywhere in the reference.
+const BN_EPS: f64 = 1e-5;
+/// insightface initialises every convolution with N(0, 0.1²).
+const CONV_INIT: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 0.1,
+};
+
+/// Architecture of an [`IResNet`]. Defaults: IResNet-50 at 112×112, 512-d embedding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IResNetConfig {
+    /// Number of [`IBasicBlock`]s in layer1..layer4.
+    pub layers: [usize; 4],
+    /// Channels of layer1..layer4; the stem has `widths[0]` channels.
+    pub widths: [usize; 4],
+    /// Embedding dimension `D` of the output `(B, D)`.
+    pub embedding_size: usize,
+    /// Side of the square input in pixels (112 for insightface, 56 for fast experiments).
+    pub input_size: usize,
+    /// Dropout probability before `fc` (training only).
+    pub dropout: f32,
+}
+
+impl Default for IResNetConfig {
+    fn default() -> Self {
+        Self::r50()
+    }
+}
+
+impl IResNetConfig {
+    fn with_layers(layers: [usize; 4]) -> Self {
+        Self {
+            layers,
+            widths: [64, 128, 256, 512],
+            embedding_size: 512,
+            input_size: 112,
+            dropout: 0.0,
+        }
+    }
+
+    /// IResNet-18: layers `[2, 2, 2, 2]`.
+    pub fn r18() -> Self {
+        Self::with_layers([2, 2, 2, 2])
+    }
+
+    /// IResNet-34: layers `[3, 4, 6, 3]`.
+    pub fn r34() -> Self {
+        Self::with_layers([3, 4, 6, 3])
+    }
+
+    /// IResNet-50: layers `[3, 4, 14, 3]`.
+    pub fn r50() -> Self {
+        Self::with_layers([3, 4, 14, 3])
+    }
+
+    /// IResNet-100: layers `[3, 13, 30, 3]`.
+    pub fn r100() -> Self {
+        Self::with_layers([3, 13, 30, 3])
+    }
+
+    /// IResNet-200: layers `[6, 26, 60, 6]`.
+    pub fn r200() -> Self {
+        Self::with_layers([6, 26, 60, 6])
+    }
+
+    /// Scales every width by `mult` (rounded, at least one channel).
+    pub fn with_width_mult(mut self, mult: f64) -> Self {
+        for w in &mut self.widths {
+            let scaled = (*w as f64 * mult).round();
+            // `as` saturates: NaN and negatives become 0, then the 1-channel floor applies.
+            *w = (scaled as usize).max(1);
+        }
+        self
+    }
+
+    /// Sets the input side in pixels.
+    pub fn with_input_size(mut self, input_size: usize) -> Self {
+        self.input_size = input_size;
+        self
+    }
+
+    /// Sets the embedding dimension.
+    pub fn with_embedding_size(mut self, embedding_size: usize) -> Self {
+        self.embedding_size = embedding_size;
+        self
+    }
+
+    /// Sets the dropout probability before `fc`.
+    pub fn with_dropout(mut self, dropout: f32) -> Self {
+        self.dropout = dropout;
+        self
+    }
+
+    /// Spatial side after the four stride-2 stages (3x3, padding 1): 112 → 7, 56 → 4.
+    pub fn final_size(&self) -> usize {
+        (0..4).fold(self.input_size, |s, _| s.div_ceil(2))
+    }
+
+    /// Input features of `fc`: `widths[3] · final_size²`.
+    pub fn fc_in_features(&self) -> usize {
+        self.widths[3] * self.final_size() * self.final_size()
+    }
+
+    /// Checks every field; the error names the offending key.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(i) = self.layers.iter().position(|&n| n == 0) {
+            return Err(Error::config(
+                "layers",
+                format!("layer{} has 0 blocks; every layer needs at least one", i + 1),
+            ));
+        }
+        if let Some(i) = self.widths.iter().position(|&n| n == 0) {
+            return Err(Error::config(
+                "widths",
+                format!("layer{} has width 0", i + 1),
+            ));
+        }
+        if self.embedding_size == 0 {
+            return Err(Error::config("embedding_size", "must be at least 1"));
+        }
+        if self.input_size < 16 {
+            return Err(Error::config(
+                "input_size",
+                format!(
+                    "{} is too small; use 112 (insightface) or 56 (at least 16)",
+                    self.input_size
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config(
+                "dropout",
+                format!("{} is not a probability in [0, 1)", self.dropout),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn conv(
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", CONV_INIT)?;
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(weight, None, cfg))
+}
+
+fn bn(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    Ok(candle_nn::batch_norm(c, BN_EPS, vb)?)
+}
+
+/// The residual block of IResNet (pre-activation style, PReLU inside).
+#[derive(Debug, Clone)]
+pub struct IBasicBlock {
+    bn1: BatchNorm,
+    conv1: Conv2d,
+    bn2: BatchNorm,
+    prelu: PReLU,
+    conv2: Conv2d,
+    bn3: BatchNorm,
+    downsample: Option<(Conv2d, BatchNorm)>,
+}
+
+impl IBasicBlock {
+    /// A block from `in_c` to `out_c` channels, `stride` in its second convolution.
+    pub fn new(in_c: usize, out_c: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let downsample = if stride != 1 || in_c != out_c {
+            let vb = vb.pp("downsample");
+            Some((
+                conv(in_c, out_c, 1, stride, 0, vb.pp("0"))?,
+                bn(out_c, vb.pp("1"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            bn1: bn(in_c, vb.pp("bn1"))?,
+            conv1: conv(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?,
+            bn2: bn(out_c, vb.pp("bn2"))?,
+            prelu: candle_nn::prelu(Some(out_c), vb.pp("prelu"))?,
+            conv2: conv(out_c, out_c, 3, stride, 1, vb.pp("conv2"))?,
+            bn3: bn(out_c, vb.pp("bn3"))?,
+            downsample,
+        })
+    }
+}
+
+impl ModuleT for IBasicBlock {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let out = self.bn1.forward_t(x, train)?;
+        let out = self.conv1.forward(&out)?;
+        let out = self.bn2.forward_t(&out, train)?;
+        let out = self.prelu.forward(&out)?;
+        let out = self.conv2.forward(&out)?;
+        let out = self.bn3.forward_t(&out, train)?;
+        let identity = match &self.downsample {
+            Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        out + identity
+    }
+}
+
+/// IResNet: images `(B, 3, S, S)` → embeddings `(B, D)` (not normalised).
+#[derive(Debug, Clone)]
+pub struct IResNet {
+    cfg: IResNetConfig,
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    prelu: PReLU,
+    layers: Vec<Vec<IBasicBlock>>,
+    bn2: BatchNorm,
+    fc: Linear,
+    features: BatchNorm,
+}
+
+impl IResNet {
+    /// Builds the network, taking (or creating) its parameters from `vb` under insightface's
+    /// state-dict names. With a `VarMap`-backed builder the BatchNorm running statistics are
+    /// `Var`s of the map too: filter them with [`IResNet::is_trainable`].
+    pub fn new(cfg: &IResNetConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let w = cfg.widths;
+        let conv1 = conv(3, w[0], 3, 1, 1, vb.pp("conv1"))?;
+        let bn1 = bn(w[0], vb.pp("bn1"))?;
+        let prelu = candle_nn::prelu(Some(w[0]), vb.pp("prelu"))?;
+        let mut layers = Vec::with_capacity(4);
+        let mut in_c = w[0];
+        for (li, (&n, &out_c)) in cfg.layers.iter().zip(w.iter()).enumerate() {
+            let vb_l = vb.pp(format!("layer{}", li + 1));
+            let mut blocks = Vec::with_capacity(n);
+            for bi in 0..n {
+                let stride = if bi == 0 { 2 } else { 1 };
+                blocks.push(IBasicBlock::new(in_c, out_c, stride, vb_l.pp(bi.to_string()))?);
+                in_c = out_c;
+            }
+            layers.push(blocks);
+        }
+        let bn2 = bn(w[3], vb.pp("bn2"))?;
+        let fc_in = cfg.fc_in_features();
+        // PyTorch's nn.Linear default: U(±1/√fan_in) for weight and bias.
+        let bound = 1.0 / (fc_in as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let vb_fc = vb.pp("fc");
+        let fc = Linear::new(
+            vb_fc.get_with_hints((cfg.embedding_size, fc_in), "weight", init)?,
+            Some(vb_fc.get_with_hints(cfg.embedding_size, "bias", init)?),
+        );
+        let features = bn(cfg.embedding_size, vb.pp("features"))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            conv1,
+            bn1,
+            prelu,
+            layers,
+            bn2,
+            fc,
+            features,
+        })
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &IResNetConfig {
+        &self.cfg
+    }
+
+    /// Embedding dimension `D`.
+    pub fn embedding_size(&self) -> usize {
+        self.cfg.embedding_size
+    }
+
+    /// Whether an optimiser should update the parameter `name` (a state-dict key, possibly
+    /// with a prefix such as `backbone.`): false for BatchNorm running statistics and for
+    /// `features.weight`, which insightface fixes at 1.
+    pub fn is_trainable(name: &str) -> bool {
+        let last = name.rsplit('.').next().unwrap_or(name);
+        let fixed_stat = matches!(last, "running_mean" | "running_var" | "num_batches_tracked");
+        let fixed_scale = name == "features.weight" || name.ends_with(".features.weight");
+        !(fixed_stat || fixed_scale)
+    }
+}
+
+impl ModuleT for IResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let s = self.cfg.input_size;
+        match x.dims() {
+            [_, 3, h, w] if *h == s && *w == s => {}
+            d => candle_core::bail!("IResNet expects input (B, 3, {s}, {s}), got {d:?}"),
+        }
+        let x = self.conv1.forward(x)?;
+        let x = self.bn1.forward_t(&x, train)?;
+        let mut x = self.prelu.forward(&x)?;
+        for block in self.layers.iter().flatten() {
+            x = block.forward_t(&x, train)?;
+        }
+        let x = self.bn2.forward_t(&x, train)?.flatten_from(1)?;
+        let x = if train && self.cfg.dropout > 0.0 {
+            candle_nn::ops::dropout(&x, self.cfg.dropout)?
+        } else {
+            x
+        };
+        let x = self.fc.forward(&x)?;
+        self.features.forward_t(&x, train)
+    }
+}
+
+impl crate::Backbone for IResNet {
+    fn embedding_size(&self) -> usize {
+        self.cfg.embedding_size
+    }
+
+    fn is_trainable(&self, name: &str) -> bool {
+        IResNet::is_trainable(name)
+    }
+}

@@ -1,0 +1,207 @@
+//! The tiny IResNet fixture (made with PyTorch from insightface's iresnet.py): weights load by
+//! name and reproduce PyTorch's eval-mode output.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{ModuleT, VarMap};
+use fr_backbone::{
+    load_pth, load_safetensors, read_safetensors, seeded_var_builder, varmap_from_safetensors,
+    varmap_from_tensors, Error, IResNet, IResNetConfig,
+};
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+fn fixture() -> serde_json::Value {
+    let text = std::fs::read_to_string(data("iresnet_tiny.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The architecture the fixture's `architecture` field describes.
+fn tiny_config() -> IResNetConfig {
+    let arch = fixture()["architecture"].as_str().unwrap().to_string();
+    assert!(arch.contains("layers [1,2,1,1], widths [8,16,16,32], input 3x112x112, embedding 16"));
+    IResNetConfig {
+        layers: [1, 2, 1, 1],
+        widths: [8, 16, 16, 32],
+        embedding_size: 16,
+        input_size: 112,
+        dropout: 0.0,
+    }
+}
+
+/// `sin(37 * linspace(-1, 1, 2*3*112*112))` in f32, with torch's two-sided linspace.
+fn fixture_input() -> Tensor {
+    let n = 2 * 3 * 112 * 112;
+    let step = 2.0f32 / (n - 1) as f32;
+    let values: Vec<f32> = (0..n)
+        .map(|i| {
+            let t = if i < n / 2 {
+                -1.0 + step * i as f32
+            } else {
+                1.0 - step * (n - 1 - i) as f32
+            };
+            (37.0f32 * t).sin()
+        })
+        .collect();
+    Tensor::from_vec(values, (2, 3, 112, 112), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff_to_pytorch(out: &Tensor) -> f32 {
+    let expected: Vec<Vec<f32>> =
+        serde_json::from_value(fixture()["output_eval_mode"].clone()).unwrap();
+    let got = out.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(got.len(), expected.len());
+    let mut max = 0f32;
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g.len(), e.len());
+        for (a, b) in g.iter().zip(e) {
+            max = max.max((a - b).abs());
+        }
+    }
+    max
+}
+
+#[test]
+fn safetensors_reproduces_pytorch_eval_output() {
+    let vb = load_safetensors(data("iresnet_tiny.safetensors"), DType::F32, &Device::Cpu).unwrap();
+    let net = IResNet::new(&tiny_config(), vb).unwrap();
+    let out = net.forward_t(&fixture_input(), false).unwrap();
+    assert_eq!(out.dims(), &[2, 16]);
+    let err = max_abs_diff_to_pytorch(&out);
+    println!("safetensors f32: max |candle - pytorch| = {err:.3e}");
+    assert!(err < 1e-4, "max abs error {err}");
+}
+
+#[test]
+fn pth_reproduces_pytorch_eval_output() {
+    let vb = load_pth(data("iresnet_tiny.pth"), DType::F32, &Device::Cpu).unwrap();
+    let net = IResNet::new(&tiny_config(), vb).unwrap();
+    let err = max_abs_diff_to_pytorch(&net.forward_t(&fixture_input(), false).unwrap());
+    println!("pth f32: max |candle - pytorch| = {err:.3e}");
+    assert!(err < 1e-4, "max abs error {err}");
+}
+
+#[test]
+fn varmap_loaded_in_f64_reproduces_pytorch_eval_output() {
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, 0, DType::F64, &Device::Cpu);
+    let net = IResNet::new(&tiny_config(), vb).unwrap();
+    let report = varmap_from_safetensors(&varmap, data("iresnet_tiny.safetensors"), "").unwrap();
+    assert_eq!(report.loaded, 133 - 22);
+    assert!(report.unused.is_empty(), "{:?}", report.unused);
+    let x = fixture_input().to_dtype(DType::F64).unwrap();
+    let err = max_abs_diff_to_pytorch(&net.forward_t(&x, false).unwrap());
+    println!("VarMap f64: max |candle - pytorch| = {err:.3e}");
+    assert!(err < 1e-4, "max abs error {err}");
+}
+
+#[test]
+fn parameter_names_equal_the_state_dict_keys() {
+    let varmap = VarMap::new();
+    IResNet::new(
+        &tiny_config(),
+        seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let ours: BTreeSet<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+    let keys: Vec<String> = serde_json::from_value(fixture()["keys"].clone()).unwrap();
+    let expected: BTreeSet<String> = keys
+        .into_iter()
+        .filter(|k| !k.ends_with("num_batches_tracked"))
+        .collect();
+    assert_eq!(ours, expected);
+    // And the shapes are the file's.
+    let file = read_safetensors(data("iresnet_tiny.safetensors")).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        assert_eq!(var.dims(), file[name].dims(), "{name}");
+    }
+}
+
+#[test]
+fn missing_or_misshapen_weights_are_named() {
+    let path = data("iresnet_tiny.safetensors");
+    let varmap = VarMap::new();
+    IResNet::new(
+        &tiny_config(),
+        seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let before = varmap.data().lock().unwrap()["conv1.weight"]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+
+    let mut tensors = read_safetensors(&path).unwrap();
+    tensors.remove("layer2.1.prelu.weight");
+    match varmap_from_tensors(&varmap, &tensors, Some(&path), "") {
+        Err(Error::MissingWeight { key, file }) => {
+            assert_eq!(key, "layer2.1.prelu.weight");
+            assert_eq!(file.as_deref(), Some(path.as_path()));
+        }
+        other => panic!("expected MissingWeight, got {other:?}"),
+    }
+    let mut tensors = read_safetensors(&path).unwrap();
+    tensors.insert("fc.bias".into(), Tensor::zeros(17, DType::F32, &Device::Cpu).unwrap());
+    match varmap_from_tensors(&varmap, &tensors, Some(&path), "") {
+        Err(Error::ShapeMismatch {
+            key, expected, got, ..
+        }) => {
+            assert_eq!((key.as_str(), expected, got), ("fc.bias", vec![16], vec![17]));
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+    // A failed load leaves the VarMap as it was.
+    let after = varmap.data().lock().unwrap()["conv1.weight"]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(before, after);
+
+    // Building from a VarBuilder names the key and the file.
+    let mut tensors = read_safetensors(&path).unwrap();
+    tensors.remove("layer3.0.bn2.running_var");
+    let vb = fr_backbone::var_builder_from_tensors(tensors, Some(&path), DType::F32, &Device::Cpu);
+    let msg = IResNet::new(&tiny_config(), vb).unwrap_err().to_string();
+    assert!(msg.contains("layer3.0.bn2.running_var") && msg.contains("iresnet_tiny.safetensors"), "{msg}");
+
+    // Wrong architecture for the file.
+    let vb = load_safetensors(&path, DType::F32, &Device::Cpu).unwrap();
+    let msg = IResNet::new(&tiny_config().with_embedding_size(8), vb)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("fc.weight"), "{msg}");
+
+    // Unreadable files name the file.
+    let err = load_safetensors(data("nonexistent.safetensors"), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("nonexistent.safetensors"));
+    let err = load_safetensors(data("iresnet_tiny.json"), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::Format { .. }) && err.to_string().contains("iresnet_tiny.json"));
+}
+
+#[test]
+fn prefixed_varmap_loads_only_its_part() {
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, 1, DType::F32, &Device::Cpu);
+    let net = IResNet::new(&tiny_config(), vb.pp("backbone")).unwrap();
+    // Another module's parameter in the same map is left alone.
+    vb.pp("head").get((4, 16), "weight").unwrap();
+    let report =
+        varmap_from_safetensors(&varmap, data("iresnet_tiny.safetensors"), "backbone").unwrap();
+    assert_eq!(report.loaded, 111);
+    let err = max_abs_diff_to_pytorch(&net.forward_t(&fixture_input(), false).unwrap());
+    assert!(err < 1e-4, "max abs error {err}");
+}

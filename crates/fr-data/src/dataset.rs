@@ -1,0 +1,44 @@
+//! What every training source (RecordIO, synthetic identities, image folders) looks like to the loader.
+
+use image::RgbImage;
+
+use crate::Result;
+
+/// Quality level of a sample, where the source knows it (synthetic identities do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quality {
+    /// Frontal-ish, sharp, clean.
+    Normal,
+    /// Large pose but sharp: the "hard high-quality" faces LH2Face targets.
+    HighQualityHard,
+    /// Blurred and noisy.
+    LowQuality,
+}
+
+/// A labelled face dataset with random access. Implementations must be cheap to share
+/// between rayon workers (`Sync`): decoding happens in parallel.
+pub trait FaceDataset: Send + Sync {
+    /// Number of images.
+    fn len(&self) -> usize;
+    /// `true` when there are no images.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Number of identities; labels are in `0..num_classes()`.
+    fn num_classes(&self) -> usize;
+    /// Class id of image `index`, without decoding it.
+    ///
+    /// # Errors
+    /// `index` out of range or an unreadable record.
+    fn label(&self, index: usize) -> Result<u32>;
+    /// Decoded RGB image `index` (any size; the loader resizes).
+    ///
+    /// # Errors
+    /// An unreadable or undecodable record, naming the file and record.
+    fn image(&self, index: usize) -> Result<RgbImage>;
+    /// Quality level of image `index`, if known.
+    fn quality(&self, _index: usize) -> Option<Quality> {
+        None
+    }
+}

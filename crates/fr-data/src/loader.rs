@@ -1,0 +1,348 @@
+//! The batch loader: per-epoch shuffle, rayon-parallel decode, resize, seeded random flip,
+//! normalisation into `(B, 3, H, W)` f32, and prefetch of the next batch on a background thread
+//! while the consumer trains on the current one.
+//!
+//! Determinism: the order of epoch `e` is a Fisher–Yates shuffle seeded with `seed + e`, and the
+//! flip of image `i` in epoch `e` is a hash of `(seed, e, i)`, so a batch is the same whatever
+//! the thread count or scheduling. Reshuffling every epoch matters: a pre-shuffled `.rec` read in
+//! one fixed order gives a periodic training loss.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::dataset::FaceDataset;
+use crate::transform::{flip_coin, normalise_flip_into, resize_rgb};
+use crate::{Batch, Error, Result};
+
+/// Loader settings; defaults are arcface_torch's (128 images, 112×112, shuffle, flip 0.5,
+/// drop_last).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct LoaderConfig {
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Output side in pixels; sources of another size are resized (bilinear).
+    pub image_size: u32,
+    /// Reshuffle every epoch with the seed `seed + epoch`.
+    pub shuffle: bool,
+    /// Seed of the shuffle and the flips.
+    pub seed: u64,
+    /// Probability of a horizontal flip (0 disables).
+    pub flip_prob: f32,
+    /// Drop the last incomplete batch.
+    pub drop_last: bool,
+    /// Skip (and count) images whose record is malformed or undecodable instead of failing.
+    pub skip_corrupt: bool,
+    /// Batches decoded ahead on a background thread (0: decode in the consumer's thread).
+    pub prefetch: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 128,
+            image_size: 112,
+            shuffle: true,
+            seed: 0,
+            flip_prob: 0.5,
+            drop_last: true,
+            skip_corrupt: false,
+            prefetch: 2,
+        }
+    }
+}
+
+/// Counters of a loader, over all epochs so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoaderStats {
+    /// Images decoded into batches.
+    pub images: usize,
+    /// Batches produced.
+    pub batches: usize,
+    /// Images skipped as corrupt (`skip_corrupt`).
+    pub skipped: usize,
+    /// Dataset indices of the skipped images, in the order they were met.
+    pub skipped_indices: Vec<usize>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    images: AtomicUsize,
+    batches: AtomicUsize,
+    skipped: Mutex<Vec<usize>>,
+}
+
+/// Batches of a [`FaceDataset`].
+#[derive(Clone)]
+pub struct BatchLoader {
+    dataset: Arc<dyn FaceDataset>,
+    config: LoaderConfig,
+    device: Device,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for BatchLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchLoader")
+            .field("len", &self.dataset.len())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchLoader {
+    /// A loader producing CPU tensors.
+    ///
+    /// # Errors
+    /// `batch_size` or `image_size` of 0, `flip_prob` outside [0, 1].
+    pub fn new(dataset: Arc<dyn FaceDataset>, config: LoaderConfig) -> Result<Self> {
+        let bad = |key: &str, reason: &str| Error::Config {
+            key: key.into(),
+            reason: reason.into(),
+        };
+        if config.batch_size == 0 {
+            return Err(bad("batch_size", "must be at least 1"));
+        }
+        if config.image_size == 0 {
+            return Err(bad("image_size", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&config.flip_prob) {
+            return Err(bad("flip_prob", "must be in [0, 1]"));
+        }
+        Ok(Self {
+            dataset,
+            config,
+            device: Device::Cpu,
+            counters: Arc::default(),
+        })
+    }
+
+    /// Create the batch tensors on `device` instead of the CPU.
+    #[must_use]
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoaderConfig {
+        &self.config
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Arc<dyn FaceDataset> {
+        &self.dataset
+    }
+
+    /// Batches per epoch (with `skip_corrupt`, a batch whose images are all corrupt is left
+    /// out, so an epoch may yield fewer).
+    pub fn batches_per_epoch(&self) -> usize {
+        let (n, b) = (self.dataset.len(), self.config.batch_size);
+        if self.config.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// The dataset indices of `epoch` in visiting order.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.config.shuffle {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch));
+            order.shuffle(&mut rng);
+        }
+        order
+    }
+
+    /// Counters so far (images, batches, skipped corrupt images).
+    pub fn stats(&self) -> LoaderStats {
+        let skipped_indices = self
+            .counters
+            .skipped
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        LoaderStats {
+            images: self.counters.images.load(Ordering::Relaxed),
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            skipped: skipped_indices.len(),
+            skipped_indices,
+        }
+    }
+
+    /// Decode the images `indices` of `epoch` into a batch (parallel over the images). With
+    /// `skip_corrupt`, malformed images are left out and counted; `Ok(None)` when none is left.
+    ///
+    /// # Errors
+    /// The first failing image (unless skipped), or a tensor error.
+    pub fn load_batch(&self, epoch: u64, indices: &[usize]) -> Result<Option<Batch>> {
+        let s = self.config.image_size as usize;
+        let per = 3 * s * s;
+        let ds = &*self.dataset;
+        let decoded: Vec<Result<(Vec<f32>, u32)>> = indices
+            .par_iter()
+            .map(|&i| {
+                let label = ds.label(i)?;
+                let img = resize_rgb(ds.image(i)?, s as u32, s as u32);
+                let flip = self.config.flip_prob > 0.0
+                    && flip_coin(self.config.seed, epoch, i as u64, self.config.flip_prob);
+                let mut buf = vec![0f32; per];
+                normalise_flip_into(&img, flip, &mut buf)?;
+                Ok((buf, label))
+            })
+            .collect();
+        let mut data = Vec::with_capacity(per * indices.len());
+        let mut labels = Vec::with_capacity(indices.len());
+        let mut kept = Vec::with_capacity(indices.len());
+        let mut quality = Vec::with_capacity(indices.len());
+        for (&i, r) in indices.iter().zip(decoded) {
+            match r {
+                Ok((buf, label)) => {
+                    data.extend_from_slice(&buf);
+                    labels.push(label);
+                    kept.push(i);
+                    quality.push(ds.quality(i));
+                }
+                Err(e @ Error::Format { .. }) if self.config.skip_corrupt => {
+                    tracing::warn!(index = i, error = %e, "skipping corrupt image");
+                    if let Ok(mut s) = self.counters.skipped.lock() {
+                        s.push(i);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if kept.is_empty() {
+            return Ok(None);
+        }
+        let b = kept.len();
+        let images = Tensor::from_vec(data, (b, 3, s, s), &self.device)?;
+        let labels = Tensor::from_vec(labels, b, &self.device)?;
+        let quality = quality.into_iter().collect::<Option<Vec<_>>>();
+        self.counters.images.fetch_add(b, Ordering::Relaxed);
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(Batch {
+            images,
+            labels,
+            indices: kept,
+            quality,
+        }))
+    }
+
+    /// The batches of `epoch`. With `prefetch > 0` a background thread decodes up to
+    /// `prefetch` batches ahead; dropping the iterator stops it.
+    pub fn epoch(&self, epoch: u64) -> EpochIter {
+        let order = self.epoch_order(epoch);
+        let b = self.config.batch_size;
+        let n_batches = self.batches_per_epoch();
+        let chunks: Vec<Vec<usize>> = order
+            .chunks(b)
+            .take(n_batches)
+            .map(<[usize]>::to_vec)
+            .collect();
+        if self.config.prefetch == 0 {
+            return EpochIter {
+                inner: Inner::Sync {
+                    loader: self.clone(),
+                    epoch,
+                    chunks: chunks.into_iter(),
+                },
+            };
+        }
+        let (tx, rx) = sync_channel(self.config.prefetch);
+        let loader = self.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("fr-data-prefetch-{epoch}"))
+            .spawn(move || {
+                for chunk in chunks {
+                    let r = loader.load_batch(epoch, &chunk).transpose();
+                    let Some(r) = r else { continue };
+                    let stop = r.is_err();
+                    if tx.send(r).is_err() || stop {
+                        return;
+                    }
+                }
+            });
+        match handle {
+            Ok(handle) => EpochIter {
+                inner: Inner::Prefetch {
+                    rx: Some(rx),
+                    handle: Some(handle),
+                },
+            },
+            Err(source) => EpochIter {
+                inner: Inner::Failed(Some(Error::Io {
+                    path: "prefetch thread".into(),
+                    source,
+                })),
+            },
+        }
+    }
+}
+
+enum Inner {
+    Sync {
+        loader: BatchLoader,
+        epoch: u64,
+        chunks: std::vec::IntoIter<Vec<usize>>,
+    },
+    Prefetch {
+        rx: Option<Receiver<Result<Batch>>>,
+        handle: Option<JoinHandle<()>>,
+    },
+    Failed(Option<Error>),
+}
+
+/// The batches of one epoch; see [`BatchLoader::epoch`]. Stops after the first error.
+pub struct EpochIter {
+    inner: Inner,
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match &mut self.inner {
+            Inner::Sync {
+                loader,
+                epoch,
+                chunks,
+            } => {
+                for chunk in chunks.by_ref() {
+                    match loader.load_batch(*epoch, &chunk) {
+                        Ok(Some(b)) => return Some(Ok(b)),
+                        Ok(None) => continue,
+                        Err(e) => {
+                            chunks.by_ref().for_each(drop);
+                            return Some(Err(e));
+                        }
+                    }
+                }
+                None
+            }
+            Inner::Prefetch { rx, .. } => rx.as_ref()?.recv().ok(),
+            Inner::Failed(e) => e.take().map(Err),
+        }
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        if let Inner::Prefetch { rx, handle } = &mut self.inner {
+            // Closing the channel makes the producer's next send fail, so it returns.
+            drop(rx.take());
+            if let Some(h) = handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}

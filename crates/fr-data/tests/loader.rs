@@ -1,0 +1,248 @@
+//! The batch loader: determinism, per-epoch reshuffle, flips, normalisation, prefetch.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fr_data::{BatchLoader, Error, FaceDataset, LoaderConfig, Quality};
+use image::{Rgb, RgbImage};
+
+/// Images whose left half is red and right half blue (so a flip is visible), green channel =
+/// index, 20×16 (so the loader must resize); counts decodes.
+struct Halves {
+    n: usize,
+    decoded: AtomicUsize,
+}
+
+impl Halves {
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self {
+            n,
+            decoded: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl FaceDataset for Halves {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn num_classes(&self) -> usize {
+        5
+    }
+    fn label(&self, index: usize) -> fr_data::Result<u32> {
+        Ok((index % 5) as u32)
+    }
+    fn image(&self, index: usize) -> fr_data::Result<RgbImage> {
+        self.decoded.fetch_add(1, Ordering::SeqCst);
+        let g = index as u8;
+        Ok(RgbImage::from_fn(20, 16, |x, _| {
+            if x < 10 {
+                Rgb([255, g, 0])
+            } else {
+                Rgb([0, g, 255])
+            }
+        }))
+    }
+    fn quality(&self, index: usize) -> Option<Quality> {
+        Some(if index % 2 == 0 {
+            Quality::Normal
+        } else {
+            Quality::LowQuality
+        })
+    }
+}
+
+fn config(seed: u64) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: 8,
+        image_size: 8,
+        seed,
+        drop_last: false,
+        ..LoaderConfig::default()
+    }
+}
+
+/// All batches of an epoch: (indices, flattened images, labels).
+fn run_epoch(loader: &BatchLoader, epoch: u64) -> (Vec<usize>, Vec<f32>, Vec<u32>) {
+    let (mut idx, mut px, mut lab) = (Vec::new(), Vec::new(), Vec::new());
+    for b in loader.epoch(epoch) {
+        let b = b.unwrap();
+        idx.extend(&b.indices);
+        px.extend(b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        lab.extend(b.labels.to_vec1::<u32>().unwrap());
+    }
+    (idx, px, lab)
+}
+
+#[test]
+fn same_seed_same_batches_whatever_the_threads() {
+    let a = BatchLoader::new(Halves::new(37), config(3)).unwrap();
+    let sync = BatchLoader::new(
+        Halves::new(37),
+        LoaderConfig {
+            prefetch: 0,
+            ..config(3)
+        },
+    )
+    .unwrap();
+    let first = run_epoch(&a, 2);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let again = pool.install(|| run_epoch(&sync, 2));
+    assert_eq!(first, again);
+    let other_seed = run_epoch(&BatchLoader::new(Halves::new(37), config(4)).unwrap(), 2);
+    assert_ne!(first.0, other_seed.0);
+}
+
+#[test]
+fn reshuffles_every_epoch() {
+    let loader = BatchLoader::new(Halves::new(50), config(11)).unwrap();
+    let e0 = loader.epoch_order(0);
+    let e1 = loader.epoch_order(1);
+    assert_ne!(e0, e1);
+    for order in [&e0, &e1] {
+        let mut s = order.clone();
+        s.sort_unstable();
+        assert_eq!(s, (0..50).collect::<Vec<_>>());
+        assert_ne!(*order, s, "shuffled");
+    }
+    // The batches follow the order.
+    assert_eq!(run_epoch(&loader, 1).0, e1);
+    let plain = BatchLoader::new(
+        Halves::new(50),
+        LoaderConfig {
+            shuffle: false,
+            ..config(11)
+        },
+    )
+    .unwrap();
+    assert_eq!(plain.epoch_order(5), (0..50).collect::<Vec<_>>());
+}
+
+#[test]
+fn normalised_rgb_in_range_with_seeded_flips() {
+    let loader = BatchLoader::new(Halves::new(64), config(5)).unwrap();
+    let (idx, px, labels) = run_epoch(&loader, 0);
+    assert!(px.iter().all(|v| (-1.0..=1.0).contains(v)));
+    let (min, max) = px.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    assert_eq!((min, max), (-1.0, 1.0));
+    let per = 3 * 8 * 8;
+    let flipped_in = |px: &[f32], k: usize| -> bool {
+        let img = &px[k * per..(k + 1) * per];
+        // R plane: left column red (+1) unless flipped; B plane the mirror.
+        let (r_left, b_left) = (img[0], img[2 * 64]);
+        assert_eq!(r_left, -b_left);
+        r_left < 0.0
+    };
+    let mut flips = 0;
+    for (k, &i) in idx.iter().enumerate() {
+        assert_eq!(labels[k], (i % 5) as u32);
+        // Green plane holds the index: (i/255 − 0.5)/0.5.
+        let g = px[k * per + 64];
+        assert!((g - (i as f32 / 127.5 - 1.0)).abs() < 1e-5);
+        flips += usize::from(flipped_in(&px, k));
+    }
+    assert!((16..=48).contains(&flips), "{flips} of 64 flipped");
+    // Flips depend on the epoch too, and vanish with flip_prob 0.
+    let (idx1, px1, _) = run_epoch(&loader, 1);
+    let flip_of = |idx: &[usize], px: &[f32], i: usize| {
+        let k = idx.iter().position(|&x| x == i).unwrap();
+        flipped_in(px, k)
+    };
+    assert!((0..64).any(|i| flip_of(&idx, &px, i) != flip_of(&idx1, &px1, i)));
+    let no_flip = BatchLoader::new(
+        Halves::new(64),
+        LoaderConfig {
+            flip_prob: 0.0,
+            ..config(5)
+        },
+    )
+    .unwrap();
+    let (_, px0, _) = run_epoch(&no_flip, 0);
+    assert!((0..64).all(|k| !flipped_in(&px0, k)));
+}
+
+#[test]
+fn batches_cover_the_epoch_with_and_without_drop_last() {
+    let ds = Halves::new(21);
+    let loader = BatchLoader::new(ds.clone(), config(1)).unwrap();
+    assert_eq!(loader.batches_per_epoch(), 3);
+    let batches: Vec<_> = loader.epoch(0).map(Result::unwrap).collect();
+    let sizes: Vec<usize> = batches.iter().map(|b| b.indices.len()).collect();
+    assert_eq!(sizes, [8, 8, 5]);
+    for b in &batches {
+        assert_eq!(b.images.dims(), [b.indices.len(), 3, 8, 8]);
+        assert_eq!(b.labels.dims(), [b.indices.len()]);
+        let q = b.quality.as_ref().unwrap();
+        assert!(b.indices.iter().zip(q).all(|(&i, &q)| q == ds.quality(i).unwrap()));
+    }
+    let mut all: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..21).collect::<Vec<_>>());
+
+    let dropping = BatchLoader::new(
+        ds,
+        LoaderConfig {
+            drop_last: true,
+            ..config(1)
+        },
+    )
+    .unwrap();
+    assert_eq!(dropping.batches_per_epoch(), 2);
+    assert_eq!(dropping.epoch(0).map(Result::unwrap).count(), 2);
+    assert_eq!(dropping.stats().batches, 2);
+}
+
+#[test]
+fn prefetch_decodes_the_next_batch_while_the_consumer_holds_one() {
+    let ds = Halves::new(40);
+    let loader = BatchLoader::new(ds.clone(), config(2)).unwrap();
+    let mut it = loader.epoch(0);
+    let first = it.next().unwrap().unwrap();
+    assert_eq!(first.indices.len(), 8);
+    // Without touching the iterator again, batch 2 gets decoded in the background.
+    let start = Instant::now();
+    while ds.decoded.load(Ordering::SeqCst) < 16 {
+        assert!(start.elapsed() < Duration::from_secs(20), "no prefetch");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Dropping the iterator mid-epoch stops the producer.
+    drop(it);
+
+    // Without prefetch nothing is decoded ahead.
+    let sync_ds = Halves::new(40);
+    let sync = BatchLoader::new(
+        sync_ds.clone(),
+        LoaderConfig {
+            prefetch: 0,
+            ..config(2)
+        },
+    )
+    .unwrap();
+    let mut it = sync.epoch(0);
+    it.next().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(sync_ds.decoded.load(Ordering::SeqCst), 8);
+    assert_eq!(it.count(), 4);
+}
+
+#[test]
+fn rejects_bad_config() {
+    for bad in [
+        LoaderConfig {
+            batch_size: 0,
+            ..LoaderConfig::default()
+        },
+        LoaderConfig {
+            image_size: 0,
+            ..LoaderConfig::default()
+        },
+        LoaderConfig {
+            flip_prob: 1.5,
+            ..LoaderConfig::default()
+        },
+    ] {
+        let err = BatchLoader::new(Halves::new(4), bad).unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{err:?}");
+    }
+}

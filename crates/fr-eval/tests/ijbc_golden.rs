@@ -1,0 +1,89 @@
+//! insightface `eval_ijbc.py` step 5 (sklearn `roc_curve` + nearest-FPR TAR@FAR) on 200,000
+//! synthetic float32 scores with many ties; expected values from tests/golden/ijbc_tar_at_far.json.
+
+use fr_eval::roc::{auc, eer, roc_curve, tar_at_far};
+use serde_json::Value;
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn load() -> (Vec<bool>, Vec<f64>, Value) {
+    let v: Value = serde_json::from_str(include_str!("golden/ijbc_tar_at_far.json")).unwrap();
+    let bytes = base64::decode(v["inputs"]["scores_f32_le_base64"].as_str().unwrap()).unwrap();
+    let n = v["inputs"]["n_scores"].as_u64().unwrap() as usize;
+    assert_eq!(bytes.len(), 4 * n);
+    // float32 little-endian, widened to float64 (exact), as the reference does.
+    let scores: Vec<f64> = bytes
+        .chunks_exact(4)
+        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect();
+    let mut labels = vec![false; n];
+    for g in v["inputs"]["genuine_indices"].as_array().unwrap() {
+        labels[g.as_u64().unwrap() as usize] = true;
+    }
+    assert_eq!(labels.iter().filter(|&&l| l).count(), 4000);
+    (labels, scores, v["outputs"].clone())
+}
+
+#[test]
+fn roc_curve_matches_sklearn_exactly() {
+    let (labels, scores, out) = load();
+    let roc = roc_curve(&labels, &scores).unwrap();
+    assert_eq!(roc.len(), out["roc_n_points"].as_u64().unwrap() as usize);
+    assert_eq!(roc.len(), 9629);
+    assert_eq!(roc.fpr, floats(&out["roc_fpr"]));
+    assert_eq!(roc.tpr, floats(&out["roc_tpr"]));
+    let want_thr = floats(&out["roc_thresholds"]);
+    // sklearn 1.1.3 (the reference run) wrote max(score) + 1 first; we write +inf like
+    // sklearn >= 1.3. Every other threshold is the same.
+    assert_eq!(roc.thresholds[0], f64::INFINITY);
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(want_thr[0], max + 1.0);
+    assert_eq!(roc.thresholds[1..], want_thr[1..]);
+    assert_eq!((roc.n_genuine, roc.n_impostor), (4000, 196_000));
+}
+
+#[test]
+fn tar_at_far_and_auc_match_reference_exactly() {
+    let (labels, scores, out) = load();
+    let roc = roc_curve(&labels, &scores).unwrap();
+    for row in out["tar_at_far"].as_array().unwrap() {
+        let far = row["far_target"].as_f64().unwrap();
+        let p = tar_at_far(&roc, far).unwrap();
+        let idx = row["index_in_roc_curve"].as_u64().unwrap() as usize;
+        assert_eq!(p.index, idx, "far {far}");
+        assert_eq!(
+            roc.len() - 1 - p.index,
+            row["index_in_flipped"].as_u64().unwrap() as usize
+        );
+        assert_eq!(p.tar, row["tar"].as_f64().unwrap(), "far {far}");
+        assert_eq!(p.fpr, row["fpr_at_point"].as_f64().unwrap(), "far {far}");
+        assert_eq!(p.threshold, row["threshold_at_point"].as_f64().unwrap());
+        assert_eq!(
+            format!("{:.2}", p.tar * 100.0),
+            row["reference_printed_percent"].as_str().unwrap()
+        );
+    }
+    let a = auc(&roc);
+    let want = out["auc"].as_f64().unwrap();
+    println!("auc {a} reference {want} |error| {:e}", (a - want).abs());
+    assert_eq!(a, want);
+    // EER: where FAR = 1 − TAR on the curve; check the defining property.
+    let e = eer(&roc);
+    let k = roc.fpr.iter().position(|&f| f >= e).unwrap();
+    assert!(roc.tpr[k] >= 1.0 - e - 1e-12 && roc.tpr[k - 1] <= 1.0 - e + 1e-12);
+    assert!(e > 0.0 && e < 0.1, "{e}");
+}
+
+#[test]
+fn order_of_pairs_does_not_matter() {
+    let (labels, scores, _) = load();
+    let roc = roc_curve(&labels, &scores).unwrap();
+    let (rl, rs): (Vec<bool>, Vec<f64>) = labels.iter().zip(&scores).rev().unzip();
+    assert_eq!(roc_curve(&rl, &rs).unwrap(), roc);
+}

@@ -1,0 +1,43 @@
+//! Face-recognition loss heads on candle: softmax, NormFace, CosFace / AM-Softmax, ArcFace
+//! (with the combined margin) and LH2Face (vMF similarity, uncertainty-aware margin, proxy
+//! losses), behind one [`Head`] trait and a serde-tagged [`HeadConfig`] registry.
+//!
+//! A head takes embeddings `(B, D)` and u32 labels `(B,)` and returns the loss to
+//! back-propagate, the final logits and named statistics. Its class centres live in the
+//! caller's `VarMap` (via the `VarBuilder` it is built with), so they train and checkpoint
+//! with the backbone.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use fr_heads::{arcface::ArcFaceConfig, build_head, HeadConfig, StepContext};
+//!
+//! let dev = Device::Cpu;
+//! let varmap = VarMap::new(); // owns the class centres `weight` (1000, 128)
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//! let mut head = build_head(&HeadConfig::ArcFace(ArcFaceConfig::default()), 128, 1000, vb)?;
+//! let embeddings = Tensor::randn(0f32, 1., (8, 128), &dev)?;
+//! let labels = Tensor::new(&[3u32, 14, 15, 92, 65, 35, 89, 79], &dev)?;
+//! let out = head.forward(&embeddings, &labels, &StepContext::train(0, 0))?;
+//! let grads = out.loss.backward()?; // hand to an optimiser over varmap.all_vars()
+//! assert!(grads.get(&varmap.all_vars()[0]).is_some() && out.stats["loss"].is_finite());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Modules: [`common`] (normalisation, cosine, masks, stable cross-entropy), one module per
+//! head, [`vmf`] (Bessel functions and the vMF normaliser), [`registry`].
+
+pub mod arcface;
+pub mod common;
+pub mod cosface;
+mod error;
+mod head;
+pub mod lh2face;
+pub mod normface;
+pub mod registry;
+pub mod softmax;
+pub mod vmf;
+
+pub use error::{Error, Result};
+pub use head::{Head, HeadOutput, StepContext};
+pub use registry::{build_head, HeadConfig};

@@ -1,0 +1,123 @@
+//! Build any head from a tagged config: `{"type": "arcface", "scale": 64, ...}` (JSON) or
+//! `type = "arcface"` (TOML).
+//!
+//! Adding a head is one new file plus one line in the `heads!` list below.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{arcface, cosface, lh2face, normface, softmax};
+use crate::{Head, Result};
+
+/// Declares [`HeadConfig`], its names and [`build_head`] from one list of
+/// `Variant = "name" => module::Head(module::Config)` lines.
+macro_rules! heads {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal => $head:path, $cfg:path;)*) => {
+        /// The configuration of any head, tagged by `type` (the head's registry name).
+        /// Unknown keys are rejected.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+        pub enum HeadConfig {
+            $($(#[$doc])* #[serde(rename = $name)] $variant($cfg),)*
+        }
+
+        impl HeadConfig {
+            /// Every registry name, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($name),*];
+
+            /// The registry name of this config's head (its `type`).
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(_) => $name,)*
+                }
+            }
+
+            /// Check the hyperparameters without building anything.
+            ///
+            /// # Errors
+            /// [`crate::Error::Config`] naming the offending key.
+            pub fn validate(&self) -> Result<()> {
+                match self {
+                    $(Self::$variant(c) => c.validate(),)*
+                }
+            }
+        }
+
+        /// Build the head `cfg` describes for `embedding_size`-d embeddings and `num_classes`
+        /// classes. Its parameters (class centres `weight` `(C, D)`, and `bias` / `scale` where
+        /// the head has them) are created through `vb`, so the caller's `VarMap` owns them.
+        ///
+        /// # Errors
+        /// [`crate::Error::Config`] for invalid hyperparameters or sizes, candle errors.
+        pub fn build_head(
+            cfg: &HeadConfig,
+            embedding_size: usize,
+            num_classes: usize,
+            vb: candle_nn::VarBuilder,
+        ) -> Result<Box<dyn Head>> {
+            Ok(match cfg {
+                $(HeadConfig::$variant(c) => {
+                    Box::new(<$head>::new(c, embedding_size, num_classes, vb)?)
+                })*
+            })
+        }
+    };
+}
+
+heads! {
+    /// Linear classifier + cross-entropy.
+    Softmax = "softmax" => softmax::Softmax, softmax::SoftmaxConfig;
+    /// Scaled cosine softmax.
+    NormFace = "normface" => normface::NormFace, normface::NormFaceConfig;
+    /// Additive cosine margin (CosFace / AM-Softmax).
+    CosFace = "cosface" => cosface::CosFace, cosface::CosFaceConfig;
+    /// Additive angular margin and combined margin (ArcFace).
+    ArcFace = "arcface" => arcface::ArcFace, arcface::ArcFaceConfig;
+    /// vMF similarity + uncertainty-aware margin + proxy losses (LH2Face).
+    Lh2Face = "lh2face" => lh2face::Lh2Face, lh2face::Lh2FaceConfig;
+}
+
+impl Default for HeadConfig {
+    /// ArcFace with the paper's defaults.
+    fn default() -> Self {
+        Self::ArcFace(arcface::ArcFaceConfig::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+
+    #[test]
+    fn every_head_builds_and_names_itself() -> Result<()> {
+        let configs = [
+            HeadConfig::Softmax(Default::default()),
+            HeadConfig::NormFace(Default::default()),
+            HeadConfig::CosFace(Default::default()),
+            HeadConfig::ArcFace(Default::default()),
+            HeadConfig::Lh2Face(Default::default()),
+        ];
+        assert_eq!(configs.len(), HeadConfig::NAMES.len());
+        for cfg in configs {
+            let vm = VarMap::new();
+            let head = build_head(&cfg, 8, 4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+            assert_eq!(head.name(), cfg.name());
+            let w = vm.data().lock().unwrap()["weight"].as_tensor().clone();
+            assert_eq!(w.dims(), [4, 8]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn serde_round_trip_uses_the_registry_name() {
+        let cfg = HeadConfig::CosFace(cosface::CosFaceConfig::am_softmax());
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.starts_with(r#"{"type":"cosface""#), "{json}");
+        let back: HeadConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cfg);
+        let partial: HeadConfig = serde_json::from_str(r#"{"type": "arcface", "margin": 0.3}"#).unwrap();
+        let HeadConfig::ArcFace(a) = partial else { panic!("not arcface") };
+        assert_eq!((a.margin, a.scale), (0.3, 64.0));
+    }
+}

@@ -1,0 +1,82 @@
+//! Errors of fr-train: each names the file, key or step that failed.
+
+use std::path::PathBuf;
+
+/// Result alias of fr-train.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong while training.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An I/O error on `path`.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint file that is missing, malformed or does not fit the model.
+    #[error("checkpoint {path}: {what}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        what: String,
+    },
+    /// A bad configuration value.
+    #[error("invalid config `{key}`: {reason}")]
+    Config {
+        /// The offending key.
+        key: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// A non-finite value where a finite one is required.
+    #[error("non-finite {what} at step {step}")]
+    NonFinite {
+        /// What was non-finite (loss, gradient norm, ...).
+        what: String,
+        /// The global step.
+        step: u64,
+    },
+    /// The loss head failed.
+    #[error("head `{head}`: {source}")]
+    Head {
+        /// The head's registry name.
+        head: String,
+        /// The head's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    /// An [`Error::Config`] for `key`.
+    pub(crate) fn config(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Config {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Checkpoint`] for `path`.
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Self::Checkpoint {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! fr-train: the training loop of fr — optimisers with PyTorch semantics (SGD with momentum,
+//! Nesterov and weight decay; AdamW), learning-rate schedules, global gradient-norm clipping,
+//! seeded (order-independent) parameter initialisation, crash-safe checkpoints and a
+//! [`Trainer`] that runs one step of backbone → head → clip → update.
+//!
+//! Using the pieces alone, on any candle model:
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{Module, Optimizer};
+//! use fr_train::{LrSchedule, SeededVarMap, Sgd, SgdConfig};
+//!
+//! let params = SeededVarMap::new(42); // same seed → same initial weights
+//! let fc = candle_nn::linear(4, 1, params.var_builder(DType::F32, &Device::Cpu).pp("fc"))?;
+//! let mut sgd = Sgd::new(params.varmap().all_vars(), SgdConfig::default())?;
+//! let schedule = LrSchedule::default(); // arcface_torch: linear decay to 0
+//! let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
+//! for step in 0..10 {
+//!     sgd.set_learning_rate(schedule.lr_at(0.1, step, 10));
+//!     let loss = fc.forward(&x)?.sqr()?.mean_all()?;
+//!     sgd.backward_step(&loss)?;
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod checkpoint;
+pub mod clip;
+pub mod error;
+pub mod optim;
+pub mod schedule;
+pub mod seeded;
+
+pub use checkpoint::{
+    latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, TrainState,
+};
+pub use clip::{all_finite, clip_grad_norm, grad_norm, scale_grads};
+pub use error::{Error, Result};
+pub use optim::{AdamW, AdamWConfig, AnyOptimizer, OptimizerConfig, Sgd, SgdConfig, WeightDecayOn};
+pub use schedule::LrSchedule;
+pub use seeded::SeededVarMap;

@@ -1,0 +1,307 @@
+//! The training step end to end on a tiny linear backbone and a plain softmax head.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
+use candle_nn::{Init, Linear, VarBuilder, VarMap};
+use fr_data::Batch;
+use fr_heads::{Head, HeadOutput, StepContext};
+use fr_train::{
+    not_running_stat, LrSchedule, OptimizerConfig, SeededVarMap, SgdConfig, Trainer, TrainerConfig,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const IN: usize = 12; // images (B, 3, 2, 2)
+const EMB: usize = 4;
+const CLASSES: usize = 3;
+
+/// Flatten → Linear, with a BatchNorm-like running mean of the embeddings.
+struct TinyBackbone {
+    fc: Linear,
+    running_mean: Var,
+}
+
+impl ModuleT for TinyBackbone {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let e = self.fc.forward(&xs.flatten_from(1)?)?;
+        if train {
+            let batch_mean = e.detach().mean(0)?;
+            let ema = ((self.running_mean.as_tensor() * 0.9)? + (batch_mean * 0.1)?)?;
+            self.running_mean.set(&ema)?;
+        }
+        Ok(e)
+    }
+}
+
+/// Softmax cross-entropy over a linear classifier, with an EMA of the loss as head state.
+struct SoftmaxHead {
+    weight: Tensor,
+    ema_loss: Tensor,
+}
+
+impl Head for SoftmaxHead {
+    fn name(&self) -> &'static str {
+        "test_softmax"
+    }
+
+    fn forward(
+        &mut self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        ctx: &StepContext,
+    ) -> fr_heads::Result<HeadOutput> {
+        let logits = embeddings.matmul(&self.weight.t()?)?;
+        let classes = Tensor::arange(0u32, CLASSES as u32, embeddings.device())?;
+        let one_hot = labels
+            .unsqueeze(1)?
+            .broadcast_eq(&classes.unsqueeze(0)?)?
+            .to_dtype(logits.dtype())?;
+        let log_p = candle_nn::ops::log_softmax(&logits, 1)?;
+        let loss = (log_p * one_hot)?.sum(1)?.mean_all()?.neg()?;
+        if ctx.train {
+            self.ema_loss = ((&self.ema_loss * 0.9)? + (loss.detach() * 0.1)?)?;
+        }
+        let stats = [(
+            "ema_loss".to_string(),
+            self.ema_loss.to_scalar::<f32>()? as f64,
+        )]
+        .into();
+        Ok(HeadOutput {
+            loss,
+            logits,
+            stats,
+        })
+    }
+
+    fn state(&self) -> fr_heads::Result<Vec<(String, Tensor)>> {
+        Ok(vec![("ema_loss".into(), self.ema_loss.clone())])
+    }
+
+    fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> fr_heads::Result<()> {
+        if let Some(t) = state.get("ema_loss") {
+            self.ema_loss = t.clone();
+        }
+        Ok(())
+    }
+}
+
+fn config() -> TrainerConfig {
+    TrainerConfig {
+        optimizer: OptimizerConfig::Sgd(SgdConfig {
+            lr: 0.5,
+            ..SgdConfig::default()
+        }),
+        schedule: LrSchedule::Poly {
+            power: 1.0,
+            warmup_steps: 2,
+        },
+        seed: 7,
+        ..TrainerConfig::default()
+    }
+}
+
+fn trainer(seed: u64, config: TrainerConfig) -> Trainer {
+    let params = SeededVarMap::new(seed);
+    let vb: VarBuilder = params.var_builder(DType::F32, &Device::Cpu);
+    let fc = candle_nn::linear(IN, EMB, vb.pp("fc")).unwrap();
+    vb.get_with_hints(EMB, "running_mean", Init::Const(0.0))
+        .unwrap();
+    let weight = vb
+        .get_with_hints(
+            (CLASSES, EMB),
+            "head.weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+        )
+        .unwrap();
+    let varmap: VarMap = params.varmap().clone();
+    let running_mean = varmap.data().lock().unwrap()["running_mean"].clone();
+    let backbone = TinyBackbone { fc, running_mean };
+    let head = SoftmaxHead {
+        weight,
+        ema_loss: Tensor::new(0f32, &Device::Cpu).unwrap(),
+    };
+    Trainer::new(
+        Box::new(backbone),
+        Box::new(head),
+        varmap,
+        config,
+        not_running_stat,
+    )
+    .unwrap()
+}
+
+/// Batch `i` of a fixed synthetic set: class c has mean +2 on feature c.
+fn batch(i: u64) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(1000 + i % 4);
+    let b = 12;
+    let labels: Vec<u32> = (0..b).map(|j| (j % CLASSES) as u32).collect();
+    let mut images = vec![0f32; b * IN];
+    for (j, &y) in labels.iter().enumerate() {
+        for k in 0..IN {
+            let signal = if k == y as usize { 2.0 } else { 0.0 };
+            images[j * IN + k] = signal + rng.random_range(-0.5..0.5);
+        }
+    }
+    Batch {
+        images: Tensor::from_vec(images, (b, 3, 2, 2), &Device::Cpu).unwrap(),
+        labels: Tensor::new(labels, &Device::Cpu).unwrap(),
+        indices: (0..b).collect(),
+        quality: None,
+    }
+}
+
+fn snapshot(varmap: &VarMap) -> BTreeMap<String, Vec<f32>> {
+    let data = varmap.data().lock().unwrap();
+    data.iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn run(t: &mut Trainer, steps: std::ops::Range<u64>, total: u64) -> Vec<f64> {
+    steps
+        .map(|i| {
+            let out = t.step(&batch(i), total).unwrap();
+            assert!(!out.skipped);
+            out.loss
+        })
+        .collect()
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fr-train-trainer-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn loss_decreases() {
+    let mut t = trainer(7, config());
+    assert_eq!(
+        t.trainable_names().collect::<Vec<_>>(),
+        ["fc.bias", "fc.weight", "head.weight"]
+    );
+    let losses = run(&mut t, 0..40, 40);
+    assert!(
+        (losses[0] - (CLASSES as f64).ln()).abs() < 0.05,
+        "{losses:?}"
+    );
+    assert!(losses[39] < 0.3 * losses[0], "{losses:?}");
+    assert_eq!(t.state().step, 40);
+    assert_eq!(t.state().skipped_steps, 0);
+}
+
+#[test]
+fn same_seed_gives_bit_identical_losses() {
+    let a = run(&mut trainer(7, config()), 0..10, 10);
+    let b = run(&mut trainer(7, config()), 0..10, 10);
+    assert_eq!(
+        a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    let c = run(&mut trainer(8, config()), 0..10, 10);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn nan_batch_is_skipped_without_touching_weights() {
+    let mut t = trainer(7, config());
+    run(&mut t, 0..3, 10);
+    let before = snapshot(t.varmap());
+    let head_before = t.head().state().unwrap()[0].1.to_scalar::<f32>().unwrap();
+    let mut bad = batch(3);
+    bad.images = bad.images.affine(f64::NAN, 0.0).unwrap();
+    let out = t.step(&bad, 10).unwrap();
+    assert!(out.skipped && out.loss.is_nan() && out.grad_norm.is_none());
+    assert_eq!(t.state().skipped_steps, 1);
+    assert_eq!(t.state().step, 4);
+    // Weights, running statistics and head state are as before the NaN batch.
+    assert_eq!(snapshot(t.varmap()), before);
+    let head_after = t.head().state().unwrap()[0].1.to_scalar::<f32>().unwrap();
+    assert_eq!(head_before.to_bits(), head_after.to_bits());
+    // Training goes on.
+    let out = t.step(&batch(4), 10).unwrap();
+    assert!(!out.skipped && out.loss.is_finite());
+}
+
+#[test]
+fn clipping_bounds_the_update() {
+    let mut cfg = config();
+    cfg.optimizer = OptimizerConfig::Sgd(SgdConfig {
+        lr: 1.0,
+        weight_decay: 0.0,
+        ..SgdConfig::default()
+    });
+    cfg.schedule = LrSchedule::Constant { warmup_steps: 0 };
+    cfg.clip_max_norm = Some(1e-3);
+    let mut t = trainer(7, cfg);
+    let before = snapshot(t.varmap());
+    let out = t.step(&batch(0), 10).unwrap();
+    assert!(out.grad_norm.unwrap() > 1e-3);
+    let after = snapshot(t.varmap());
+    let moved: f64 = before
+        .iter()
+        .filter(|(k, _)| not_running_stat(k))
+        .flat_map(|(k, v)| {
+            v.iter()
+                .zip(&after[k])
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+        })
+        .sum::<f64>()
+        .sqrt();
+    // First step: Δθ = lr·clipped gradient, of norm max_norm.
+    assert!((moved - 1e-3).abs() < 1e-5, "{moved}");
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let total = 8;
+    let straight = run(&mut trainer(7, config()), 0..total, total);
+
+    let dir = tmpdir("resume");
+    let mut first = trainer(7, config());
+    run(&mut first, 0..4, total);
+    first.record_metric("loss", 0.5);
+    first.save(&dir).unwrap();
+    drop(first);
+
+    // A different initial seed: everything must come from the checkpoint.
+    let mut second = trainer(99, config());
+    second.resume(&dir).unwrap();
+    assert_eq!(second.state().step, 4);
+    assert_eq!(second.state().metrics["loss"], vec![(4, 0.5)]);
+    let rest = run(&mut second, 4..total, total);
+    assert_eq!(
+        straight[4..]
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>(),
+        rest.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn adamw_from_a_config_file() {
+    let cfg: TrainerConfig = serde_json::from_str(
+        r#"{"optimizer": {"type": "adamw", "lr": 0.05},
+            "schedule": {"type": "cosine", "warmup_steps": 1},
+            "clip_max_norm": null}"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.clip_max_norm, None);
+    let mut t = trainer(7, cfg);
+    let losses = run(&mut t, 0..30, 30);
+    assert!(losses[29] < 0.5 * losses[0], "{losses:?}");
+    assert_eq!(t.optimizer().state().unwrap().len(), 9);
+    assert!(serde_json::from_str::<TrainerConfig>(r#"{"clip": 5}"#).is_err());
+}
