@@ -37,6 +37,14 @@ pub trait FaceDataset: Send + Sync {
     /// # Errors
     /// An unreadable or undecodable record, naming the file and record.
     fn image(&self, index: usize) -> Result<RgbImage>;
+    /// Image and label of `index` together; sources that store both in one record (RecordIO)
+    /// override it to read the record once. The loader calls this.
+    ///
+    /// # Errors
+    /// As [`FaceDataset::image`] and [`FaceDataset::label`].
+    fn sample(&self, index: usize) -> Result<(RgbImage, u32)> {
+        Ok((self.image(index)?, self.label(index)?))
+    }
     /// Quality level of image `index`, if known.
     fn quality(&self, _index: usize) -> Option<Quality> {
         None

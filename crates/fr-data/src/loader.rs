@@ -191,8 +191,8 @@ impl BatchLoader {
         let decoded: Vec<Result<(Vec<f32>, u32)>> = indices
             .par_iter()
             .map(|&i| {
-                let label = ds.label(i)?;
-                let img = resize_rgb(ds.image(i)?, s as u32, s as u32);
+                let (img, label) = ds.sample(i)?;
+                let img = resize_rgb(img, s as u32, s as u32);
                 let flip = self.config.flip_prob > 0.0
                     && flip_coin(self.config.seed, epoch, i as u64, self.config.flip_prob);
                 let mut buf = vec![0f32; per];

@@ -7,6 +7,7 @@
 //! (`Object`) unless they are one of the few known constructors; no code is ever executed.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 /// A pickled value.
@@ -267,7 +268,7 @@ pub(crate) fn load(data: &[u8]) -> Result<Value, String> {
         data,
         pos: 0,
         stack: Vec::new(),
-        memo: Vec::new(),
+        memo: HashMap::new(),
     };
     m.run()
 }
@@ -276,7 +277,7 @@ struct Machine<'a> {
     data: &'a [u8],
     pos: usize,
     stack: Vec<Slot>,
-    memo: Vec<Option<Value>>,
+    memo: HashMap<usize, Value>,
 }
 
 impl Machine<'_> {
@@ -339,22 +340,15 @@ impl Machine<'_> {
 
     fn put(&mut self, idx: usize, op_pos: usize) -> Result<(), String> {
         let v = self.top(op_pos)?.clone();
-        if idx > 1 << 32 {
-            return Err(format!("memo index {idx} too large at byte {op_pos}"));
-        }
-        if self.memo.len() <= idx {
-            self.memo.resize(idx + 1, None);
-        }
-        self.memo[idx] = Some(v);
+        self.memo.insert(idx, v);
         Ok(())
     }
 
     fn get(&mut self, idx: usize, op_pos: usize) -> Result<(), String> {
         let v = self
             .memo
-            .get(idx)
+            .get(&idx)
             .cloned()
-            .flatten()
             .ok_or_else(|| format!("memo key {idx} not set at byte {op_pos}"))?;
         self.push(v);
         Ok(())
@@ -455,10 +449,7 @@ impl Machine<'_> {
                     match self.top(op_pos)? {
                         Value::List(l) => l.borrow_mut().extend(items),
                         other => {
-                            return Err(format!(
-                                "APPEND to {} at byte {op_pos}",
-                                other.kind()
-                            ))
+                            return Err(format!("APPEND to {} at byte {op_pos}", other.kind()))
                         }
                     }
                 }
@@ -658,7 +649,8 @@ mod tests {
 
     #[test]
     fn unknown_global_is_kept_symbolic_and_rejected_as_bytes() {
-        let v = load(b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.").unwrap();
+        let v =
+            load(b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.").unwrap();
         let err = v.bytes().unwrap_err();
         assert!(err.contains("os.system"), "{err}");
     }

@@ -105,10 +105,18 @@ impl ImageRecord {
 
     /// The payload bytes (`mx.recordio.pack`): header, labels when `flag > 0`, image.
     pub fn pack(&self) -> Vec<u8> {
-        let labels: &[f32] = if self.header.flag == 0 { &[] } else { &self.labels };
+        let labels: &[f32] = if self.header.flag == 0 {
+            &[]
+        } else {
+            &self.labels
+        };
         let mut out = Vec::with_capacity(IR_HEADER_LEN + 4 * labels.len() + self.image.len());
         out.extend_from_slice(&(labels.len() as u32).to_le_bytes());
-        let label = if labels.is_empty() { self.header.label } else { 0.0 };
+        let label = if labels.is_empty() {
+            self.header.label
+        } else {
+            0.0
+        };
         out.extend_from_slice(&label.to_le_bytes());
         out.extend_from_slice(&self.header.id.to_le_bytes());
         out.extend_from_slice(&self.header.id2.to_le_bytes());
@@ -163,8 +171,11 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()
     {
         let mut done = 0;
         while done < buf.len() {
-            let n =
-                std::os::windows::fs::FileExt::seek_read(file, &mut buf[done..], offset + done as u64)?;
+            let n = std::os::windows::fs::FileExt::seek_read(
+                file,
+                &mut buf[done..],
+                offset + done as u64,
+            )?;
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
@@ -445,7 +456,10 @@ impl RecordIoWriter {
         if payload.len() > LEN_MASK as usize {
             return Err(Error::Format {
                 path: self.rec_path.clone(),
-                what: format!("record key {key}: payload of {} bytes is too long", payload.len()),
+                what: format!(
+                    "record key {key}: payload of {} bytes is too long",
+                    payload.len()
+                ),
             });
         }
         let io = |source| Error::Io {
@@ -539,7 +553,10 @@ impl RecordProperty {
         let fields: Vec<&str> = text.trim().split(',').map(str::trim).collect();
         let bad = || Error::Format {
             path: path.to_path_buf(),
-            what: format!("expected \"num_classes,height,width\", found {:?}", text.trim()),
+            what: format!(
+                "expected \"num_classes,height,width\", found {:?}",
+                text.trim()
+            ),
         };
         if fields.len() != 3 {
             return Err(bad());
@@ -752,9 +769,11 @@ impl RecordIoDataset {
     fn label_of(&self, key: u64, offset: u64, labels: &[f32]) -> Result<u32> {
         let l = labels.first().copied().unwrap_or(f32::NAN);
         if !(l.is_finite() && l >= 0.0 && l.fract() == 0.0 && l < 16_777_216.0) {
-            return Err(self
-                .reader
-                .format_err(Some(key), offset, format!("label {l} is not a class id")));
+            return Err(self.reader.format_err(
+                Some(key),
+                offset,
+                format!("label {l} is not a class id"),
+            ));
         }
         Ok(l as u32)
     }
@@ -766,12 +785,11 @@ impl RecordIoReader {
     fn identity_range(&self, labels: &[f32]) -> Result<(u64, u64)> {
         let approx_first = labels[0].max(1.0).round() as u64;
         let approx_end = labels[1].max(0.0).round() as u64;
-        let is_identity = |key: u64| -> Result<bool> {
-            if self.offset(key).is_none() {
-                return Ok(false);
-            }
-            let (h, _, image_len) = self.read_header(key)?;
-            Ok(h.flag >= 2 && image_len == 0)
+        // Unreadable records (a truncated file) are not identity records; reading the images
+        // reports them.
+        let is_identity = |key: u64| {
+            self.read_header(key)
+                .is_ok_and(|(h, _, image_len)| h.flag >= 2 && image_len == 0)
         };
         let bad = |what: String| Error::Format {
             path: self.rec_path.clone(),
@@ -783,7 +801,7 @@ impl RecordIoReader {
         let lo = approx_first.saturating_sub(4).max(1);
         let mut found = None;
         for key in lo..=approx_first + 4 {
-            if is_identity(key)? {
+            if is_identity(key) {
                 found = Some(key);
                 break;
             }
@@ -828,13 +846,20 @@ impl FaceDataset for RecordIoDataset {
     }
 
     fn image(&self, index: usize) -> Result<RgbImage> {
+        self.sample(index).map(|(img, _)| img)
+    }
+
+    fn sample(&self, index: usize) -> Result<(RgbImage, u32)> {
         let (key, offset) = self.entry(index)?;
         let rec = self.reader.read_record(key)?;
+        let label = self.label_of(key, offset, &rec.labels)?;
         if rec.image.is_empty() {
             return Err(self
                 .reader
                 .format_err(Some(key), offset, "record holds no image"));
         }
-        decode_rgb(&rec.image).map_err(|what| self.reader.format_err(Some(key), offset, what))
+        let img = decode_rgb(&rec.image)
+            .map_err(|what| self.reader.format_err(Some(key), offset, what))?;
+        Ok((img, label))
     }
 }

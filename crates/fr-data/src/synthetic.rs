@@ -153,7 +153,11 @@ fn hsv(h: f32, s: f32, v: f32) -> [f32; 3] {
 impl Identity {
     fn sample(rng: &mut ChaCha8Rng) -> Self {
         let skin_v = rng.random_range(0.35..0.95f32);
-        let skin = hsv(rng.random_range(0.02..0.11), rng.random_range(0.25..0.6), skin_v);
+        let skin = hsv(
+            rng.random_range(0.02..0.11),
+            rng.random_range(0.25..0.6),
+            skin_v,
+        );
         let hair = hsv(
             rng.random_range(0.0..1.0),
             rng.random_range(0.0..0.8),
@@ -200,7 +204,10 @@ impl Identity {
                 rng.random_range(0.025..0.07f32),
                 rng.random_range(-0.35..0.35f32),
             ),
-            nose: (rng.random_range(0.2..0.42f32), rng.random_range(0.07..0.16f32)),
+            nose: (
+                rng.random_range(0.2..0.42f32),
+                rng.random_range(0.07..0.16f32),
+            ),
             mouth: (
                 rng.random_range(0.4..0.62f32),
                 rng.random_range(0.18..0.36f32),
@@ -218,7 +225,11 @@ impl Identity {
                 None
             },
             glasses: if rng.random_bool(0.2) {
-                Some(hsv(rng.random_range(0.0..1.0), 0.5, rng.random_range(0.05..0.6)))
+                Some(hsv(
+                    rng.random_range(0.0..1.0),
+                    0.5,
+                    rng.random_range(0.05..0.6),
+                ))
             } else {
                 None
             },
@@ -360,7 +371,11 @@ impl View {
                 rng.random_range(2..4u32),
                 rng.random_range(0.04..0.09f32),
             ),
-            _ => (rng.random_range(0.0..0.6f32), 1, rng.random_range(0.0..0.02f32)),
+            _ => (
+                rng.random_range(0.0..0.6f32),
+                1,
+                rng.random_range(0.0..0.02f32),
+            ),
         };
         Self {
             quality,
@@ -368,7 +383,10 @@ impl View {
             pitch: rng.random_range(-15.0..15.0f32) * deg,
             roll: rng.random_range(-12.0..12.0f32) * deg,
             scale: rng.random_range(0.88..1.12f32),
-            shift: (rng.random_range(-0.06..0.06f32), rng.random_range(-0.06..0.06f32)),
+            shift: (
+                rng.random_range(-0.06..0.06f32),
+                rng.random_range(-0.06..0.06f32),
+            ),
             light: normalise3([
                 light_az.sin() * light_el.cos(),
                 -light_el.sin(),
@@ -476,8 +494,9 @@ fn render(id: &Identity, view: &View, size: u32) -> RgbImage {
                     r[1][0] * nf[0] + r[1][1] * nf[1] + r[1][2] * nf[2],
                     r[2][0] * nf[0] + r[2][1] * nf[1] + r[2][2] * nf[2],
                 ];
-                let lambert = (nv[0] * view.light[0] + nv[1] * view.light[1] + nv[2] * view.light[2])
-                    .max(0.0);
+                let lambert =
+                    (nv[0] * view.light[0] + nv[1] * view.light[1] + nv[2] * view.light[2])
+                        .max(0.0);
                 let shade = view.ambient + view.diffuse * lambert;
                 [
                     albedo[0] * shade * view.cast[0],
@@ -490,7 +509,11 @@ fn render(id: &Identity, view: &View, size: u32) -> RgbImage {
             } else {
                 let fx = px as f32 / s;
                 let fy = py as f32 / s;
-                let mut col = lerp(bg0, bg1, (ga * (fx - 0.5) + gb * (fy - 0.5) + 0.5).clamp(0.0, 1.0));
+                let mut col = lerp(
+                    bg0,
+                    bg1,
+                    (ga * (fx - 0.5) + gb * (fy - 0.5) + 0.5).clamp(0.0, 1.0),
+                );
                 for &(bx, by, br, bc) in &view.blobs {
                     if (fx - bx).powi(2) + (fy - by).powi(2) < br * br {
                         col = bc;
@@ -665,7 +688,8 @@ impl FaceDataset for SyntheticFaces {
         let mut img = render(identity, &view, size);
         if view.downsample > 1 {
             let small = size / view.downsample;
-            img = image::imageops::resize(&img, small, small, image::imageops::FilterType::Triangle);
+            img =
+                image::imageops::resize(&img, small, small, image::imageops::FilterType::Triangle);
             img = image::imageops::resize(&img, size, size, image::imageops::FilterType::Triangle);
         }
         if view.blur > 0.3 {
@@ -675,7 +699,9 @@ impl FaceDataset for SyntheticFaces {
             let normal = Normal::new(0.0f32, view.noise * 255.0).expect("noise sigma is finite");
             for p in img.pixels_mut() {
                 for c in p.0.iter_mut() {
-                    *c = (*c as f32 + normal.sample(&mut rng)).round().clamp(0.0, 255.0) as u8;
+                    *c = (*c as f32 + normal.sample(&mut rng))
+                        .round()
+                        .clamp(0.0, 255.0) as u8;
                 }
             }
         }

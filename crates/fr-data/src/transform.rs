@@ -129,7 +129,14 @@ mod tests {
         img.put_pixel(1, 0, image::Rgb([0, 255, 204]));
         let mut out = [0f32; 6];
         normalise_into(&img, &mut out).unwrap();
-        let want = [1.0, -1.0, -1.0, 1.0, 51.0 / 127.5 - 1.0, 204.0 / 127.5 - 1.0];
+        let want = [
+            1.0,
+            -1.0,
+            -1.0,
+            1.0,
+            51.0 / 127.5 - 1.0,
+            204.0 / 127.5 - 1.0,
+        ];
         for (a, b) in out.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{out:?}");
         }

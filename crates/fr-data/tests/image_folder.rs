@@ -19,7 +19,11 @@ fn temp_dir(name: &str) -> PathBuf {
 fn folder_classes_sorted_by_name() {
     let root = temp_dir("folder");
     // Written out of order; colours identify the class: pure R, G, B per identity.
-    let ids = [("zed", [200u8, 10, 10]), ("amy", [10, 200, 10]), ("bob", [10, 10, 200])];
+    let ids = [
+        ("zed", [200u8, 10, 10]),
+        ("amy", [10, 200, 10]),
+        ("bob", [10, 10, 200]),
+    ];
     for (name, colour) in ids {
         std::fs::create_dir_all(root.join(name)).unwrap();
         let img = RgbImage::from_pixel(20, 16, Rgb(colour));

@@ -45,7 +45,7 @@ impl FaceDataset for Halves {
         }))
     }
     fn quality(&self, index: usize) -> Option<Quality> {
-        Some(if index % 2 == 0 {
+        Some(if index.is_multiple_of(2) {
             Quality::Normal
         } else {
             Quality::LowQuality
@@ -87,7 +87,10 @@ fn same_seed_same_batches_whatever_the_threads() {
     )
     .unwrap();
     let first = run_epoch(&a, 2);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let again = pool.install(|| run_epoch(&sync, 2));
     assert_eq!(first, again);
     let other_seed = run_epoch(&BatchLoader::new(Halves::new(37), config(4)).unwrap(), 2);
@@ -124,7 +127,9 @@ fn normalised_rgb_in_range_with_seeded_flips() {
     let loader = BatchLoader::new(Halves::new(64), config(5)).unwrap();
     let (idx, px, labels) = run_epoch(&loader, 0);
     assert!(px.iter().all(|v| (-1.0..=1.0).contains(v)));
-    let (min, max) = px.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let (min, max) = px
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     assert_eq!((min, max), (-1.0, 1.0));
     let per = 3 * 8 * 8;
     let flipped_in = |px: &[f32], k: usize| -> bool {
@@ -174,7 +179,11 @@ fn batches_cover_the_epoch_with_and_without_drop_last() {
         assert_eq!(b.images.dims(), [b.indices.len(), 3, 8, 8]);
         assert_eq!(b.labels.dims(), [b.indices.len()]);
         let q = b.quality.as_ref().unwrap();
-        assert!(b.indices.iter().zip(q).all(|(&i, &q)| q == ds.quality(i).unwrap()));
+        assert!(b
+            .indices
+            .iter()
+            .zip(q)
+            .all(|(&i, &q)| q == ds.quality(i).unwrap()));
     }
     let mut all: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
     all.sort_unstable();

@@ -16,9 +16,16 @@ fn check_against_manifest(ds: &RecordIoDataset, dir: &str) {
     let m = manifest(dir);
     let images = m["images"].as_array().unwrap();
     assert_eq!(ds.len(), images.len());
-    assert_eq!(ds.num_classes(), m["num_classes"].as_u64().unwrap() as usize);
+    assert_eq!(
+        ds.num_classes(),
+        m["num_classes"].as_u64().unwrap() as usize
+    );
     for (i, want) in images.iter().enumerate() {
-        assert_eq!(ds.key(i).unwrap(), want["key"].as_u64().unwrap(), "index {i}");
+        assert_eq!(
+            ds.key(i).unwrap(),
+            want["key"].as_u64().unwrap(),
+            "index {i}"
+        );
         assert_eq!(
             u64::from(ds.label(i).unwrap()),
             want["label"].as_u64().unwrap(),
@@ -27,9 +34,17 @@ fn check_against_manifest(ds: &RecordIoDataset, dir: &str) {
         );
         let img = ds.image(i).unwrap();
         assert_eq!(img.dimensions(), (112, 112));
-        assert_mean_rgb(&img, &want["mean_rgb"], TOL, &format!("{dir} key {}", want["key"]));
+        assert_mean_rgb(
+            &img,
+            &want["mean_rgb"],
+            TOL,
+            &format!("{dir} key {}", want["key"]),
+        );
     }
-    assert!(matches!(ds.image(images.len()), Err(Error::OutOfRange { .. })));
+    assert!(matches!(
+        ds.image(images.len()),
+        Err(Error::OutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -54,6 +69,28 @@ fn layout_a_header_identities_and_property() {
             assert_eq!(ds.label(k - 1).unwrap() as usize, class);
         }
     }
+}
+
+#[test]
+fn loader_batches_of_layout_a_carry_the_record_labels() {
+    let ds = Arc::new(RecordIoDataset::open(data("rec_layout_a")).unwrap());
+    let config = LoaderConfig {
+        batch_size: 5,
+        drop_last: false,
+        ..LoaderConfig::default()
+    };
+    let loader = BatchLoader::new(ds, config).unwrap();
+    let mut n = 0;
+    for b in loader.epoch(0) {
+        let b = b.unwrap();
+        let labels = b.labels.to_vec1::<u32>().unwrap();
+        // Keys 1..=12 hold classes 0,0,0,1,1,1,...: index i has class i / 3.
+        let want: Vec<u32> = b.indices.iter().map(|&i| (i / 3) as u32).collect();
+        assert_eq!(labels, want);
+        assert_eq!(b.images.dims(), [b.indices.len(), 3, 112, 112]);
+        n += b.indices.len();
+    }
+    assert_eq!(n, 12);
 }
 
 #[test]
@@ -82,8 +119,11 @@ fn layout_b_without_key_0_uses_idx_keys_and_first_array_label() {
 #[test]
 fn multipart_records_reinsert_the_magic() {
     let m = manifest("rec_multipart");
-    let r = RecordIoReader::open(data("rec_multipart/data.rec"), data("rec_multipart/data.idx"))
-        .unwrap();
+    let r = RecordIoReader::open(
+        data("rec_multipart/data.rec"),
+        data("rec_multipart/data.idx"),
+    )
+    .unwrap();
     let records = m["records"].as_array().unwrap();
     assert_eq!(r.len(), records.len());
     let magic = MAGIC.to_le_bytes();
@@ -100,7 +140,10 @@ fn multipart_records_reinsert_the_magic() {
 }
 
 fn format_message(e: Error) -> String {
-    assert!(matches!(e, Error::Format { .. }), "expected a format error, got {e:?}");
+    assert!(
+        matches!(e, Error::Format { .. }),
+        "expected a format error, got {e:?}"
+    );
     e.to_string()
 }
 
@@ -127,7 +170,9 @@ fn truncated_rec_fails_past_the_cut_and_reads_before_it() {
         None,
     )
     .unwrap();
-    let file_len = std::fs::metadata(data("rec_damaged/truncated.rec")).unwrap().len();
+    let file_len = std::fs::metadata(data("rec_damaged/truncated.rec"))
+        .unwrap()
+        .len();
     assert_eq!(ds.len(), 12);
     assert_eq!(ds.num_classes(), 4);
     let (mut ok, mut failed) = (0, 0);
@@ -219,7 +264,10 @@ fn loader_skips_and_counts_the_corrupt_jpeg() {
     let results: Vec<_> = strict.epoch(0).collect();
     let err = results.into_iter().find_map(Result::err).expect("an error");
     let msg = err.to_string();
-    assert!(msg.contains("corrupt_jpeg.rec") && msg.contains("key 5"), "{msg}");
+    assert!(
+        msg.contains("corrupt_jpeg.rec") && msg.contains("key 5"),
+        "{msg}"
+    );
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -234,28 +282,46 @@ fn writer_reproduces_mxnet_files_byte_for_byte() {
     use fr_data::recordio::{ImageRecord, RecordIoWriter};
     let dir = temp_dir("writer");
     // Multi-part splitting at aligned magics, as dmlc's writer does.
-    let r = RecordIoReader::open(data("rec_multipart/data.rec"), data("rec_multipart/data.idx"))
-        .unwrap();
+    let r = RecordIoReader::open(
+        data("rec_multipart/data.rec"),
+        data("rec_multipart/data.idx"),
+    )
+    .unwrap();
     let mut w = RecordIoWriter::create(dir.join("m.rec"), dir.join("m.idx")).unwrap();
     for &(key, _) in r.entries() {
         w.write(key, &r.read_raw(key).unwrap()).unwrap();
     }
     w.finish().unwrap();
     let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
-    assert_eq!(read(dir.join("m.rec")), read(data("rec_multipart/data.rec")));
-    assert_eq!(read(dir.join("m.idx")), read(data("rec_multipart/data.idx")));
+    assert_eq!(
+        read(dir.join("m.rec")),
+        read(data("rec_multipart/data.rec"))
+    );
+    assert_eq!(
+        read(dir.join("m.idx")),
+        read(data("rec_multipart/data.idx"))
+    );
 
     // Header, identity and image records re-packed from their parsed form.
-    let r = RecordIoReader::open(data("rec_layout_a/train.rec"), data("rec_layout_a/train.idx"))
-        .unwrap();
+    let r = RecordIoReader::open(
+        data("rec_layout_a/train.rec"),
+        data("rec_layout_a/train.idx"),
+    )
+    .unwrap();
     let mut w = RecordIoWriter::create(dir.join("a.rec"), dir.join("a.idx")).unwrap();
     for &(key, _) in r.entries() {
         let rec: ImageRecord = r.read_record(key).unwrap();
         w.write(key, &rec.pack()).unwrap();
     }
     w.finish().unwrap();
-    assert_eq!(read(dir.join("a.rec")), read(data("rec_layout_a/train.rec")));
-    assert_eq!(read(dir.join("a.idx")), read(data("rec_layout_a/train.idx")));
+    assert_eq!(
+        read(dir.join("a.rec")),
+        read(data("rec_layout_a/train.rec"))
+    );
+    assert_eq!(
+        read(dir.join("a.idx")),
+        read(data("rec_layout_a/train.idx"))
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -272,7 +338,8 @@ fn write_layout_a(dir: &std::path::Path, n_ids: u64, per_id: u64, header: [f32; 
     let n = n_ids * per_id;
     for key in 1..=n {
         let label = ((key - 1) / per_id) as f32;
-        w.write(key, &ImageRecord::new(label, key, png.clone()).pack()).unwrap();
+        w.write(key, &ImageRecord::new(label, key, png.clone()).pack())
+            .unwrap();
     }
     if ids {
         for c in 0..n_ids {
@@ -319,8 +386,11 @@ fn key_0_image_record_is_not_a_header() {
         .unwrap();
     let mut w = RecordIoWriter::create(dir.join("train.rec"), dir.join("train.idx")).unwrap();
     // flag 2 like a header, but with an image: an im2rec record with an array label.
-    w.write(0, &ImageRecord::with_labels(vec![1.0, 0.0], 0, png.clone()).pack())
-        .unwrap();
+    w.write(
+        0,
+        &ImageRecord::with_labels(vec![1.0, 0.0], 0, png.clone()).pack(),
+    )
+    .unwrap();
     w.write(1, &ImageRecord::new(0.0, 1, png).pack()).unwrap();
     w.finish().unwrap();
     let ds = RecordIoDataset::open(&dir).unwrap();

@@ -80,7 +80,7 @@ pub struct ArcFaceConfig {
     pub easy_margin: bool,
     /// Cap each sample's loss value at `−ln(1e-30)` as insightface does. Default `false`.
     pub clamp_p_target: bool,
-    /// Cosines are clamped to `[−1 + cos_eps, 1 − cos_eps]`. Default 1e-7.
+    /// Cosines are clamped to `[−1 + cos_eps, 1 − cos_eps]`, `cos_eps > 0`. Default 1e-7.
     pub cos_eps: f64,
 }
 
@@ -114,7 +114,12 @@ impl ArcFaceConfig {
 
     /// FaceX-Zoo's `head_conf.yaml` ArcFace: s = 32, m = 0.35, fallback `c − margin_am` (0).
     pub fn facexzoo() -> Self {
-        Self { scale: 32.0, margin: 0.35, fallback: Fallback::Cosine, ..Self::default() }
+        Self {
+            scale: 32.0,
+            margin: 0.35,
+            fallback: Fallback::Cosine,
+            ..Self::default()
+        }
     }
 
     /// Check every range; the error names the key.
@@ -124,7 +129,8 @@ impl ArcFaceConfig {
         common::check_range("m1", self.m1, 1.0, 8.0)?;
         common::check_range("m3", self.m3, 0.0, 1.0)?;
         common::check_range("fallback_margin", self.fallback_margin, 0.0, 1.0)?;
-        common::check_range("cos_eps", self.cos_eps, 0.0, 0.1)
+        // ε > 0 keeps sqrt(1 − c²) and acos differentiable at c = ±1.
+        common::check_range("cos_eps", self.cos_eps, 1e-12, 0.1)
     }
 
     /// Threshold `th`: the margin applies where `c > th`, i.e. `m1·θ + m2 < π`.
@@ -153,7 +159,12 @@ impl ArcFace {
     ) -> Result<Self> {
         cfg.validate()?;
         let weight = common::class_centres(&vb, embedding_size, num_classes)?;
-        Ok(Self { cfg: cfg.clone(), weight, embedding_size, num_classes })
+        Ok(Self {
+            cfg: cfg.clone(),
+            weight,
+            embedding_size,
+            num_classes,
+        })
     }
 
     /// The configuration the head was built with.
@@ -163,7 +174,9 @@ impl ArcFace {
 
     /// `cos(m1·θ + m2) − m3` for target cosines `c` `(B,)`, differentiable.
     fn margin_cos(&self, c: &Tensor) -> Result<Tensor> {
-        let ArcFaceConfig { margin: m2, m1, m3, .. } = self.cfg;
+        let ArcFaceConfig {
+            margin: m2, m1, m3, ..
+        } = self.cfg;
         let v = if m1 == 1.0 {
             let sin = c.sqr()?.neg()?.affine(1.0, 1.0)?.maximum(0.0)?.sqrt()?;
             ((c * m2.cos())? - (sin * m2.sin())?)?
@@ -182,7 +195,9 @@ impl ArcFace {
         let th = self.cfg.threshold();
         let alt = match self.cfg.fallback {
             Fallback::None => return Ok(phi),
-            Fallback::Classic => (c - ((PI - self.cfg.margin).sin() * self.cfg.margin + self.cfg.m3))?,
+            Fallback::Classic => {
+                (c - ((PI - self.cfg.margin).sin() * self.cfg.margin + self.cfg.m3))?
+            }
             Fallback::Cosine => (c - self.cfg.fallback_margin)?,
         };
         Ok(c.gt(th)?.where_cond(&phi, &alt)?)
@@ -201,7 +216,11 @@ impl Head for ArcFace {
         _ctx: &StepContext,
     ) -> Result<HeadOutput> {
         let inp = common::check_inputs(embeddings, labels, self.embedding_size, self.num_classes)?;
-        let cos = common::cosine(&inp.x, &as_dtype_of(&self.weight, &inp.x)?, self.cfg.cos_eps)?;
+        let cos = common::cosine(
+            &inp.x,
+            &as_dtype_of(&self.weight, &inp.x)?,
+            self.cfg.cos_eps,
+        )?;
         let mask = common::target_mask(&inp.labels_t, self.num_classes)?;
         let c = common::target_values(&cos, &mask)?;
         let target = match self.cfg.margin_mode {
@@ -216,8 +235,15 @@ impl Head for ArcFace {
         let loss = common::cross_entropy(&logits, &mask, p_floor)?;
         let mut stats = BTreeMap::new();
         stats.insert("loss".to_string(), common::scalar(&loss)?);
-        stats.insert("cos_target_mean".to_string(), common::scalar(&c.mean_all()?)?);
-        Ok(HeadOutput { loss, logits, stats })
+        stats.insert(
+            "cos_target_mean".to_string(),
+            common::scalar(&c.mean_all()?)?,
+        );
+        Ok(HeadOutput {
+            loss,
+            logits,
+            stats,
+        })
     }
 }
 
@@ -240,14 +266,25 @@ mod tests {
 
     #[test]
     fn exact_margin_matches_cos_theta_plus_m() -> Result<()> {
-        let (h, _) = head(ArcFaceConfig { fallback: Fallback::None, ..Default::default() })?;
+        let (h, _) = head(ArcFaceConfig {
+            fallback: Fallback::None,
+            ..Default::default()
+        })?;
         let cs = [-0.99, -0.5, 0.0, 0.3, 0.95];
         for (got, c) in target(&h, &cs)?.iter().zip(cs) {
             assert!((got - (c.acos() + 0.5).cos()).abs() < 1e-14);
         }
         // Combined margin through the host acos.
-        let cfg = ArcFaceConfig { m1: 1.35, margin: 0.3, m3: 0.2, ..Default::default() };
-        let (h, _) = head(ArcFaceConfig { fallback: Fallback::None, ..cfg })?;
+        let cfg = ArcFaceConfig {
+            m1: 1.35,
+            margin: 0.3,
+            m3: 0.2,
+            ..Default::default()
+        };
+        let (h, _) = head(ArcFaceConfig {
+            fallback: Fallback::None,
+            ..cfg
+        })?;
         for (got, c) in target(&h, &cs)?.iter().zip(cs) {
             assert!((got - ((1.35 * c.acos() + 0.3).cos() - 0.2)).abs() < 1e-14);
         }
@@ -263,9 +300,16 @@ mod tests {
         let v = target(&h, &[-0.99, 0.2])?;
         assert!((v[0] - (-0.99 - mm)).abs() < 1e-15);
         assert!((v[1] - (0.2f64.acos() + 0.5).cos()).abs() < 1e-14);
-        let (h, _) = head(ArcFaceConfig { fallback: Fallback::Cosine, fallback_margin: 0.1, ..Default::default() })?;
+        let (h, _) = head(ArcFaceConfig {
+            fallback: Fallback::Cosine,
+            fallback_margin: 0.1,
+            ..Default::default()
+        })?;
         assert!((target(&h, &[-0.99])?[0] + 1.09).abs() < 1e-15);
-        let (h, _) = head(ArcFaceConfig { easy_margin: true, ..Default::default() })?;
+        let (h, _) = head(ArcFaceConfig {
+            easy_margin: true,
+            ..Default::default()
+        })?;
         let v = target(&h, &[-0.3, 0.2])?;
         assert_eq!(v[0], -0.3);
         assert!((v[1] - (0.2f64.acos() + 0.5).cos()).abs() < 1e-14);
@@ -277,8 +321,16 @@ mod tests {
         let c = Tensor::new(&[-0.95f64, -0.2, 0.4, 0.9], &Device::Cpu)?;
         for cfg in [
             ArcFaceConfig::default(),
-            ArcFaceConfig { m1: 1.35, margin: 0.25, m3: 0.1, ..Default::default() },
-            ArcFaceConfig { easy_margin: true, ..Default::default() },
+            ArcFaceConfig {
+                m1: 1.35,
+                margin: 0.25,
+                m3: 0.1,
+                ..Default::default()
+            },
+            ArcFaceConfig {
+                easy_margin: true,
+                ..Default::default()
+            },
         ] {
             let (h, _) = head(cfg)?;
             let err = fd_check(&c, |c| Ok(h.target_logit(c)?.sqr()?.sum_all()?))?;
@@ -304,7 +356,9 @@ mod tests {
         let g_ref = (cos * dcos)?.sum_all()?.backward()?;
         let out = st.forward(xv.as_tensor(), &y, &StepContext::default())?;
         let g = out.loss.backward()?;
-        let diff = (g.get(&xv).unwrap() - g_ref.get(&xv).unwrap())?.abs()?.max_all()?;
+        let diff = (g.get(&xv).unwrap() - g_ref.get(&xv).unwrap())?
+            .abs()?
+            .max_all()?;
         assert!(common::scalar(&diff)? < 1e-12);
         Ok(())
     }
@@ -312,12 +366,33 @@ mod tests {
     #[test]
     fn rejects_out_of_range_margins() {
         for (cfg, key) in [
-            (ArcFaceConfig { margin: -0.1, ..Default::default() }, "margin"),
-            (ArcFaceConfig { m1: 0.5, ..Default::default() }, "m1"),
-            (ArcFaceConfig { scale: f64::NAN, ..Default::default() }, "scale"),
+            (
+                ArcFaceConfig {
+                    margin: -0.1,
+                    ..Default::default()
+                },
+                "margin",
+            ),
+            (
+                ArcFaceConfig {
+                    m1: 0.5,
+                    ..Default::default()
+                },
+                "m1",
+            ),
+            (
+                ArcFaceConfig {
+                    scale: f64::NAN,
+                    ..Default::default()
+                },
+                "scale",
+            ),
         ] {
             let err = head(cfg).map(|_| ()).unwrap_err();
-            assert!(matches!(err, crate::Error::Config { key: ref k, .. } if k == key), "{err}");
+            assert!(
+                matches!(err, crate::Error::Config { key: ref k, .. } if k == key),
+                "{err}"
+            );
         }
     }
 }

@@ -48,7 +48,10 @@ pub fn check_inputs(
     num_classes: usize,
 ) -> Result<Inputs> {
     let dims = embeddings.dims();
-    let float = matches!(embeddings.dtype(), DType::F16 | DType::BF16 | DType::F32 | DType::F64);
+    let float = matches!(
+        embeddings.dtype(),
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64
+    );
     if dims.len() != 2 || dims[1] != embedding_size || dims[0] == 0 || !float {
         return Err(Error::Shape {
             what: "embeddings".into(),
@@ -65,19 +68,33 @@ pub fn check_inputs(
         });
     }
     let host: Vec<u32> = labels.to_vec1()?;
-    if let Some((index, &label)) = host.iter().enumerate().find(|(_, &l)| l as usize >= num_classes)
+    if let Some((index, &label)) = host
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= num_classes)
     {
-        return Err(Error::Label { index, label: i64::from(label), num_classes });
+        return Err(Error::Label {
+            index,
+            label: i64::from(label),
+            num_classes,
+        });
     }
     let x = embeddings.to_dtype(compute_dtype(embeddings.dtype()))?;
     let labels_t = labels.to_device(x.device())?;
-    Ok(Inputs { x, labels: host, labels_t })
+    Ok(Inputs {
+        x,
+        labels: host,
+        labels_t,
+    })
 }
 
 /// Row norms `(B,)` of `x` `(B, D)`, floored at [`NORM_EPS`] (so the gradient stays finite
 /// for a zero row).
 pub fn row_norms(x: &Tensor) -> Result<Tensor> {
-    Ok(x.sqr()?.sum(D::Minus1)?.maximum(NORM_EPS * NORM_EPS)?.sqrt()?)
+    Ok(x.sqr()?
+        .sum(D::Minus1)?
+        .maximum(NORM_EPS * NORM_EPS)?
+        .sqrt()?)
 }
 
 /// Rows of `x` `(N, D)` divided by their norms.
@@ -127,7 +144,12 @@ pub fn replace_target(m: &Tensor, mask: &Tensor, values: &Tensor) -> Result<Tens
 /// (its gradient cancels exactly).
 pub fn logsumexp(z: &Tensor) -> Result<Tensor> {
     let max = z.max_keepdim(D::Minus1)?.detach();
-    let lse = z.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()?.add(&max)?;
+    let lse = z
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .add(&max)?;
     Ok(lse.squeeze(D::Minus1)?)
 }
 
@@ -163,7 +185,9 @@ pub fn host_map_with_grad(x: &Tensor, f: impl Fn(f64) -> (f64, f64)) -> Result<T
     let (v, d): (Vec<f64>, Vec<f64>) = xs.into_iter().map(f).unzip();
     let dev = x.device();
     let to_t = |v: Vec<f64>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(dev)?)
+        Ok(Tensor::from_vec(v, x.shape(), &Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(dev)?)
     };
     let (v, d) = (to_t(v)?, to_t(d)?);
     Ok(v.add(&x.sub(&x.detach())?.mul(&d)?)?)
@@ -185,7 +209,11 @@ pub fn log1p_sum_exp_masked(a: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let very_negative = Tensor::full(-1e30f64, a.shape(), a.device())?.to_dtype(a.dtype())?;
     let am = mask.where_cond(a, &very_negative)?;
     let m = am.max_keepdim(0)?.maximum(0.0)?.detach();
-    let s = am.broadcast_sub(&m)?.exp()?.sum_keepdim(0)?.add(&m.neg()?.exp()?)?;
+    let s = am
+        .broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(0)?
+        .add(&m.neg()?.exp()?)?;
     Ok(s.log()?.add(&m)?.squeeze(0)?)
 }
 
@@ -199,7 +227,10 @@ pub fn check_positive(key: &str, v: f64) -> Result<()> {
     if v.is_finite() && v > 0.0 {
         Ok(())
     } else {
-        Err(Error::config(key, format!("must be finite and > 0, got {v}")))
+        Err(Error::config(
+            key,
+            format!("must be finite and > 0, got {v}"),
+        ))
     }
 }
 
@@ -208,7 +239,10 @@ pub fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
     if v.is_finite() && (lo..=hi).contains(&v) {
         Ok(())
     } else {
-        Err(Error::config(key, format!("must be in [{lo}, {hi}], got {v}")))
+        Err(Error::config(
+            key,
+            format!("must be in [{lo}, {hi}], got {v}"),
+        ))
     }
 }
 
@@ -234,7 +268,10 @@ pub fn class_centres(
     Ok(vb.get_with_hints(
         (num_classes, embedding_size),
         "weight",
-        candle_nn::Init::Randn { mean: 0.0, stdev: 0.01 },
+        candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.01,
+        },
     )?)
 }
 
@@ -248,7 +285,11 @@ pub(crate) mod tests {
     pub(crate) fn fd_check(x0: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<f64> {
         let var = Var::from_tensor(x0)?;
         let grads = f(var.as_tensor())?.backward()?;
-        let g: Vec<f64> = grads.get(&var).expect("gradient").flatten_all()?.to_vec1()?;
+        let g: Vec<f64> = grads
+            .get(&var)
+            .expect("gradient")
+            .flatten_all()?
+            .to_vec1()?;
         let base: Vec<f64> = x0.flatten_all()?.to_vec1()?;
         let h = 1e-6;
         let mut worst = 0f64;
@@ -357,15 +398,28 @@ pub(crate) mod tests {
         let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
         let ok = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
         assert!(check_inputs(&x, &ok, 4, 3).is_ok());
-        assert!(matches!(check_inputs(&x, &ok, 5, 3), Err(Error::Shape { .. })));
+        assert!(matches!(
+            check_inputs(&x, &ok, 5, 3),
+            Err(Error::Shape { .. })
+        ));
         let bad = Tensor::new(&[0u32, 3], &Device::Cpu).unwrap();
         assert!(matches!(
             check_inputs(&x, &bad, 4, 3),
-            Err(Error::Label { index: 1, label: 3, num_classes: 3 })
+            Err(Error::Label {
+                index: 1,
+                label: 3,
+                num_classes: 3
+            })
         ));
         let float_labels = Tensor::new(&[0f32, 1.], &Device::Cpu).unwrap();
-        assert!(matches!(check_inputs(&x, &float_labels, 4, 3), Err(Error::Shape { .. })));
+        assert!(matches!(
+            check_inputs(&x, &float_labels, 4, 3),
+            Err(Error::Shape { .. })
+        ));
         let half = x.to_dtype(DType::BF16).unwrap();
-        assert_eq!(check_inputs(&half, &ok, 4, 3).unwrap().x.dtype(), DType::F32);
+        assert_eq!(
+            check_inputs(&half, &ok, 4, 3).unwrap().x.dtype(),
+            DType::F32
+        );
     }
 }

@@ -39,20 +39,33 @@ pub struct CosFaceConfig {
 
 impl Default for CosFaceConfig {
     fn default() -> Self {
-        Self { scale: 64.0, margin: 0.35, clamp_p_target: false, cos_eps: DEFAULT_COS_EPS }
+        Self {
+            scale: 64.0,
+            margin: 0.35,
+            clamp_p_target: false,
+            cos_eps: DEFAULT_COS_EPS,
+        }
     }
 }
 
 impl CosFaceConfig {
     /// AM-Softmax as in FaceX-Zoo's config: s = 32, m = 0.35.
     pub fn am_softmax() -> Self {
-        Self { scale: 32.0, ..Self::default() }
+        Self {
+            scale: 32.0,
+            ..Self::default()
+        }
     }
 
     /// insightface's CosFace (m3 mode of `CombinedMarginLoss`): s = 64, m = 0.4, loss value
     /// capped at `-ln(1e-30)`.
     pub fn insightface() -> Self {
-        Self { scale: 64.0, margin: 0.4, clamp_p_target: true, ..Self::default() }
+        Self {
+            scale: 64.0,
+            margin: 0.4,
+            clamp_p_target: true,
+            ..Self::default()
+        }
     }
 
     /// Check `scale > 0`, `margin` in `[0, 1]`, `cos_eps` in `[0, 0.1]`.
@@ -82,7 +95,12 @@ impl CosFace {
     ) -> Result<Self> {
         cfg.validate()?;
         let weight = common::class_centres(&vb, embedding_size, num_classes)?;
-        Ok(Self { cfg: cfg.clone(), weight, embedding_size, num_classes })
+        Ok(Self {
+            cfg: cfg.clone(),
+            weight,
+            embedding_size,
+            num_classes,
+        })
     }
 
     /// The configuration the head was built with.
@@ -103,17 +121,28 @@ impl Head for CosFace {
         _ctx: &StepContext,
     ) -> Result<HeadOutput> {
         let inp = common::check_inputs(embeddings, labels, self.embedding_size, self.num_classes)?;
-        let cos = common::cosine(&inp.x, &as_dtype_of(&self.weight, &inp.x)?, self.cfg.cos_eps)?;
+        let cos = common::cosine(
+            &inp.x,
+            &as_dtype_of(&self.weight, &inp.x)?,
+            self.cfg.cos_eps,
+        )?;
         let mask = common::target_mask(&inp.labels_t, self.num_classes)?;
         let target = common::target_values(&cos, &mask)?;
-        let logits = (common::replace_target(&cos, &mask, &(&target - self.cfg.margin)?)?
-            * self.cfg.scale)?;
+        let logits =
+            (common::replace_target(&cos, &mask, &(&target - self.cfg.margin)?)? * self.cfg.scale)?;
         let p_floor = self.cfg.clamp_p_target.then_some(1e-30);
         let loss = common::cross_entropy(&logits, &mask, p_floor)?;
         let mut stats = BTreeMap::new();
         stats.insert("loss".to_string(), common::scalar(&loss)?);
-        stats.insert("cos_target_mean".to_string(), common::scalar(&target.mean_all()?)?);
-        Ok(HeadOutput { loss, logits, stats })
+        stats.insert(
+            "cos_target_mean".to_string(),
+            common::scalar(&target.mean_all()?)?,
+        );
+        Ok(HeadOutput {
+            loss,
+            logits,
+            stats,
+        })
     }
 }
 
@@ -129,9 +158,17 @@ mod tests {
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
-        let cfg = CosFaceConfig { margin: 0.0, scale: 30.0, ..Default::default() };
+        let cfg = CosFaceConfig {
+            margin: 0.0,
+            scale: 30.0,
+            ..Default::default()
+        };
         let mut cos = CosFace::new(&cfg, 5, 4, vb.clone())?;
-        let nf = NormFaceConfig { scale: 30.0, learnable_scale: false, ..Default::default() };
+        let nf = NormFaceConfig {
+            scale: 30.0,
+            learnable_scale: false,
+            ..Default::default()
+        };
         let mut norm = NormFace::new(&nf, 5, 4, vb)?; // shares `weight` through the VarMap
         let x = Tensor::randn(0f64, 1.0, (3, 5), &dev)?;
         let y = Tensor::new(&[3u32, 0, 3], &dev)?;
@@ -149,7 +186,8 @@ mod tests {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
         let mut head = CosFace::new(&CosFaceConfig::default(), 2, 2, vb)?;
-        vm.data().lock().unwrap()["weight"].set(&Tensor::new(&[[1.0f64, 0.0], [0.0, 1.0]], &dev)?)?;
+        vm.data().lock().unwrap()["weight"]
+            .set(&Tensor::new(&[[1.0f64, 0.0], [0.0, 1.0]], &dev)?)?;
         let x = Tensor::new(&[[3.0f64, 4.0]], &dev)?;
         let out = head.forward(&x, &Tensor::new(&[1u32], &dev)?, &StepContext::default())?;
         let l = out.logits.to_vec2::<f64>()?;

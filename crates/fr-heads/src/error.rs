@@ -50,6 +50,9 @@ pub enum Error {
 impl Error {
     /// An [`Error::Config`] for `key`.
     pub fn config(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Config { key: key.into(), reason: reason.into() }
+        Self::Config {
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 }

@@ -21,7 +21,11 @@ pub struct StepContext {
 impl StepContext {
     /// A training-mode context at `step` of `epoch`.
     pub fn train(step: u64, epoch: usize) -> Self {
-        Self { step, epoch, train: true }
+        Self {
+            step,
+            epoch,
+            train: true,
+        }
     }
 }
 

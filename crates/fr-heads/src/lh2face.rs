@@ -140,13 +140,19 @@ impl Lh2FaceConfig {
     /// Check every range; the error names the key.
     pub fn validate(&self) -> Result<()> {
         if self.vmf_dim < 2 {
-            return Err(Error::config("vmf_dim", format!("must be >= 2, got {}", self.vmf_dim)));
+            return Err(Error::config(
+                "vmf_dim",
+                format!("must be >= 2, got {}", self.vmf_dim),
+            ));
         }
         common::check_positive("kappa_min", self.kappa_min)?;
         if !(self.kappa_max.is_finite() && self.kappa_max > self.kappa_min) {
             return Err(Error::config(
                 "kappa_max",
-                format!("must be finite and > kappa_min = {}, got {}", self.kappa_min, self.kappa_max),
+                format!(
+                    "must be finite and > kappa_min = {}, got {}",
+                    self.kappa_min, self.kappa_max
+                ),
             ));
         }
         common::check_range("cos_eps", self.cos_eps, 1e-12, 0.1)?;
@@ -192,7 +198,13 @@ impl Lh2Face {
     ) -> Result<Self> {
         cfg.validate()?;
         let weight = common::class_centres(&vb, embedding_size, num_classes)?;
-        Ok(Self { cfg: cfg.clone(), weight, embedding_size, num_classes, norm_mean: None })
+        Ok(Self {
+            cfg: cfg.clone(),
+            weight,
+            embedding_size,
+            num_classes,
+            norm_mean: None,
+        })
     }
 
     /// The configuration the head was built with.
@@ -206,7 +218,9 @@ impl Lh2Face {
             None => batch_mean,
             Some(a) => {
                 if ctx.train {
-                    let m = self.norm_mean.map_or(batch_mean, |m| (1.0 - a) * m + a * batch_mean);
+                    let m = self
+                        .norm_mean
+                        .map_or(batch_mean, |m| (1.0 - a) * m + a * batch_mean);
                     self.norm_mean = Some(m);
                 }
                 self.norm_mean.unwrap_or(batch_mean)
@@ -238,7 +252,9 @@ impl Head for Lh2Face {
         let xn = x.broadcast_div(&norm.unsqueeze(1)?)?;
         let cos = common::clamp_cos(&xn.matmul(&wn.t()?)?, cfg.cos_eps)?;
         let log_c = vmf::log_cn_tensor(&kappa, cfg.vmf_dim)?;
-        let sim = cos.broadcast_mul(&kappa.unsqueeze(1)?)?.broadcast_add(&log_c.unsqueeze(1)?)?;
+        let sim = cos
+            .broadcast_mul(&kappa.unsqueeze(1)?)?
+            .broadcast_add(&log_c.unsqueeze(1)?)?;
 
         // Uncertainty-aware margin on the target logit.
         let mask = common::target_mask(&inp.labels_t, self.num_classes)?;
@@ -268,15 +284,17 @@ impl Head for Lh2Face {
             ProxySimilarity::Vmf => &sim,
         };
         let sim_b = proxy_sim.index_select(&idx, 1)?;
-        let pos = inp.labels_t.unsqueeze(1)?.broadcast_eq(&idx.unsqueeze(0)?)?;
+        let pos = inp
+            .labels_t
+            .unsqueeze(1)?
+            .broadcast_eq(&idx.unsqueeze(0)?)?;
         let (alpha, delta) = (cfg.proxy_alpha, cfg.proxy_delta);
         let loss_pps = common::log1p_sum_exp_masked(&sim_b.affine(-alpha, alpha * delta)?, &pos)?
             .mean_all()?;
         let loss_pns = match cfg.pns_proxies {
-            ProxySet::Batch => common::log1p_sum_exp_masked(
-                &sim_b.affine(alpha, alpha * delta)?,
-                &pos.eq(0.0)?,
-            )?,
+            ProxySet::Batch => {
+                common::log1p_sum_exp_masked(&sim_b.affine(alpha, alpha * delta)?, &pos.eq(0.0)?)?
+            }
             ProxySet::All => common::log1p_sum_exp_masked(
                 &proxy_sim.affine(alpha, alpha * delta)?,
                 &mask.eq(0.0)?,
@@ -313,12 +331,19 @@ impl Head for Lh2Face {
         stats.insert("margin".to_string(), margin);
         stats.insert("norm_mean".to_string(), mu);
         stats.insert("norm_batch_mean".to_string(), batch_mean);
-        stats.insert("kappa_mean".to_string(), common::scalar(&kappa.mean_all()?)?);
+        stats.insert(
+            "kappa_mean".to_string(),
+            common::scalar(&kappa.mean_all()?)?,
+        );
         stats.insert(
             "cos_target_mean".to_string(),
             common::scalar(&common::target_values(&cos, &mask)?.mean_all()?)?,
         );
-        Ok(HeadOutput { loss, logits, stats })
+        Ok(HeadOutput {
+            loss,
+            logits,
+            stats,
+        })
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -364,10 +389,13 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
         let head = Lh2Face::new(cfg, D, C, vb)?;
         let w = vm.data().lock().unwrap()["weight"].clone();
-        let wv: Vec<f64> = (0..C * D).map(|i| ((i * 7 % 11) as f64 - 5.0) / 7.0).collect();
+        let wv: Vec<f64> = (0..C * D)
+            .map(|i| ((i * 7 % 11) as f64 - 5.0) / 7.0)
+            .collect();
         w.set(&Tensor::from_vec(wv, (C, D), &dev)?)?;
-        let xv: Vec<f64> =
-            (0..4 * D).map(|i| ((i * 5 % 13) as f64 - 6.0) * (1.0 + (i / D) as f64)).collect();
+        let xv: Vec<f64> = (0..4 * D)
+            .map(|i| ((i * 5 % 13) as f64 - 6.0) * (1.0 + (i / D) as f64))
+            .collect();
         let x = Tensor::from_vec(xv, (4, D), &dev)?;
         let y = Tensor::new(&[1u32, 3, 1, 0], &dev)?;
         Ok((head, w, x, y))
@@ -433,7 +461,11 @@ mod tests {
             pp += best / 3.0;
         }
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
-        assert!(close(out.stats["loss_vmf"], l_vmf), "{} vs {l_vmf}", out.stats["loss_vmf"]);
+        assert!(
+            close(out.stats["loss_vmf"], l_vmf),
+            "{} vs {l_vmf}",
+            out.stats["loss_vmf"]
+        );
         assert!(close(out.stats["loss_pps"], pps));
         assert!(close(out.stats["loss_pns"], pns));
         assert!(close(out.stats["loss_pp"], pp));
@@ -447,14 +479,22 @@ mod tests {
         let base = Lh2FaceConfig::default();
         let configs = [
             base.clone(),
-            Lh2FaceConfig { nll_weight: 0.5, vmf_dim: 16, ..base.clone() },
+            Lh2FaceConfig {
+                nll_weight: 0.5,
+                vmf_dim: 16,
+                ..base.clone()
+            },
             Lh2FaceConfig {
                 proxy_similarity: ProxySimilarity::Vmf,
                 proxy_alpha: 0.05,
                 pns_proxies: ProxySet::All,
                 ..base.clone()
             },
-            Lh2FaceConfig { margin_mode: UamMode::PerSample, kappa_max: 20.0, ..base },
+            Lh2FaceConfig {
+                margin_mode: UamMode::PerSample,
+                kappa_max: 20.0,
+                ..base
+            },
         ];
         for cfg in configs {
             let (mut head, w, x, y) = setup(&cfg)?;
@@ -482,7 +522,10 @@ mod tests {
 
     #[test]
     fn ema_state_round_trips() -> Result<()> {
-        let cfg = Lh2FaceConfig { norm_ema: Some(0.5), ..Default::default() };
+        let cfg = Lh2FaceConfig {
+            norm_ema: Some(0.5),
+            ..Default::default()
+        };
         let (mut head, _, x, y) = setup(&cfg)?;
         let batch = common::scalar(&common::row_norms(&x)?.mean_all()?)?;
         head.forward(&x, &y, &StepContext::train(0, 0))?;
@@ -514,8 +557,14 @@ mod tests {
     fn rejects_bad_config() {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let cfg = Lh2FaceConfig { kappa_max: 1e-4, ..Default::default() };
+        let cfg = Lh2FaceConfig {
+            kappa_max: 1e-4,
+            ..Default::default()
+        };
         let err = Lh2Face::new(&cfg, 4, 3, vb).unwrap_err();
-        assert!(matches!(err, Error::Config { ref key, .. } if key == "kappa_max"), "{err}");
+        assert!(
+            matches!(err, Error::Config { ref key, .. } if key == "kappa_max"),
+            "{err}"
+        );
     }
 }

@@ -33,7 +33,12 @@ pub struct NormFaceConfig {
 
 impl Default for NormFaceConfig {
     fn default() -> Self {
-        Self { scale: 10.0, learnable_scale: true, scale_floor: 0.01, cos_eps: DEFAULT_COS_EPS }
+        Self {
+            scale: 10.0,
+            learnable_scale: true,
+            scale_floor: 0.01,
+            cos_eps: DEFAULT_COS_EPS,
+        }
     }
 }
 
@@ -71,7 +76,13 @@ impl NormFace {
         } else {
             None
         };
-        Ok(Self { cfg: cfg.clone(), weight, scale, embedding_size, num_classes })
+        Ok(Self {
+            cfg: cfg.clone(),
+            weight,
+            scale,
+            embedding_size,
+            num_classes,
+        })
     }
 
     /// The configuration the head was built with.
@@ -92,7 +103,11 @@ impl Head for NormFace {
         _ctx: &StepContext,
     ) -> Result<HeadOutput> {
         let inp = common::check_inputs(embeddings, labels, self.embedding_size, self.num_classes)?;
-        let cos = common::cosine(&inp.x, &as_dtype_of(&self.weight, &inp.x)?, self.cfg.cos_eps)?;
+        let cos = common::cosine(
+            &inp.x,
+            &as_dtype_of(&self.weight, &inp.x)?,
+            self.cfg.cos_eps,
+        )?;
         let (logits, s) = match &self.scale {
             Some(s) => {
                 let s = as_dtype_of(s, &inp.x)?;
@@ -111,7 +126,11 @@ impl Head for NormFace {
             "cos_target_mean".to_string(),
             common::scalar(&common::target_values(&cos, &mask)?.mean_all()?)?,
         );
-        Ok(HeadOutput { loss, logits, stats })
+        Ok(HeadOutput {
+            loss,
+            logits,
+            stats,
+        })
     }
 }
 
@@ -128,7 +147,10 @@ mod tests {
         let mut head = NormFace::new(&NormFaceConfig::default(), 4, 3, vb)?;
         let scale: Var = vm.data().lock().unwrap()["scale"].clone();
         assert_eq!(common::scalar(scale.as_tensor())?, 10.0);
-        let x = Tensor::new(&[[1.0f64, 0.5, -0.2, 0.3], [0.1, -1.0, 0.4, 0.2]], &Device::Cpu)?;
+        let x = Tensor::new(
+            &[[1.0f64, 0.5, -0.2, 0.3], [0.1, -1.0, 0.4, 0.2]],
+            &Device::Cpu,
+        )?;
         let y = Tensor::new(&[0u32, 2], &Device::Cpu)?;
         let out = head.forward(&x, &y, &StepContext::default())?;
         let g = out.loss.backward()?;
@@ -146,7 +168,10 @@ mod tests {
     fn rejects_bad_scale() {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let cfg = NormFaceConfig { scale: 0.0, ..Default::default() };
+        let cfg = NormFaceConfig {
+            scale: 0.0,
+            ..Default::default()
+        };
         let err = NormFace::new(&cfg, 4, 3, vb).unwrap_err();
         assert!(matches!(err, crate::Error::Config { ref key, .. } if key == "scale"));
     }

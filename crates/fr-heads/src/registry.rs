@@ -101,7 +101,12 @@ mod tests {
         assert_eq!(configs.len(), HeadConfig::NAMES.len());
         for cfg in configs {
             let vm = VarMap::new();
-            let head = build_head(&cfg, 8, 4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+            let head = build_head(
+                &cfg,
+                8,
+                4,
+                VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            )?;
             assert_eq!(head.name(), cfg.name());
             let w = vm.data().lock().unwrap()["weight"].as_tensor().clone();
             assert_eq!(w.dims(), [4, 8]);
@@ -116,8 +121,11 @@ mod tests {
         assert!(json.starts_with(r#"{"type":"cosface""#), "{json}");
         let back: HeadConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, cfg);
-        let partial: HeadConfig = serde_json::from_str(r#"{"type": "arcface", "margin": 0.3}"#).unwrap();
-        let HeadConfig::ArcFace(a) = partial else { panic!("not arcface") };
+        let partial: HeadConfig =
+            serde_json::from_str(r#"{"type": "arcface", "margin": 0.3}"#).unwrap();
+        let HeadConfig::ArcFace(a) = partial else {
+            panic!("not arcface")
+        };
         assert_eq!((a.margin, a.scale), (0.3, 64.0));
     }
 }

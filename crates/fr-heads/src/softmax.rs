@@ -58,7 +58,13 @@ impl Softmax {
         } else {
             None
         };
-        Ok(Self { cfg: cfg.clone(), weight, bias, embedding_size, num_classes })
+        Ok(Self {
+            cfg: cfg.clone(),
+            weight,
+            bias,
+            embedding_size,
+            num_classes,
+        })
     }
 
     /// The configuration the head was built with.
@@ -88,7 +94,11 @@ impl Head for Softmax {
         let loss = common::cross_entropy(&logits, &mask, None)?;
         let mut stats = BTreeMap::new();
         stats.insert("loss".to_string(), common::scalar(&loss)?);
-        Ok(HeadOutput { loss, logits, stats })
+        Ok(HeadOutput {
+            loss,
+            logits,
+            stats,
+        })
     }
 }
 
@@ -104,9 +114,17 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
         let mut head = Softmax::new(&SoftmaxConfig::default(), 3, 2, vb)?;
         vm.data().lock().unwrap()["bias"].set(&Tensor::new(&[0.0f64, 2.0], &Device::Cpu)?)?;
-        vm.data().lock().unwrap()["weight"].set(&Tensor::zeros((2, 3), DType::F64, &Device::Cpu)?)?;
+        vm.data().lock().unwrap()["weight"].set(&Tensor::zeros(
+            (2, 3),
+            DType::F64,
+            &Device::Cpu,
+        )?)?;
         let x = Tensor::ones((1, 3), DType::F64, &Device::Cpu)?;
-        let out = head.forward(&x, &Tensor::new(&[0u32], &Device::Cpu)?, &StepContext::default())?;
+        let out = head.forward(
+            &x,
+            &Tensor::new(&[0u32], &Device::Cpu)?,
+            &StepContext::default(),
+        )?;
         assert_eq!(out.logits.to_vec2::<f64>()?, vec![vec![0.0, 2.0]]);
         let want = (1.0 + 2f64.exp()).ln();
         assert!((common::scalar(&out.loss)? - want).abs() < 1e-14);

@@ -68,7 +68,12 @@ fn ln_gamma(x: f64) -> f64 {
         1.505_632_735_149_311_6e-7,
     ];
     let x = x - 1.0;
-    let a = C[0] + C[1..].iter().enumerate().map(|(i, c)| c / (x + i as f64 + 1.0)).sum::<f64>();
+    let a = C[0]
+        + C[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c / (x + i as f64 + 1.0))
+            .sum::<f64>();
     let t = x + G + 0.5;
     0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
 }
@@ -101,7 +106,11 @@ fn ln_bessel_i_debye(nu: f64, kappa: f64) -> f64 {
         let u: f64 = poly[k..].iter().rev().fold(0.0, |acc, &p| acc * t + p);
         corr += u * inv_s_k;
     }
-    let log_ratio = if nu == 0.0 { 0.0 } else { nu * (kappa / (nu + s)).ln() };
+    let log_ratio = if nu == 0.0 {
+        0.0
+    } else {
+        nu * (kappa / (nu + s)).ln()
+    };
     s + log_ratio - 0.5 * (2.0 * std::f64::consts::PI).ln() - 0.5 * s.ln() + corr.ln()
 }
 
@@ -131,7 +140,7 @@ pub fn bessel_i_ratio(nu: f64, kappa: f64) -> f64 {
     let mut k = 1.0;
     while k < 1e6 {
         let bk = b(k);
-        d = bk + d;
+        d += bk;
         d = if d.abs() < TINY { 1.0 / TINY } else { 1.0 / d };
         c = bk + 1.0 / c;
         if c.abs() < TINY {
@@ -191,7 +200,15 @@ mod tests {
     #[test]
     fn first_debye_polynomials_match_tables() {
         let p = debye_polynomials();
-        let want_u2 = [0.0, 0.0, 81.0 / 1152.0, 0.0, -462.0 / 1152.0, 0.0, 385.0 / 1152.0];
+        let want_u2 = [
+            0.0,
+            0.0,
+            81.0 / 1152.0,
+            0.0,
+            -462.0 / 1152.0,
+            0.0,
+            385.0 / 1152.0,
+        ];
         for (a, b) in p[2].iter().zip(want_u2) {
             assert!((a - b).abs() < 1e-15);
         }
@@ -208,7 +225,10 @@ mod tests {
             let ln_sinh = kappa + (-(-2.0 * kappa).exp_m1()).ln() - 2f64.ln();
             let want = 0.5 * (2.0 / (std::f64::consts::PI * kappa)).ln() + ln_sinh;
             let got = log_bessel_i(0.5, kappa);
-            assert!((got - want).abs() <= 1e-13 * want.abs().max(1.0), "κ={kappa}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-13 * want.abs().max(1.0),
+                "κ={kappa}: {got} vs {want}"
+            );
         }
     }
 
@@ -217,7 +237,10 @@ mod tests {
         for nu in [0.0, 0.5, 3.0, 14.5, 20.0, 127.0] {
             for kappa in [30.0, 49.0, 60.0, 120.0] {
                 let (a, b) = (ln_bessel_i_series(nu, kappa), ln_bessel_i_debye(nu, kappa));
-                assert!((a - b).abs() < 1e-12 * a.abs().max(1.0), "ν={nu} κ={kappa}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-12 * a.abs().max(1.0),
+                    "ν={nu} κ={kappa}: {a} vs {b}"
+                );
             }
         }
     }
@@ -227,7 +250,10 @@ mod tests {
         for (nu, kappa) in [(1.0, 0.3), (8.0, 7.0), (128.0, 90.0), (256.0, 1000.0)] {
             let direct = (log_bessel_i(nu, kappa) - log_bessel_i(nu - 1.0, kappa)).exp();
             let cf = bessel_i_ratio(nu, kappa);
-            assert!((direct - cf).abs() < 1e-11 * cf, "ν={nu} κ={kappa}: {direct} vs {cf}");
+            assert!(
+                (direct - cf).abs() < 1e-11 * cf,
+                "ν={nu} κ={kappa}: {direct} vs {cf}"
+            );
         }
     }
 

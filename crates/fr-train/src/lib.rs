@@ -29,6 +29,7 @@ pub mod error;
 pub mod optim;
 pub mod schedule;
 pub mod seeded;
+pub mod trainer;
 
 pub use checkpoint::{
     latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, TrainState,
@@ -38,3 +39,4 @@ pub use error::{Error, Result};
 pub use optim::{AdamW, AdamWConfig, AnyOptimizer, OptimizerConfig, Sgd, SgdConfig, WeightDecayOn};
 pub use schedule::LrSchedule;
 pub use seeded::SeededVarMap;
+pub use trainer::{not_running_stat, StepOutcome, Trainer, TrainerConfig};

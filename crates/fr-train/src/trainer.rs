@@ -133,7 +133,10 @@ impl Trainer {
             }
         }
         if params.is_empty() {
-            return Err(Error::config("trainable", "no trainable variable in the VarMap"));
+            return Err(Error::config(
+                "trainable",
+                "no trainable variable in the VarMap",
+            ));
         }
         // A fixed order: sums over parameters (the gradient norm) are then reproducible.
         params.sort_by(|a, b| a.0.cmp(&b.0));
@@ -217,7 +220,12 @@ impl Trainer {
         let norm = grad_norm(&grads, &self.vars)?;
         outcome.grad_norm = Some(norm);
         if !norm.is_finite() {
-            tracing::warn!(step, loss, grad_norm = norm, "non-finite gradient: step skipped");
+            tracing::warn!(
+                step,
+                loss,
+                grad_norm = norm,
+                "non-finite gradient: step skipped"
+            );
             self.skip(&buffers, head_state)?;
             return Ok(outcome);
         }
@@ -354,10 +362,7 @@ impl Trainer {
                 loss.dims()
             )));
         }
-        Ok(loss
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?[0])
+        Ok(loss.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
     }
 
     fn head_error(&self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {

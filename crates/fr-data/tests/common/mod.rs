@@ -22,8 +22,8 @@ pub fn manifest(dir: &str) -> serde_json::Value {
 pub fn mean_rgb(img: &RgbImage) -> [f64; 3] {
     let mut sum = [0f64; 3];
     for p in img.pixels() {
-        for c in 0..3 {
-            sum[c] += f64::from(p.0[c]);
+        for (s, &v) in sum.iter_mut().zip(&p.0) {
+            *s += f64::from(v);
         }
     }
     let n = f64::from(img.width() * img.height());
