@@ -1,9 +1,47 @@
 //! `cargo xtask`: fr's orchestrator.
 //!
-//! - `cargo xtask reproduce lh2face` — train LH2Face and its baselines with one seed, backbone
-//!   and budget, evaluate them side by side and write `target/reproduce/lh2face/`.
+//! - `cargo xtask reproduce lh2face` — train LH2Face and its baselines (ArcFace, CosFace) with
+//!   one seed, backbone and budget; evaluate them side by side; write
+//!   `target/reproduce/lh2face/{report.md, metrics.json, roc.png}`.
 
 mod config_file;
+mod preset;
 mod report;
+mod reproduce;
 
-fn main() {}
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "fr's paper presets and tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Reproduce a paper preset (configs/<paper>.toml): train, evaluate, report.
+    Reproduce(reproduce::ReproduceArgs),
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Reproduce(args) => reproduce::run(&args, &workspace_root()),
+    }
+}

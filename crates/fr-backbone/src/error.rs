@@ -37,7 +37,10 @@ pub enum Error {
     },
 
     /// A weight exists but has the wrong shape.
-    #[error("weight `{key}`{} has shape {got:?}, the model expects {expected:?}", in_file(file))]
+    #[error(
+        "weight `{key}`{} has shape {got:?}, the model expects {expected:?}",
+        in_file(file)
+    )]
     ShapeMismatch {
         /// State-dict key.
         key: String,

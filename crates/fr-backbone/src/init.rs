@@ -47,7 +47,9 @@ impl SeededVarMap {
                 .collect()
         };
         let uniform = |rng: &mut ChaCha8Rng, lo: f64, up: f64| -> Vec<f64> {
-            (0..n).map(|_| lo + (up - lo) * rng.random::<f64>()).collect()
+            (0..n)
+                .map(|_| lo + (up - lo) * rng.random::<f64>())
+                .collect()
         };
         match init {
             Init::Const(c) => vec![c; n],

@@ -1,13 +1,13 @@
-//! IResNet: the improved residual network of ArcFace.
+//! IResNet: the ResNet with "improved residual" units of ArcFace.
 //!
-//! Duta et al., "Improved Residual Networks for Image and Video Recognition" (ICPR 2020), in the
-//! face-recognition form of Deng et al., "ArcFace" (CVPR 2019). Reference code: insightface
-//! `recognition/arcface_torch/backbones/iresnet.py`. Parameter paths equal that module's
-//! `state_dict()` keys, so official checkpoints load unchanged.
+//! Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition" (CVPR 2019),
+//! the IR unit (BN-Conv-BN-PReLU-Conv-BN) and output block "E" (BN-Dropout-FC-BN). Reference
+//! code: insightface `recognition/arcface_torch/backbones/iresnet.py`. Parameter paths equal
+//! that module's `state_dict()` keys, so official checkpoints load unchanged.
 //!
 //! ```text
 //! conv1 3x3/1 → bn1 → prelu                                  (B, w0, S, S)
-//! layer1..4: IBasicBlock × layers[i], the first with stride 2 (B, w3, S/16, S/16)
+//! layer1..4: IBasicBlock × layers[i], the first with stride 2 (B, w3, ⌈S/16⌉, ⌈S/16⌉)
 //!   block: bn1 → conv1 3x3/1 → bn2 → prelu → conv2 3x3/s → bn3, + downsample(x)
 //! bn2 → flatten → dropout → fc → features (BatchNorm1d, weight fixed at 1)   (B, D)
 //! ```
@@ -127,7 +127,10 @@ impl IResNetConfig {
         if let Some(i) = self.layers.iter().position(|&n| n == 0) {
             return Err(Error::config(
                 "layers",
-                format!("layer{} has 0 blocks; every layer needs at least one", i + 1),
+                format!(
+                    "layer{} has 0 blocks; every layer needs at least one",
+                    i + 1
+                ),
             ));
         }
         if let Some(i) = self.widths.iter().position(|&n| n == 0) {
@@ -261,7 +264,12 @@ impl IResNet {
             let mut blocks = Vec::with_capacity(n);
             for bi in 0..n {
                 let stride = if bi == 0 { 2 } else { 1 };
-                blocks.push(IBasicBlock::new(in_c, out_c, stride, vb_l.pp(bi.to_string()))?);
+                blocks.push(IBasicBlock::new(
+                    in_c,
+                    out_c,
+                    stride,
+                    vb_l.pp(bi.to_string()),
+                )?);
                 in_c = out_c;
             }
             layers.push(blocks);

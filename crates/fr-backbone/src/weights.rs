@@ -37,11 +37,10 @@ pub fn read_pth(path: impl AsRef<Path>, key: Option<&str>) -> Result<HashMap<Str
         path: path.to_path_buf(),
         source,
     })?;
-    let tensors =
-        candle_core::pickle::read_all_with_key(path, key).map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            reason: format!("not a readable PyTorch checkpoint: {e}"),
-        })?;
+    let tensors = candle_core::pickle::read_all_with_key(path, key).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        reason: format!("not a readable PyTorch checkpoint: {e}"),
+    })?;
     Ok(tensors.into_iter().collect())
 }
 
@@ -53,7 +52,12 @@ pub fn load_safetensors(
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
     let path = path.as_ref();
-    Ok(var_builder_from_tensors(read_safetensors(path)?, Some(path), dtype, device))
+    Ok(var_builder_from_tensors(
+        read_safetensors(path)?,
+        Some(path),
+        dtype,
+        device,
+    ))
 }
 
 /// Like [`load_safetensors`], for a PyTorch `.pth` state dict (insightface's release format).
@@ -63,7 +67,12 @@ pub fn load_pth(
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
     let path = path.as_ref();
-    Ok(var_builder_from_tensors(read_pth(path, None)?, Some(path), dtype, device))
+    Ok(var_builder_from_tensors(
+        read_pth(path, None)?,
+        Some(path),
+        dtype,
+        device,
+    ))
 }
 
 /// A [`VarBuilder`] over an in-memory state dict; `source` names it in errors.
@@ -201,7 +210,10 @@ impl SimpleBackend for StateDict {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.lookup(name)?.to_dtype(dtype)?.to_device(dev)?.contiguous()
+        self.lookup(name)?
+            .to_dtype(dtype)?
+            .to_device(dev)?
+            .contiguous()
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

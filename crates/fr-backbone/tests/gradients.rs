@@ -78,10 +78,19 @@ fn iresnet_train_gradients_match_finite_differences() {
         dropout: 0.0,
     };
     let varmap = VarMap::new();
-    let net = IResNet::new(&cfg, seeded_var_builder(&varmap, 3, DType::F64, &Device::Cpu)).unwrap();
+    let net = IResNet::new(
+        &cfg,
+        seeded_var_builder(&varmap, 3, DType::F64, &Device::Cpu),
+    )
+    .unwrap();
     let x = pattern(&[3, 3, 32, 32], 4.0);
     let r = pattern(&[3, 5], 5.0);
-    let loss = || (net.forward_t(&x, true).unwrap() * &r).unwrap().sum_all().unwrap();
+    let loss = || {
+        (net.forward_t(&x, true).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
     let grads = loss().backward().unwrap();
     let var = |name: &str| varmap.data().lock().unwrap()[name].clone();
 

@@ -8,12 +8,19 @@ use fr_backbone::{
 
 fn build(cfg: &IResNetConfig, seed: u64) -> (IResNet, VarMap) {
     let varmap = VarMap::new();
-    let net = IResNet::new(cfg, seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu)).unwrap();
+    let net = IResNet::new(
+        cfg,
+        seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     (net, varmap)
 }
 
 fn param(varmap: &VarMap, name: &str) -> Tensor {
-    varmap.data().lock().unwrap()[name].as_tensor().copy().unwrap()
+    varmap.data().lock().unwrap()[name]
+        .as_tensor()
+        .copy()
+        .unwrap()
 }
 
 fn images(b: usize, s: usize) -> Tensor {
@@ -34,8 +41,14 @@ fn tiny() -> IResNetConfig {
 fn presets_and_builders() {
     assert_eq!(IResNetConfig::default(), IResNetConfig::r50());
     let r50 = IResNetConfig::r50();
-    assert_eq!((r50.layers, r50.widths), ([3, 4, 14, 3], [64, 128, 256, 512]));
-    assert_eq!((r50.embedding_size, r50.input_size, r50.dropout), (512, 112, 0.0));
+    assert_eq!(
+        (r50.layers, r50.widths),
+        ([3, 4, 14, 3], [64, 128, 256, 512])
+    );
+    assert_eq!(
+        (r50.embedding_size, r50.input_size, r50.dropout),
+        (512, 112, 0.0)
+    );
     assert_eq!(IResNetConfig::r18().layers, [2, 2, 2, 2]);
     assert_eq!(IResNetConfig::r34().layers, [3, 4, 6, 3]);
     assert_eq!(IResNetConfig::r100().layers, [3, 13, 30, 3]);
@@ -50,7 +63,9 @@ fn presets_and_builders() {
 
 #[test]
 fn r18_eighth_width_at_56_shapes() {
-    let cfg = IResNetConfig::r18().with_width_mult(0.125).with_input_size(56);
+    let cfg = IResNetConfig::r18()
+        .with_width_mult(0.125)
+        .with_input_size(56);
     assert_eq!(cfg.widths, [8, 16, 32, 64]);
     let (net, varmap) = build(&cfg, 0);
     let shape = |n: &str| param(&varmap, n).dims().to_vec();
@@ -62,7 +77,11 @@ fn r18_eighth_width_at_56_shapes() {
     assert_eq!(shape("bn2.running_var"), [64]);
     assert_eq!(shape("fc.weight"), [512, 64 * 4 * 4]);
     assert_eq!(shape("features.bias"), [512]);
-    assert!(!varmap.data().lock().unwrap().contains_key("layer1.1.downsample.0.weight"));
+    assert!(!varmap
+        .data()
+        .lock()
+        .unwrap()
+        .contains_key("layer1.1.downsample.0.weight"));
     // Stem (conv, 4 BN, PReLU); 8 blocks with 3 BN, 2 convs, 1 PReLU; 4 downsamples (conv, BN);
     // bn2, fc, features.
     let n_vars = varmap.data().lock().unwrap().len();
@@ -79,16 +98,31 @@ fn r18_eighth_width_at_56_shapes() {
 #[test]
 fn train_forward_updates_running_stats_and_eval_does_not() {
     let (net, varmap) = build(&tiny(), 0);
-    let names = ["bn1.running_mean", "layer2.0.bn3.running_var", "features.running_mean"];
-    let before: Vec<Vec<f32>> = names.iter().map(|n| param(&varmap, n).to_vec1().unwrap()).collect();
+    let names = [
+        "bn1.running_mean",
+        "layer2.0.bn3.running_var",
+        "features.running_mean",
+    ];
+    let before: Vec<Vec<f32>> = names
+        .iter()
+        .map(|n| param(&varmap, n).to_vec1().unwrap())
+        .collect();
     let x = (images(4, 32) + 0.5).unwrap();
     net.forward_t(&x, false).unwrap();
     for (n, b) in names.iter().zip(&before) {
-        assert_eq!(&param(&varmap, n).to_vec1::<f32>().unwrap(), b, "{n} changed in eval");
+        assert_eq!(
+            &param(&varmap, n).to_vec1::<f32>().unwrap(),
+            b,
+            "{n} changed in eval"
+        );
     }
     net.forward_t(&x, true).unwrap();
     for (n, b) in names.iter().zip(&before) {
-        assert_ne!(&param(&varmap, n).to_vec1::<f32>().unwrap(), b, "{n} not updated");
+        assert_ne!(
+            &param(&varmap, n).to_vec1::<f32>().unwrap(),
+            b,
+            "{n} not updated"
+        );
     }
     // Momentum 0.1 towards the batch mean of the stem output.
     let rm = param(&varmap, "bn1.running_mean").to_vec1::<f32>().unwrap();
@@ -107,7 +141,13 @@ fn trainable_filter() {
     ] {
         assert!(!IResNet::is_trainable(fixed), "{fixed}");
     }
-    for free in ["conv1.weight", "features.bias", "fc.weight", "layer1.0.prelu.weight", "bn2.weight"] {
+    for free in [
+        "conv1.weight",
+        "features.bias",
+        "fc.weight",
+        "layer1.0.prelu.weight",
+        "bn2.weight",
+    ] {
         assert!(IResNet::is_trainable(free), "{free}");
     }
 }
@@ -117,7 +157,13 @@ fn seeded_init_is_deterministic() {
     let (_, a) = build(&tiny(), 7);
     let (_, b) = build(&tiny(), 7);
     let (_, c) = build(&tiny(), 8);
-    let v = |m: &VarMap| param(m, "layer3.0.conv2.weight").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let v = |m: &VarMap| {
+        param(m, "layer3.0.conv2.weight")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     assert_eq!(v(&a), v(&b));
     assert_ne!(v(&a), v(&c));
     // insightface's init: conv N(0, 0.1²), PReLU 0.25, BN (1, 0), features.weight 1.
@@ -133,8 +179,20 @@ fn seeded_init_is_deterministic() {
 #[test]
 fn bad_configs_are_rejected_naming_the_key() {
     let cases: [(IResNetConfig, &str); 6] = [
-        (IResNetConfig { layers: [2, 0, 2, 2], ..tiny() }, "layers"),
-        (IResNetConfig { widths: [4, 8, 0, 16], ..tiny() }, "widths"),
+        (
+            IResNetConfig {
+                layers: [2, 0, 2, 2],
+                ..tiny()
+            },
+            "layers",
+        ),
+        (
+            IResNetConfig {
+                widths: [4, 8, 0, 16],
+                ..tiny()
+            },
+            "widths",
+        ),
         (tiny().with_embedding_size(0), "embedding_size"),
         (tiny().with_input_size(8), "input_size"),
         (tiny().with_dropout(1.0), "dropout"),
@@ -143,7 +201,10 @@ fn bad_configs_are_rejected_naming_the_key() {
     for (cfg, expected_key) in cases {
         assert!(cfg.validate().is_err());
         let varmap = VarMap::new();
-        match IResNet::new(&cfg, seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu)) {
+        match IResNet::new(
+            &cfg,
+            seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+        ) {
             Err(Error::Config { key, .. }) => assert_eq!(key, expected_key),
             other => panic!("{cfg:?}: expected Config error, got {:?}", other.err()),
         }
@@ -165,9 +226,16 @@ fn registry_builds_from_toml() {
     let again: BackboneConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
     assert_eq!(again, cfg);
     let varmap = VarMap::new();
-    let net = build_backbone(&cfg, seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu)).unwrap();
+    let net = build_backbone(
+        &cfg,
+        seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     assert_eq!(net.embedding_size(), 8);
     assert!(!net.is_trainable("features.weight"));
     assert_eq!(net.forward_t(&images(2, 56), true).unwrap().dims(), &[2, 8]);
-    assert_eq!(BackboneConfig::default(), BackboneConfig::Iresnet(IResNetConfig::r50()));
+    assert_eq!(
+        BackboneConfig::default(),
+        BackboneConfig::Iresnet(IResNetConfig::r50())
+    );
 }

@@ -149,12 +149,18 @@ fn missing_or_misshapen_weights_are_named() {
         other => panic!("expected MissingWeight, got {other:?}"),
     }
     let mut tensors = read_safetensors(&path).unwrap();
-    tensors.insert("fc.bias".into(), Tensor::zeros(17, DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "fc.bias".into(),
+        Tensor::zeros(17, DType::F32, &Device::Cpu).unwrap(),
+    );
     match varmap_from_tensors(&varmap, &tensors, Some(&path), "") {
         Err(Error::ShapeMismatch {
             key, expected, got, ..
         }) => {
-            assert_eq!((key.as_str(), expected, got), ("fc.bias", vec![16], vec![17]));
+            assert_eq!(
+                (key.as_str(), expected, got),
+                ("fc.bias", vec![16], vec![17])
+            );
         }
         other => panic!("expected ShapeMismatch, got {other:?}"),
     }
@@ -172,7 +178,10 @@ fn missing_or_misshapen_weights_are_named() {
     tensors.remove("layer3.0.bn2.running_var");
     let vb = fr_backbone::var_builder_from_tensors(tensors, Some(&path), DType::F32, &Device::Cpu);
     let msg = IResNet::new(&tiny_config(), vb).unwrap_err().to_string();
-    assert!(msg.contains("layer3.0.bn2.running_var") && msg.contains("iresnet_tiny.safetensors"), "{msg}");
+    assert!(
+        msg.contains("layer3.0.bn2.running_var") && msg.contains("iresnet_tiny.safetensors"),
+        "{msg}"
+    );
 
     // Wrong architecture for the file.
     let vb = load_safetensors(&path, DType::F32, &Device::Cpu).unwrap();

@@ -1,34 +1,34 @@
 //! LH2Face: vMF similarity with an uncertainty-aware margin, plus proxy losses (the FR loss
 //! `L_FR` of "LH2Face: Loss function for Hard High-quality Face", arXiv 2506.23555).
 //!
-//! The paper's full text was not available: parts marked **[P]** come from its abstract and
-//! summary; parts marked **[R]** are our reading, each a config option with the reading as the
+//! The paper's full text was not available: parts marked **\[P\]** come from its abstract and
+//! summary; parts marked **\[R\]** are our reading, each a config option with the reading as the
 //! default. The reconstruction branch (`L_reco`, `L_FR^canon`, `L_view`) lives with the renderer,
-//! not here; this head computes `L_FR = L_vMF + L_proxy` **[P]**.
+//! not here; this head computes `L_FR = L_vMF + L_proxy` **\[P\]**.
 //!
-//! - **vMF similarity [P]**: direction `x = z/‖z‖`, proxy `μ_j` = unit row j of `weight`,
-//!   concentration `κ = ‖z‖` **[P]**, clipped to `[kappa_min, kappa_max]` **[R]**;
+//! - **vMF similarity \[P\]**: direction `x = z/‖z‖`, proxy `μ_j` = unit row j of `weight`,
+//!   concentration `κ = ‖z‖` **\[P\]**, clipped to `[kappa_min, kappa_max]` **\[R\]**;
 //!   `S_ij = log C_n(κ_i) + κ_i·μ_jᵀx_i`, `log C_n` the vMF log normaliser on S^(n−1)
 //!   ([`crate::vmf`]), with `n = vmf_dim` a hyperparameter separate from the embedding size
-//!   (default 256) **[R]**. Cosines are clamped to `±(1 − cos_eps)`, `cos_eps = 1e-3` **[R]**.
+//!   (default 256) **\[R\]**. Cosines are clamped to `±(1 − cos_eps)`, `cos_eps = 1e-3` **\[R\]**.
 //!   Inside the class softmax `log C_n(κ_i)` cancels; it is kept in the code path because it
 //!   matters in the NLL and vMF-similarity proxy terms.
-//! - **Uncertainty-aware margin [P + R]**: `m = 0.35·μ_‖z‖` **[P]**, `μ_‖z‖` the detached batch
-//!   mean of the raw feature norms, or an EMA of it (`norm_ema`) **[R]**. `margin_mode = logit`
-//!   **[R]**: `ℓ_iy = S_iy − m`, `ℓ_ij = S_ij` (in cosine units a margin `0.35·μ/‖z_i‖`: low-norm,
+//! - **Uncertainty-aware margin \[P + R\]**: `m = 0.35·μ_‖z‖` **\[P\]**, `μ_‖z‖` the detached batch
+//!   mean of the raw feature norms, or an EMA of it (`norm_ema`) **\[R\]**. `margin_mode = logit`
+//!   **\[R\]**: `ℓ_iy = S_iy − m`, `ℓ_ij = S_ij` (in cosine units a margin `0.35·μ/‖z_i‖`: low-norm,
 //!   uncertain samples get a larger margin). `margin_mode = per_sample` (alternative reading,
 //!   MagFace-like): cosine margin `m_i = 0.35·sg(‖z_i‖)/μ`, `ℓ_iy = S_iy − κ_i·m_i`.
-//!   `L_vMF = mean_i CE(ℓ_i, y_i)` **[R]**.
-//! - **Optional NLL [R]**: `L_nll = −mean_i S_{i y_i}` (weight `nll_weight`, default 0); its
+//!   `L_vMF = mean_i CE(ℓ_i, y_i)` **\[R\]**.
+//! - **Optional NLL \[R\]**: `L_nll = −mean_i S_{i y_i}` (weight `nll_weight`, default 0); its
 //!   optimum in κ gives `A_n(κ) = cos θ_y`.
-//! - **Proxy losses [P names, R forms]**: Proxy-Anchor halves over the proxies present in the
+//! - **Proxy losses \[P names, R forms\]**: Proxy-Anchor halves over the proxies present in the
 //!   batch `P_b`, α = 32, δ = 0.1:
 //!   `L_pps = mean_{p∈P_b} log(1 + Σ_{i: y_i = p} exp(−α(sim_ip − δ)))`,
 //!   `L_pns = mean_{p∈P_b} log(1 + Σ_{i: y_i ≠ p} exp(α(sim_ip + δ)))` (`pns_proxies = all`:
 //!   over every class, as the original Proxy-Anchor), `sim` = cosine (default) or `S_ij`
-//!   (`proxy_similarity = vmf`) **[R]**; `L_pp = mean_{p∈P_b} max_{q∈P_b, q≠p} cos(μ_p, μ_q)`
-//!   over the batch's proxies only (0 when the batch has one class) **[R]**.
-//! - **Weights [R]**: all 1 (`vmf_weight`, `pps_weight`, `pns_weight`, `pp_weight`).
+//!   (`proxy_similarity = vmf`) **\[R\]**; `L_pp = mean_{p∈P_b} max_{q∈P_b, q≠p} cos(μ_p, μ_q)`
+//!   over the batch's proxies only (0 when the batch has one class) **\[R\]**.
+//! - **Weights \[R\]**: all 1 (`vmf_weight`, `pps_weight`, `pns_weight`, `pp_weight`).
 //!
 //! `stats` reports every sub-loss (`loss_vmf`, `loss_nll`, `loss_pps`, `loss_pns`, `loss_pp`),
 //! the margin in logit units, the norm statistic and the mean κ.
@@ -74,42 +74,42 @@ pub enum ProxySet {
     All,
 }
 
-/// Hyperparameters of [`Lh2Face`]; see the module docs for which are [P] and which [R].
+/// Hyperparameters of [`Lh2Face`]; see the module docs for which are \[P\] and which \[R\].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Lh2FaceConfig {
-    /// vMF dimension n (S^(n−1)), ≥ 2. Default 256 [R].
+    /// vMF dimension n (S^(n−1)), ≥ 2. Default 256 \[R\].
     pub vmf_dim: usize,
-    /// Lower clip of κ = ‖z‖. Default 1e-3 [R].
+    /// Lower clip of κ = ‖z‖. Default 1e-3 \[R\].
     pub kappa_min: f64,
-    /// Upper clip of κ. Default 1000 [R].
+    /// Upper clip of κ. Default 1000 \[R\].
     pub kappa_max: f64,
-    /// Cosines are clamped to `±(1 − cos_eps)`. Default 1e-3 [R].
+    /// Cosines are clamped to `±(1 − cos_eps)`. Default 1e-3 \[R\].
     pub cos_eps: f64,
-    /// Margin coefficient: `m = margin_coef·μ_‖z‖`. Default 0.35 [P].
+    /// Margin coefficient: `m = margin_coef·μ_‖z‖`. Default 0.35 \[P\].
     pub margin_coef: f64,
-    /// Where the margin enters. Default `logit` [R].
+    /// Where the margin enters. Default `logit` \[R\].
     pub margin_mode: UamMode,
     /// EMA momentum for `μ_‖z‖` (`μ ← (1 − a)·μ + a·batch mean`, updated before use, in training
-    /// only); `None` uses the batch mean. Default `None` [R].
+    /// only); `None` uses the batch mean. Default `None` \[R\].
     pub norm_ema: Option<f64>,
     /// Weight of `L_vMF`. Default 1.
     pub vmf_weight: f64,
-    /// Weight of the optional NLL term. Default 0 [R].
+    /// Weight of the optional NLL term. Default 0 \[R\].
     pub nll_weight: f64,
-    /// Weight of `L_pps`. Default 1 [R].
+    /// Weight of `L_pps`. Default 1 \[R\].
     pub pps_weight: f64,
-    /// Weight of `L_pns`. Default 1 [R].
+    /// Weight of `L_pns`. Default 1 \[R\].
     pub pns_weight: f64,
-    /// Weight of `L_pp`. Default 1 [R].
+    /// Weight of `L_pp`. Default 1 \[R\].
     pub pp_weight: f64,
-    /// Proxy-Anchor α. Default 32 [R].
+    /// Proxy-Anchor α. Default 32 \[R\].
     pub proxy_alpha: f64,
-    /// Proxy-Anchor δ. Default 0.1 [R].
+    /// Proxy-Anchor δ. Default 0.1 \[R\].
     pub proxy_delta: f64,
-    /// Similarity of the proxy losses. Default `cosine` [R].
+    /// Similarity of the proxy losses. Default `cosine` \[R\].
     pub proxy_similarity: ProxySimilarity,
-    /// Proxies `L_pns` averages over. Default `batch` [R].
+    /// Proxies `L_pns` averages over. Default `batch` \[R\].
     pub pns_proxies: ProxySet,
 }
 

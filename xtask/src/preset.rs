@@ -1,0 +1,118 @@
+//! The typed form of a paper preset (`configs/<paper>.toml`).
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use fr_backbone::BackboneConfig;
+use fr_data::synthetic::SyntheticConfig;
+use fr_heads::HeadConfig;
+use fr_train::TrainerConfig;
+use serde::{Deserialize, Serialize};
+
+/// A reproduction preset: the paper's method and its baselines, trained with one seed,
+/// backbone and budget, then evaluated on the same protocols.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    /// Short name; outputs go to `target/reproduce/<name>/`.
+    pub name: String,
+    /// The paper, for the report's title.
+    pub paper: String,
+    /// Seed of everything random: initialisation, data order, flips, synthetic identities.
+    pub seed: u64,
+    /// Methods to train, keys of `heads`; the first is the paper's.
+    pub methods: Vec<String>,
+    /// The shared backbone.
+    pub backbone: BackboneConfig,
+    /// One head config per method.
+    pub heads: BTreeMap<String, HeadConfig>,
+    /// The shared training budget.
+    pub train: TrainSection,
+    /// The embedded default data: synthetic identities.
+    pub synthetic: SyntheticSection,
+    /// Evaluation settings.
+    #[serde(default)]
+    pub eval: EvalSection,
+}
+
+/// Budget and optimiser shared by every method.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Optimiser, schedule, clipping.
+    #[serde(default)]
+    pub trainer: TrainerConfig,
+    /// Decode threads of the loader's prefetch (0 = rayon's default).
+    #[serde(default)]
+    pub prefetch: Option<usize>,
+}
+
+/// Synthetic identities for the embedded default run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticSection {
+    /// The training identities (`first_identity` is where test identities are kept away from).
+    pub train: SyntheticConfig,
+    /// Held-out identities for evaluation.
+    pub test_identities: usize,
+    /// Images per held-out identity.
+    pub test_images_per_identity: usize,
+    /// Pairs per evaluation subset (all, hq_hard, low_quality); even.
+    pub pairs_per_subset: usize,
+}
+
+/// Evaluation settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Images per forward pass when embedding.
+    pub batch_size: usize,
+    /// FARs at which TAR is reported.
+    pub far: Vec<f64>,
+    /// Folds of the accuracy protocol.
+    pub folds: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            batch_size: 128,
+            far: vec![1e-3, 1e-4],
+            folds: 10,
+        }
+    }
+}
+
+impl Preset {
+    /// Cross-field checks the types cannot express.
+    ///
+    /// # Errors
+    /// Names the offending key.
+    pub fn validate(&self) -> Result<()> {
+        if self.methods.is_empty() {
+            bail!("config key `methods`: list at least one method");
+        }
+        for m in &self.methods {
+            if !self.heads.contains_key(m) {
+                bail!("config key `methods`: `{m}` has no [heads.{m}] section");
+            }
+        }
+        if self.train.epochs == 0 || self.train.batch_size < 2 {
+            bail!("config key `train`: epochs ≥ 1 and batch_size ≥ 2 required");
+        }
+        if self.synthetic.pairs_per_subset < 20 || self.synthetic.pairs_per_subset % 2 == 1 {
+            bail!("config key `synthetic.pairs_per_subset`: an even number ≥ 20 required");
+        }
+        if self.synthetic.test_identities < 2 || self.synthetic.test_images_per_identity < 2 {
+            bail!("config key `synthetic.test_identities`: at least 2 identities × 2 images");
+        }
+        if self.eval.far.iter().any(|f| !(*f > 0.0 && *f < 1.0)) {
+            bail!("config key `eval.far`: every FAR must be in (0, 1)");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,503 @@
+//! `cargo xtask reproduce <paper>`: train the paper's method and its baselines with one seed,
+//! backbone and budget, evaluate them on the same pairs, and write the report.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ModuleT;
+use fr_backbone::{build_backbone, Backbone};
+use fr_data::loader::{BatchLoader, LoaderConfig};
+use fr_data::recordio::RecordIoDataset;
+use fr_data::synthetic::{SyntheticConfig, SyntheticFaces};
+use fr_data::transform::images_to_chw;
+use fr_data::verification_bin::load_bin_sized;
+use fr_data::{FaceDataset, Quality};
+use fr_eval::{embed_with_flip_progress, evaluate, Embedder, VerificationConfig, VerificationReport};
+use fr_heads::build_head;
+use fr_train::{SeededVarMap, Trainer};
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::{Array2, Array4, ArrayView4};
+use rayon::prelude::*;
+use serde::Serialize;
+use tracing::info;
+
+use crate::preset::Preset;
+use crate::report::{self, Curve, Row};
+
+/// Command-line options of `reproduce`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReproduceArgs {
+    /// The paper preset: configs/<paper>.toml.
+    pub paper: String,
+    /// Use this config file instead of configs/<paper>.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a config value: `--set train.epochs=3` (repeatable; value parsed as TOML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Train on an insightface RecordIO folder (train.rec, train.idx, property) instead of
+    /// the synthetic identities.
+    #[arg(long, value_name = "DIR")]
+    pub train_rec: Option<PathBuf>,
+    /// Verification sets (.bin) to evaluate on; required with --train-rec.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub val_bin: Vec<PathBuf>,
+    /// Output folder (default target/reproduce/<paper>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// One evaluation protocol: images in pair order (pair i = rows 2i, 2i+1) and labels.
+struct Protocol {
+    name: String,
+    /// `(2N, 3, S, S)` normalised images.
+    images: Array4<f32>,
+    issame: Vec<bool>,
+}
+
+/// What one method produced, for metrics.json.
+#[derive(Debug, Serialize)]
+struct MethodResult {
+    method: String,
+    head: fr_heads::HeadConfig,
+    train_seconds: f64,
+    images_per_second: f64,
+    steps: u64,
+    skipped_steps: u64,
+    /// Mean loss of each epoch.
+    epoch_loss: Vec<f64>,
+    protocols: Vec<(String, VerificationReport)>,
+}
+
+#[derive(Debug, Serialize)]
+struct Metrics<'a> {
+    preset: &'a Preset,
+    data: String,
+    raw_pixels: Vec<(String, VerificationReport)>,
+    methods: Vec<MethodResult>,
+    rows: Vec<Row>,
+    total_seconds: f64,
+}
+
+/// Runs a backbone in eval mode over host batches.
+struct BackboneEmbedder<'a> {
+    model: &'a dyn ModuleT,
+    device: Device,
+}
+
+impl Embedder for BackboneEmbedder<'_> {
+    type Error = candle_core::Error;
+
+    fn embed(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>, Self::Error> {
+        let shape = images.shape().to_vec();
+        let data: Vec<f32> = images.iter().copied().collect();
+        let x = Tensor::from_vec(data, shape, &self.device)?;
+        let y = self.model.forward_t(&x, false)?;
+        let (n, d) = y.dims2()?;
+        let v = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Array2::from_shape_vec((n, d), v).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// The "raw pixels" baseline: the normalised image itself is the embedding.
+struct PixelEmbedder;
+
+impl Embedder for PixelEmbedder {
+    type Error = std::convert::Infallible;
+
+    fn embed(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>, Self::Error> {
+        let n = images.shape()[0];
+        let d = images.len() / n.max(1);
+        Ok(Array2::from_shape_vec((n, d), images.iter().copied().collect())
+            .expect("n·d elements by construction"))
+    }
+}
+
+fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} (eta {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix.to_string());
+    pb
+}
+
+fn to_array(images: &[RgbImage], size: u32) -> Result<Array4<f32>> {
+    let s = size as usize;
+    let data = images_to_chw(images, size, false);
+    Ok(Array4::from_shape_vec((images.len(), 3, s, s), data)?)
+}
+
+/// Held-out synthetic identities: the pairs of each subset, rendered.
+fn synthetic_protocols(preset: &Preset, size: u32) -> Result<Vec<Protocol>> {
+    let syn = &preset.synthetic;
+    let test = SyntheticFaces::new(SyntheticConfig {
+        num_identities: syn.test_identities,
+        images_per_identity: syn.test_images_per_identity,
+        // Far past the training identities: disjoint by construction.
+        first_identity: syn.train.first_identity + 1_000_000,
+        ..syn.train.clone()
+    })?;
+    let subsets = [
+        ("all", None),
+        ("hq_hard", Some(Quality::HighQualityHard)),
+        ("low_quality", Some(Quality::LowQuality)),
+    ];
+    let mut out = Vec::new();
+    for (k, (name, subset)) in subsets.into_iter().enumerate() {
+        let pairs = test.pairs(syn.pairs_per_subset, subset, preset.seed + 17 + k as u64)?;
+        let indices: Vec<usize> = pairs.iter().flat_map(|&(a, b, _)| [a, b]).collect();
+        let images = indices
+            .par_iter()
+            .map(|&i| test.image(i))
+            .collect::<fr_data::Result<Vec<_>>>()?;
+        let images: Vec<RgbImage> = images
+            .into_iter()
+            .map(|im| fr_data::transform::resize_rgb(im, size, size))
+            .collect();
+        out.push(Protocol {
+            name: name.to_string(),
+            images: to_array(&images, size)?,
+            issame: pairs.iter().map(|p| p.2).collect(),
+        });
+    }
+    Ok(out)
+}
+
+fn bin_protocols(paths: &[PathBuf], size: u32) -> Result<Vec<Protocol>> {
+    paths
+        .iter()
+        .map(|p| {
+            let set = load_bin_sized(p, size)?;
+            Ok(Protocol {
+                name: set.name.clone(),
+                images: to_array(&set.images, size)?,
+                issame: set.issame,
+            })
+        })
+        .collect()
+}
+
+fn evaluate_all<E: Embedder>(
+    embedder: &mut E,
+    protocols: &[Protocol],
+    preset: &Preset,
+    label: &str,
+) -> Result<Vec<(String, VerificationReport)>> {
+    let vcfg = VerificationConfig {
+        n_folds: preset.eval.folds,
+        far_targets: preset.eval.far.clone(),
+        ..VerificationConfig::default()
+    };
+    let mut out = Vec::new();
+    for p in protocols {
+        let n = p.images.shape()[0] as u64;
+        let pb = progress_bar(n, "eval");
+        pb.set_message(format!("{label} / {}", p.name));
+        let emb = embed_with_flip_progress(embedder, p.images.view(), preset.eval.batch_size, |d, _| {
+            pb.set_position(d as u64)
+        })
+        .with_context(|| format!("embedding {} for {label}", p.name))?;
+        pb.finish_and_clear();
+        let report = evaluate(emb.view(), &p.issame, &vcfg)
+            .with_context(|| format!("evaluating {label} on {}", p.name))?;
+        info!(
+            method = label,
+            protocol = %p.name,
+            accuracy = format!("{:.4}", report.accuracy_mean),
+            "evaluated"
+        );
+        out.push((p.name.clone(), report));
+    }
+    Ok(out)
+}
+
+fn row(method: &str, subset: &str, r: &VerificationReport, train: Option<(f64, f64)>) -> Row {
+    Row {
+        method: method.to_string(),
+        subset: subset.to_string(),
+        pairs: r.n_pairs,
+        accuracy_mean: r.accuracy_mean,
+        accuracy_std: r.accuracy_std,
+        tar_at_far: r.tar_at_far.clone(),
+        auc: r.auc,
+        eer: r.eer,
+        train_seconds: train.map(|t| t.0),
+        images_per_second: train.map(|t| t.1),
+    }
+}
+
+/// Train one method and evaluate it.
+fn run_method(
+    preset: &Preset,
+    method: &str,
+    train_set: Arc<dyn FaceDataset>,
+    protocols: &[Protocol],
+    device: &Device,
+    input_size: u32,
+) -> Result<MethodResult> {
+    let head_cfg = preset.heads[method].clone();
+    let seeded = SeededVarMap::new(preset.seed);
+    let vb = seeded.var_builder(DType::F32, device);
+    let backbone: Box<dyn Backbone> = build_backbone(&preset.backbone, vb.clone())
+        .with_context(|| format!("building the backbone for {method}"))?;
+    let head = build_head(
+        &head_cfg,
+        backbone.embedding_size(),
+        train_set.num_classes(),
+        vb.pp("head"),
+    )
+    .with_context(|| format!("building head {method}"))?;
+    // Head parameters live under `head.`; the backbone decides for its own names.
+    let frozen: Vec<String> = {
+        let data = seeded.varmap().data().lock().expect("fresh VarMap lock");
+        data.keys()
+            .filter(|n| !n.starts_with("head.") && !backbone.is_trainable(n))
+            .cloned()
+            .collect()
+    };
+    let mut trainer_cfg = preset.train.trainer.clone();
+    trainer_cfg.seed = preset.seed;
+    let mut trainer = Trainer::new(
+        backbone,
+        head,
+        seeded.varmap().clone(),
+        trainer_cfg,
+        move |n: &str| !frozen.iter().any(|f| f == n),
+    )?;
+    let loader = BatchLoader::new(
+        train_set.clone(),
+        LoaderConfig {
+            batch_size: preset.train.batch_size,
+            image_size: input_size,
+            shuffle: true,
+            seed: preset.seed,
+            drop_last: true,
+            prefetch: preset.train.prefetch.unwrap_or(2),
+            ..LoaderConfig::default()
+        },
+    )?;
+    let per_epoch = loader.batches_per_epoch() as u64;
+    if per_epoch == 0 {
+        bail!(
+            "the training set ({} images) is smaller than one batch ({})",
+            train_set.len(),
+            preset.train.batch_size
+        );
+    }
+    let total = per_epoch * preset.train.epochs as u64;
+    let pb = progress_bar(total, method);
+    let start = Instant::now();
+    let mut images = 0usize;
+    let mut epoch_loss = Vec::new();
+    for epoch in 0..preset.train.epochs {
+        trainer.set_epoch(epoch);
+        let (mut sum, mut count) = (0.0, 0usize);
+        for batch in loader.epoch(epoch as u64) {
+            let batch = batch?;
+            images += batch.indices.len();
+            let out = trainer.step(&batch, total)?;
+            if !out.skipped {
+                sum += out.loss;
+                count += 1;
+            }
+            pb.set_message(format!("epoch {} loss {:.3} lr {:.4}", epoch + 1, out.loss, out.lr));
+            pb.inc(1);
+        }
+        let mean = if count > 0 { sum / count as f64 } else { f64::NAN };
+        info!(method, epoch = epoch + 1, loss = format!("{mean:.4}"), "epoch done");
+        epoch_loss.push(mean);
+    }
+    pb.finish_and_clear();
+    let train_seconds = start.elapsed().as_secs_f64();
+    let images_per_second = images as f64 / train_seconds.max(1e-9);
+    info!(method, train_seconds = format!("{train_seconds:.1}"), images_per_second = format!("{images_per_second:.1}"), "trained");
+
+    let mut embedder = BackboneEmbedder {
+        model: trainer.backbone(),
+        device: device.clone(),
+    };
+    let protocols = evaluate_all(&mut embedder, protocols, preset, method)?;
+    Ok(MethodResult {
+        method: method.to_string(),
+        head: head_cfg,
+        train_seconds,
+        images_per_second,
+        steps: trainer.state().step,
+        skipped_steps: trainer.state().skipped_steps,
+        epoch_loss,
+        protocols,
+    })
+}
+
+fn input_size(preset: &Preset) -> u32 {
+    match &preset.backbone {
+        fr_backbone::BackboneConfig::Iresnet(c) => c.input_size as u32,
+    }
+}
+
+/// Entry point of `cargo xtask reproduce`.
+///
+/// # Errors
+/// A bad config (naming the key), unreadable data (naming the file), or a training failure.
+pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
+    let started = Instant::now();
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| root.join("configs").join(format!("{}.toml", args.paper)));
+    if !config_path.exists() {
+        bail!(
+            "no preset {}: {} does not exist (presets: {})",
+            args.paper,
+            config_path.display(),
+            list_presets(&root.join("configs")).join(", ")
+        );
+    }
+    let preset: Preset = crate::config_file::load(&config_path, &args.sets)?;
+    preset.validate()?;
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("target").join("reproduce").join(&preset.name));
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("creating {}", out_dir.display()))?;
+    let device = Device::Cpu;
+    let size = input_size(&preset);
+
+    let (train_set, protocols, data_desc): (Arc<dyn FaceDataset>, Vec<Protocol>, String) =
+        match &args.train_rec {
+            Some(dir) => {
+                if args.val_bin.is_empty() {
+                    bail!("--train-rec needs at least one --val-bin FILE to evaluate on");
+                }
+                let ds = RecordIoDataset::open(dir)
+                    .with_context(|| format!("opening RecordIO {}", dir.display()))?;
+                let desc = format!(
+                    "RecordIO {} ({} images, {} identities); verification: {}",
+                    dir.display(),
+                    ds.len(),
+                    ds.num_classes(),
+                    args.val_bin
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                (Arc::new(ds), bin_protocols(&args.val_bin, size)?, desc)
+            }
+            None => {
+                let syn = &preset.synthetic;
+                let ds = SyntheticFaces::new(syn.train.clone())?;
+                let desc = format!(
+                    "synthetic identities: train {} ids × {} images, test {} held-out ids × {} images, {} pairs per subset",
+                    syn.train.num_identities,
+                    syn.train.images_per_identity,
+                    syn.test_identities,
+                    syn.test_images_per_identity,
+                    syn.pairs_per_subset
+                );
+                info!("rendering held-out identities");
+                (Arc::new(ds), synthetic_protocols(&preset, size)?, desc)
+            }
+        };
+    info!(data = %data_desc, "data ready");
+
+    let raw_pixels = evaluate_all(&mut PixelEmbedder, &protocols, &preset, "raw pixels")?;
+    let mut methods = Vec::new();
+    for method in &preset.methods {
+        methods.push(run_method(
+            &preset,
+            method,
+            train_set.clone(),
+            &protocols,
+            &device,
+            size,
+        )?);
+    }
+
+    let mut rows = Vec::new();
+    for m in &methods {
+        for (name, r) in &m.protocols {
+            rows.push(row(&m.method, name, r, Some((m.train_seconds, m.images_per_second))));
+        }
+    }
+    for (name, r) in &raw_pixels {
+        rows.push(row("raw pixels", name, r, None));
+    }
+    let table = report::markdown_table(&rows, &preset.eval.far);
+    let curves: Vec<Curve> = methods
+        .iter()
+        .map(|m| (m.method.clone(), &m.protocols[0].1))
+        .chain(std::iter::once(("raw pixels".to_string(), &raw_pixels[0].1)))
+        .map(|(label, r)| Curve {
+            label,
+            fpr: r.roc_fpr.clone(),
+            tpr: r.roc_tpr.clone(),
+        })
+        .collect();
+    report::plot_roc(
+        &out_dir.join("roc.png"),
+        &format!("{} — ROC on {}", preset.name, protocols[0].name),
+        &curves,
+    )?;
+    let total_seconds = started.elapsed().as_secs_f64();
+    let md = format!(
+        "# Reproduction: {}\n\n{}\n\nData: {}.\n\nSame seed ({}), backbone and budget ({} epochs, batch {}) for every method. \
+Accuracy: insightface 10-fold verification (mean ± population std); TAR@FAR from the ROC of all pairs \
+(nearest point). Total wall time {:.0} s.\n\n{}\n![ROC](roc.png)\n",
+        preset.name,
+        preset.paper,
+        data_desc,
+        preset.seed,
+        preset.train.epochs,
+        preset.train.batch_size,
+        total_seconds,
+        table
+    );
+    report::write_atomic(&out_dir.join("report.md"), md.as_bytes())?;
+    report::write_json(
+        &out_dir.join("metrics.json"),
+        &Metrics {
+            preset: &preset,
+            data: data_desc,
+            raw_pixels,
+            methods,
+            rows,
+            total_seconds,
+        },
+    )?;
+    println!("\n{table}");
+    println!(
+        "wrote {} (report.md, metrics.json, roc.png) in {:.0} s",
+        out_dir.display(),
+        total_seconds
+    );
+    Ok(())
+}
+
+fn list_presets(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let p = e.path();
+                    if p.extension()? != "toml" {
+                        return None;
+                    }
+                    Some(p.file_stem()?.to_string_lossy().into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
