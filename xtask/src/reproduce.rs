@@ -14,14 +14,13 @@ use fr_data::recordio::RecordIoDataset;
 use fr_data::synthetic::{SyntheticConfig, SyntheticFaces};
 use fr_data::transform::images_to_chw;
 use fr_data::verification_bin::load_bin_sized;
-use fr_data::{FaceDataset, Quality};
+use fr_data::{FaceDataset, InMemoryDataset, Quality};
 use fr_eval::{embed_with_flip_progress, evaluate, Embedder, VerificationConfig, VerificationReport};
 use fr_heads::build_head;
 use fr_train::{SeededVarMap, Trainer};
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, Array4, ArrayView4};
-use rayon::prelude::*;
 use serde::Serialize;
 use tracing::info;
 
@@ -51,11 +50,18 @@ pub struct ReproduceArgs {
     pub out: Option<PathBuf>,
 }
 
-/// One evaluation protocol: images in pair order (pair i = rows 2i, 2i+1) and labels.
+/// Images to embed once, and the pair protocols scored on those embeddings.
+struct EvalSet {
+    /// `(N, 3, S, S)` normalised images.
+    images: Array4<f32>,
+    protocols: Vec<Protocol>,
+}
+
+/// One verification protocol over an [`EvalSet`]'s images.
 struct Protocol {
     name: String,
-    /// `(2N, 3, S, S)` normalised images.
-    images: Array4<f32>,
+    /// Row indices into the set's images, pair by pair.
+    pairs: Vec<(usize, usize)>,
     issame: Vec<bool>,
 }
 
@@ -136,8 +142,9 @@ fn to_array(images: &[RgbImage], size: u32) -> Result<Array4<f32>> {
     Ok(Array4::from_shape_vec((images.len(), 3, s, s), data)?)
 }
 
-/// Held-out synthetic identities: the pairs of each subset, rendered.
-fn synthetic_protocols(preset: &Preset, size: u32) -> Result<Vec<Protocol>> {
+/// Held-out synthetic identities: every image rendered and embedded once; the pairs of each
+/// subset index into them.
+fn synthetic_eval(preset: &Preset, size: u32) -> Result<EvalSet> {
     let syn = &preset.synthetic;
     let test = SyntheticFaces::new(SyntheticConfig {
         num_identities: syn.test_identities,
@@ -146,41 +153,44 @@ fn synthetic_protocols(preset: &Preset, size: u32) -> Result<Vec<Protocol>> {
         first_identity: syn.train.first_identity + 1_000_000,
         ..syn.train.clone()
     })?;
+    let images = InMemoryDataset::from_dataset(&test, size)?;
+    let images: Vec<RgbImage> = (0..images.len())
+        .map(|i| images.image(i))
+        .collect::<fr_data::Result<_>>()?;
     let subsets = [
         ("all", None),
         ("hq_hard", Some(Quality::HighQualityHard)),
         ("low_quality", Some(Quality::LowQuality)),
     ];
-    let mut out = Vec::new();
+    let mut protocols = Vec::new();
     for (k, (name, subset)) in subsets.into_iter().enumerate() {
         let pairs = test.pairs(syn.pairs_per_subset, subset, preset.seed + 17 + k as u64)?;
-        let indices: Vec<usize> = pairs.iter().flat_map(|&(a, b, _)| [a, b]).collect();
-        let images = indices
-            .par_iter()
-            .map(|&i| test.image(i))
-            .collect::<fr_data::Result<Vec<_>>>()?;
-        let images: Vec<RgbImage> = images
-            .into_iter()
-            .map(|im| fr_data::transform::resize_rgb(im, size, size))
-            .collect();
-        out.push(Protocol {
+        protocols.push(Protocol {
             name: name.to_string(),
-            images: to_array(&images, size)?,
+            pairs: pairs.iter().map(|&(a, b, _)| (a, b)).collect(),
             issame: pairs.iter().map(|p| p.2).collect(),
         });
     }
-    Ok(out)
+    Ok(EvalSet {
+        images: to_array(&images, size)?,
+        protocols,
+    })
 }
 
-fn bin_protocols(paths: &[PathBuf], size: u32) -> Result<Vec<Protocol>> {
+/// Verification .bin files: one set each, pair i = images 2i and 2i+1.
+fn bin_eval(paths: &[PathBuf], size: u32) -> Result<Vec<EvalSet>> {
     paths
         .iter()
         .map(|p| {
             let set = load_bin_sized(p, size)?;
-            Ok(Protocol {
-                name: set.name.clone(),
+            let n = set.issame.len();
+            Ok(EvalSet {
                 images: to_array(&set.images, size)?,
-                issame: set.issame,
+                protocols: vec![Protocol {
+                    name: set.name.clone(),
+                    pairs: (0..n).map(|i| (2 * i, 2 * i + 1)).collect(),
+                    issame: set.issame,
+                }],
             })
         })
         .collect()
@@ -188,7 +198,7 @@ fn bin_protocols(paths: &[PathBuf], size: u32) -> Result<Vec<Protocol>> {
 
 fn evaluate_all<E: Embedder>(
     embedder: &mut E,
-    protocols: &[Protocol],
+    sets: &[EvalSet],
     preset: &Preset,
     label: &str,
 ) -> Result<Vec<(String, VerificationReport)>> {
@@ -198,24 +208,29 @@ fn evaluate_all<E: Embedder>(
         ..VerificationConfig::default()
     };
     let mut out = Vec::new();
-    for p in protocols {
-        let n = p.images.shape()[0] as u64;
+    for set in sets {
+        let n = set.images.shape()[0] as u64;
         let pb = progress_bar(n, "eval");
-        pb.set_message(format!("{label} / {}", p.name));
-        let emb = embed_with_flip_progress(embedder, p.images.view(), preset.eval.batch_size, |d, _| {
+        pb.set_message(label.to_string());
+        let emb = embed_with_flip_progress(embedder, set.images.view(), preset.eval.batch_size, |d, _| {
             pb.set_position(d as u64)
         })
-        .with_context(|| format!("embedding {} for {label}", p.name))?;
+        .with_context(|| format!("embedding the evaluation images for {label}"))?;
         pb.finish_and_clear();
-        let report = evaluate(emb.view(), &p.issame, &vcfg)
-            .with_context(|| format!("evaluating {label} on {}", p.name))?;
-        info!(
-            method = label,
-            protocol = %p.name,
-            accuracy = format!("{:.4}", report.accuracy_mean),
-            "evaluated"
-        );
-        out.push((p.name.clone(), report));
+        for p in &set.protocols {
+            // Pair i = rows 2i and 2i+1, as the verification protocol expects.
+            let rows: Vec<usize> = p.pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
+            let paired = emb.select(ndarray::Axis(0), &rows);
+            let report = evaluate(paired.view(), &p.issame, &vcfg)
+                .with_context(|| format!("evaluating {label} on {}", p.name))?;
+            info!(
+                method = label,
+                protocol = %p.name,
+                accuracy = format!("{:.4}", report.accuracy_mean),
+                "evaluated"
+            );
+            out.push((p.name.clone(), report));
+        }
     }
     Ok(out)
 }
@@ -240,7 +255,7 @@ fn run_method(
     preset: &Preset,
     method: &str,
     train_set: Arc<dyn FaceDataset>,
-    protocols: &[Protocol],
+    sets: &[EvalSet],
     device: &Device,
     input_size: u32,
 ) -> Result<MethodResult> {
@@ -325,7 +340,7 @@ fn run_method(
         model: trainer.backbone(),
         device: device.clone(),
     };
-    let protocols = evaluate_all(&mut embedder, protocols, preset, method)?;
+    let protocols = evaluate_all(&mut embedder, sets, preset, method)?;
     Ok(MethodResult {
         method: method.to_string(),
         head: head_cfg,
@@ -373,7 +388,7 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     let device = Device::Cpu;
     let size = input_size(&preset);
 
-    let (train_set, protocols, data_desc): (Arc<dyn FaceDataset>, Vec<Protocol>, String) =
+    let (train_set, sets, data_desc): (Arc<dyn FaceDataset>, Vec<EvalSet>, String) =
         match &args.train_rec {
             Some(dir) => {
                 if args.val_bin.is_empty() {
@@ -392,11 +407,13 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                (Arc::new(ds), bin_protocols(&args.val_bin, size)?, desc)
+                (Arc::new(ds), bin_eval(&args.val_bin, size)?, desc)
             }
             None => {
                 let syn = &preset.synthetic;
-                let ds = SyntheticFaces::new(syn.train.clone())?;
+                // Rendered once at the input size, then shared by every epoch and method.
+                info!("rendering training identities");
+                let ds = InMemoryDataset::from_dataset(&SyntheticFaces::new(syn.train.clone())?, size)?;
                 let desc = format!(
                     "synthetic identities: train {} ids × {} images, test {} held-out ids × {} images, {} pairs per subset",
                     syn.train.num_identities,
@@ -406,19 +423,19 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
                     syn.pairs_per_subset
                 );
                 info!("rendering held-out identities");
-                (Arc::new(ds), synthetic_protocols(&preset, size)?, desc)
+                (Arc::new(ds), vec![synthetic_eval(&preset, size)?], desc)
             }
         };
     info!(data = %data_desc, "data ready");
 
-    let raw_pixels = evaluate_all(&mut PixelEmbedder, &protocols, &preset, "raw pixels")?;
+    let raw_pixels = evaluate_all(&mut PixelEmbedder, &sets, &preset, "raw pixels")?;
     let mut methods = Vec::new();
     for method in &preset.methods {
         methods.push(run_method(
             &preset,
             method,
             train_set.clone(),
-            &protocols,
+            &sets,
             &device,
             size,
         )?);
@@ -446,20 +463,31 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
         .collect();
     report::plot_roc(
         &out_dir.join("roc.png"),
-        &format!("{} — ROC on {}", preset.name, protocols[0].name),
+        &format!("{} — ROC on {}", preset.name, sets[0].protocols[0].name),
         &curves,
     )?;
     let total_seconds = started.elapsed().as_secs_f64();
+    let min_impostors = raw_pixels
+        .iter()
+        .map(|(_, r)| r.n_pairs - r.n_genuine)
+        .min()
+        .unwrap_or(0);
     let md = format!(
-        "# Reproduction: {}\n\n{}\n\nData: {}.\n\nSame seed ({}), backbone and budget ({} epochs, batch {}) for every method. \
-Accuracy: insightface 10-fold verification (mean ± population std); TAR@FAR from the ROC of all pairs \
-(nearest point). Total wall time {:.0} s.\n\n{}\n![ROC](roc.png)\n",
+        "# Reproduction: {}\n\n{}\n\nData: {}.\n\n\
+Every method is trained with the same seed ({}), backbone and budget ({} epochs, batch {}). \
+Accuracy: insightface 10-fold verification (mean ± population std over folds). TAR@FAR: ROC over \
+the same pairs, nearest point (eval_ijbc.py rule); with {} impostor pairs, FARs below {:.1e} are not \
+resolved (the value is the TAR at zero false accepts). `raw pixels`: the normalised image itself as \
+the embedding, same pairs and protocol. LH2Face is trained with its recognition loss L_FR only (the \
+reconstruction branch needs fr-render, see docs/lh2face.md). Total wall time {:.0} s.\n\n{}\n![ROC](roc.png)\n",
         preset.name,
         preset.paper,
         data_desc,
         preset.seed,
         preset.train.epochs,
         preset.train.batch_size,
+        min_impostors,
+        1.0 / min_impostors.max(1) as f64,
         total_seconds,
         table
     );
