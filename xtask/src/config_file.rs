@@ -24,8 +24,7 @@ pub fn load<T: DeserializeOwned>(path: &Path, sets: &[String]) -> Result<T> {
     for set in sets {
         apply_set(&mut root, set)?;
     }
-    let typed = T::deserialize(root)
-        .map_err(|e| anyhow!("config {}: {e}", path.display()))?;
+    let typed = T::deserialize(root).map_err(|e| anyhow!("config {}: {e}", path.display()))?;
     Ok(typed)
 }
 
@@ -89,6 +88,9 @@ mod tests {
         let mut v: Value = toml::from_str("a = 1\n").unwrap();
         assert!(apply_set(&mut v, "novalue").is_err());
         assert!(apply_set(&mut v, "a..b=1").is_err());
-        assert!(apply_set(&mut v, "a.b=1").unwrap_err().to_string().contains("not a table"));
+        assert!(apply_set(&mut v, "a.b=1")
+            .unwrap_err()
+            .to_string()
+            .contains("not a table"));
     }
 }

@@ -116,3 +116,53 @@ impl Preset {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn preset_path(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("configs")
+            .join(format!("{name}.toml"))
+    }
+
+    #[test]
+    fn shipped_lh2face_preset_parses_and_validates() {
+        let p: Preset = crate::config_file::load(&preset_path("lh2face"), &[]).unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.methods[0], "lh2face");
+        assert!(p.methods.iter().any(|m| m == "arcface"));
+        assert!(p.methods.iter().any(|m| m == "cosface"));
+    }
+
+    #[test]
+    fn misspelt_key_is_named() {
+        let err = crate::config_file::load::<Preset>(
+            &preset_path("lh2face"),
+            &["heads.arcface.scael=30".to_string()],
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("scael"), "{err:#}");
+        let err = crate::config_file::load::<Preset>(
+            &preset_path("lh2face"),
+            &["train.epoch=3".to_string()],
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("epoch"), "{err:#}");
+    }
+
+    #[test]
+    fn method_without_head_is_rejected() {
+        let p: Preset = crate::config_file::load(
+            &preset_path("lh2face"),
+            &[r#"methods=["lh2face", "magface"]"#.to_string()],
+        )
+        .unwrap();
+        let err = p.validate().unwrap_err().to_string();
+        assert!(err.contains("magface"), "{err}");
+    }
+}

@@ -19,6 +19,8 @@ pub struct Row {
     pub accuracy_mean: f64,
     /// Population std of the fold accuracies.
     pub accuracy_std: f64,
+    /// Folds the accuracy was computed over (1 = train and test on all pairs).
+    pub folds: usize,
     /// (FAR, TAR) points from the ROC by the nearest-point rule.
     pub tar_at_far: Vec<(f64, f64)>,
     /// Area under the ROC.
@@ -55,12 +57,13 @@ pub fn markdown_table(rows: &[Row], fars: &[f64]) -> String {
     s.push_str("---|---|---|---|\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.2} ± {:.2} |",
+            "| {} | {} | {} | {:.2} ± {:.2}{} |",
             r.method,
             r.subset,
             r.pairs,
             100.0 * r.accuracy_mean,
-            100.0 * r.accuracy_std
+            100.0 * r.accuracy_std,
+            if r.folds == 1 { " (1 fold)" } else { "" }
         ));
         for far in fars {
             let tar = r
@@ -72,7 +75,8 @@ pub fn markdown_table(rows: &[Row], fars: &[f64]) -> String {
             s.push_str(&format!(" {tar} |"));
         }
         let opt = |v: Option<f64>, prec: usize| {
-            v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "–".into())
+            v.map(|x| format!("{x:.prec$}"))
+                .unwrap_or_else(|| "–".into())
         };
         s.push_str(&format!(
             " {:.4} | {:.2} | {} | {} |\n",
@@ -124,7 +128,9 @@ pub fn plot_roc(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
             .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label(c.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()

@@ -15,17 +15,22 @@ use fr_data::synthetic::{SyntheticConfig, SyntheticFaces};
 use fr_data::transform::images_to_chw;
 use fr_data::verification_bin::load_bin_sized;
 use fr_data::{FaceDataset, InMemoryDataset, Quality};
-use fr_eval::{embed_with_flip_progress, evaluate, Embedder, VerificationConfig, VerificationReport};
+use fr_eval::{
+    embed_with_flip_progress, evaluate, Embedder, VerificationConfig, VerificationReport,
+};
 use fr_heads::build_head;
 use fr_train::{SeededVarMap, Trainer};
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, Array4, ArrayView4};
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::preset::Preset;
 use crate::report::{self, Curve, Row};
+
+/// Below this many pairs per fold, verification is scored as a single fold.
+const MIN_PAIRS_PER_FOLD: usize = 10;
 
 /// Command-line options of `reproduce`.
 #[derive(Debug, Clone, clap::Args)]
@@ -118,8 +123,10 @@ impl Embedder for PixelEmbedder {
     fn embed(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>, Self::Error> {
         let n = images.shape()[0];
         let d = images.len() / n.max(1);
-        Ok(Array2::from_shape_vec((n, d), images.iter().copied().collect())
-            .expect("n·d elements by construction"))
+        Ok(
+            Array2::from_shape_vec((n, d), images.iter().copied().collect())
+                .expect("n·d elements by construction"),
+        )
     }
 }
 
@@ -212,15 +219,30 @@ fn evaluate_all<E: Embedder>(
         let n = set.images.shape()[0] as u64;
         let pb = progress_bar(n, "eval");
         pb.set_message(label.to_string());
-        let emb = embed_with_flip_progress(embedder, set.images.view(), preset.eval.batch_size, |d, _| {
-            pb.set_position(d as u64)
-        })
+        let emb = embed_with_flip_progress(
+            embedder,
+            set.images.view(),
+            preset.eval.batch_size,
+            |d, _| pb.set_position(d as u64),
+        )
         .with_context(|| format!("embedding the evaluation images for {label}"))?;
         pb.finish_and_clear();
         for p in &set.protocols {
             // Pair i = rows 2i and 2i+1, as the verification protocol expects.
             let rows: Vec<usize> = p.pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
             let paired = emb.select(ndarray::Axis(0), &rows);
+            // k-fold needs both classes in every fold: a tiny set (a fixture, a smoke test) is
+            // scored as one fold, train = test, and the report says so.
+            let mut vcfg = vcfg.clone();
+            if p.issame.len() < MIN_PAIRS_PER_FOLD * vcfg.n_folds {
+                warn!(
+                    protocol = %p.name,
+                    pairs = p.issame.len(),
+                    "too few pairs for {}-fold verification: scoring as one fold",
+                    vcfg.n_folds
+                );
+                vcfg.n_folds = 1;
+            }
             let report = evaluate(paired.view(), &p.issame, &vcfg)
                 .with_context(|| format!("evaluating {label} on {}", p.name))?;
             info!(
@@ -242,6 +264,7 @@ fn row(method: &str, subset: &str, r: &VerificationReport, train: Option<(f64, f
         pairs: r.n_pairs,
         accuracy_mean: r.accuracy_mean,
         accuracy_std: r.accuracy_std,
+        folds: r.accuracy_per_fold.len(),
         tar_at_far: r.tar_at_far.clone(),
         auc: r.auc,
         eer: r.eer,
@@ -288,10 +311,20 @@ fn run_method(
         trainer_cfg,
         move |n: &str| !frozen.iter().any(|f| f == n),
     )?;
+    let batch_size = if train_set.len() < preset.train.batch_size {
+        warn!(
+            images = train_set.len(),
+            batch_size = preset.train.batch_size,
+            "training set smaller than one batch: using the whole set as the batch"
+        );
+        train_set.len()
+    } else {
+        preset.train.batch_size
+    };
     let loader = BatchLoader::new(
         train_set.clone(),
         LoaderConfig {
-            batch_size: preset.train.batch_size,
+            batch_size,
             image_size: input_size,
             shuffle: true,
             seed: preset.seed,
@@ -302,11 +335,7 @@ fn run_method(
     )?;
     let per_epoch = loader.batches_per_epoch() as u64;
     if per_epoch == 0 {
-        bail!(
-            "the training set ({} images) is smaller than one batch ({})",
-            train_set.len(),
-            preset.train.batch_size
-        );
+        bail!("the training set is empty");
     }
     let total = per_epoch * preset.train.epochs as u64;
     let pb = progress_bar(total, method);
@@ -324,17 +353,36 @@ fn run_method(
                 sum += out.loss;
                 count += 1;
             }
-            pb.set_message(format!("epoch {} loss {:.3} lr {:.4}", epoch + 1, out.loss, out.lr));
+            pb.set_message(format!(
+                "epoch {} loss {:.3} lr {:.4}",
+                epoch + 1,
+                out.loss,
+                out.lr
+            ));
             pb.inc(1);
         }
-        let mean = if count > 0 { sum / count as f64 } else { f64::NAN };
-        info!(method, epoch = epoch + 1, loss = format!("{mean:.4}"), "epoch done");
+        let mean = if count > 0 {
+            sum / count as f64
+        } else {
+            f64::NAN
+        };
+        info!(
+            method,
+            epoch = epoch + 1,
+            loss = format!("{mean:.4}"),
+            "epoch done"
+        );
         epoch_loss.push(mean);
     }
     pb.finish_and_clear();
     let train_seconds = start.elapsed().as_secs_f64();
     let images_per_second = images as f64 / train_seconds.max(1e-9);
-    info!(method, train_seconds = format!("{train_seconds:.1}"), images_per_second = format!("{images_per_second:.1}"), "trained");
+    info!(
+        method,
+        train_seconds = format!("{train_seconds:.1}"),
+        images_per_second = format!("{images_per_second:.1}"),
+        "trained"
+    );
 
     let mut embedder = BackboneEmbedder {
         model: trainer.backbone(),
@@ -383,38 +431,38 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| root.join("target").join("reproduce").join(&preset.name));
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("creating {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let device = Device::Cpu;
     let size = input_size(&preset);
 
-    let (train_set, sets, data_desc): (Arc<dyn FaceDataset>, Vec<EvalSet>, String) =
-        match &args.train_rec {
-            Some(dir) => {
-                if args.val_bin.is_empty() {
-                    bail!("--train-rec needs at least one --val-bin FILE to evaluate on");
-                }
-                let ds = RecordIoDataset::open(dir)
-                    .with_context(|| format!("opening RecordIO {}", dir.display()))?;
-                let desc = format!(
-                    "RecordIO {} ({} images, {} identities); verification: {}",
-                    dir.display(),
-                    ds.len(),
-                    ds.num_classes(),
-                    args.val_bin
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                (Arc::new(ds), bin_eval(&args.val_bin, size)?, desc)
+    let (train_set, sets, data_desc): (Arc<dyn FaceDataset>, Vec<EvalSet>, String) = match &args
+        .train_rec
+    {
+        Some(dir) => {
+            if args.val_bin.is_empty() {
+                bail!("--train-rec needs at least one --val-bin FILE to evaluate on");
             }
-            None => {
-                let syn = &preset.synthetic;
-                // Rendered once at the input size, then shared by every epoch and method.
-                info!("rendering training identities");
-                let ds = InMemoryDataset::from_dataset(&SyntheticFaces::new(syn.train.clone())?, size)?;
-                let desc = format!(
+            let ds = RecordIoDataset::open(dir)
+                .with_context(|| format!("opening RecordIO {}", dir.display()))?;
+            let desc = format!(
+                "RecordIO {} ({} images, {} identities); verification: {}",
+                dir.display(),
+                ds.len(),
+                ds.num_classes(),
+                args.val_bin
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            (Arc::new(ds), bin_eval(&args.val_bin, size)?, desc)
+        }
+        None => {
+            let syn = &preset.synthetic;
+            // Rendered once at the input size, then shared by every epoch and method.
+            info!("rendering training identities");
+            let ds = InMemoryDataset::from_dataset(&SyntheticFaces::new(syn.train.clone())?, size)?;
+            let desc = format!(
                     "synthetic identities: train {} ids × {} images, test {} held-out ids × {} images, {} pairs per subset",
                     syn.train.num_identities,
                     syn.train.images_per_identity,
@@ -422,10 +470,10 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
                     syn.test_images_per_identity,
                     syn.pairs_per_subset
                 );
-                info!("rendering held-out identities");
-                (Arc::new(ds), vec![synthetic_eval(&preset, size)?], desc)
-            }
-        };
+            info!("rendering held-out identities");
+            (Arc::new(ds), vec![synthetic_eval(&preset, size)?], desc)
+        }
+    };
     info!(data = %data_desc, "data ready");
 
     let raw_pixels = evaluate_all(&mut PixelEmbedder, &sets, &preset, "raw pixels")?;
@@ -444,7 +492,12 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     let mut rows = Vec::new();
     for m in &methods {
         for (name, r) in &m.protocols {
-            rows.push(row(&m.method, name, r, Some((m.train_seconds, m.images_per_second))));
+            rows.push(row(
+                &m.method,
+                name,
+                r,
+                Some((m.train_seconds, m.images_per_second)),
+            ));
         }
     }
     for (name, r) in &raw_pixels {
@@ -454,7 +507,10 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     let curves: Vec<Curve> = methods
         .iter()
         .map(|m| (m.method.clone(), &m.protocols[0].1))
-        .chain(std::iter::once(("raw pixels".to_string(), &raw_pixels[0].1)))
+        .chain(std::iter::once((
+            "raw pixels".to_string(),
+            &raw_pixels[0].1,
+        )))
         .map(|(label, r)| Curve {
             label,
             fpr: r.roc_fpr.clone(),

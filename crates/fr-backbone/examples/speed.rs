@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarMap};
-use fr_backbone::{seeded_var_builder, IResNet, IResNetConfig};
+use fr_backbone::{IResNet, IResNetConfig};
+use fr_train::SeededVarMap;
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -39,7 +40,10 @@ fn main() -> fr_backbone::Result<()> {
             dropout: 0.0,
         };
         let varmap = VarMap::new();
-        let net = IResNet::new(&cfg, seeded_var_builder(&varmap, 0, DType::F32, &dev))?;
+        let net = IResNet::new(
+            &cfg,
+            SeededVarMap::with_varmap(varmap.clone(), 0).var_builder(DType::F32, &dev),
+        )?;
         let params: usize = varmap
             .data()
             .lock()

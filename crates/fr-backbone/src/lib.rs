@@ -7,11 +7,12 @@
 //! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::{ModuleT, VarMap};
-//! use fr_backbone::{seeded_var_builder, IResNet, IResNetConfig};
+//! use fr_backbone::{IResNet, IResNetConfig};
+//! use fr_train::SeededVarMap; // seeded, order-independent initialisation
 //!
 //! let cfg = IResNetConfig::r18().with_width_mult(0.125).with_input_size(56).with_embedding_size(32);
 //! let varmap = VarMap::new(); // trainable: pass varmap.all_vars() filtered by is_trainable
-//! let net = IResNet::new(&cfg, seeded_var_builder(&varmap, 42, DType::F32, &Device::Cpu))?;
+//! let net = IResNet::new(&cfg, SeededVarMap::with_varmap(varmap.clone(), 42).var_builder(DType::F32, &Device::Cpu))?;
 //! let images = Tensor::zeros((2, 3, 56, 56), DType::F32, &Device::Cpu)?;
 //! assert_eq!(net.forward_t(&images, false)?.dims(), &[2, 32]);
 //! // Pretrained (official insightface names): fr_backbone::load_safetensors(path, dtype, &dev)
@@ -23,13 +24,11 @@
 //! `Box<dyn Backbone>`.
 
 pub mod error;
-pub mod init;
 pub mod iresnet;
 pub mod registry;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use init::seeded_var_builder;
 pub use iresnet::{IBasicBlock, IResNet, IResNetConfig};
 pub use registry::{build_backbone, Backbone, BackboneConfig};
 pub use weights::{

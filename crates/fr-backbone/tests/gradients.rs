@@ -2,7 +2,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarMap};
-use fr_backbone::{seeded_var_builder, IResNet, IResNetConfig};
+use fr_backbone::{IResNet, IResNetConfig};
+use fr_train::SeededVarMap;
 
 const EPS: f64 = 1e-6;
 
@@ -80,7 +81,7 @@ fn iresnet_train_gradients_match_finite_differences() {
     let varmap = VarMap::new();
     let net = IResNet::new(
         &cfg,
-        seeded_var_builder(&varmap, 3, DType::F64, &Device::Cpu),
+        SeededVarMap::with_varmap(varmap.clone(), 3).var_builder(DType::F64, &Device::Cpu),
     )
     .unwrap();
     let x = pattern(&[3, 3, 32, 32], 4.0);

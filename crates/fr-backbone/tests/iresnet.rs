@@ -2,15 +2,14 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarMap};
-use fr_backbone::{
-    build_backbone, seeded_var_builder, BackboneConfig, Error, IResNet, IResNetConfig,
-};
+use fr_backbone::{build_backbone, BackboneConfig, Error, IResNet, IResNetConfig};
+use fr_train::SeededVarMap;
 
 fn build(cfg: &IResNetConfig, seed: u64) -> (IResNet, VarMap) {
     let varmap = VarMap::new();
     let net = IResNet::new(
         cfg,
-        seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu),
+        SeededVarMap::with_varmap(varmap.clone(), seed).var_builder(DType::F32, &Device::Cpu),
     )
     .unwrap();
     (net, varmap)
@@ -203,7 +202,7 @@ fn bad_configs_are_rejected_naming_the_key() {
         let varmap = VarMap::new();
         match IResNet::new(
             &cfg,
-            seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+            SeededVarMap::with_varmap(varmap.clone(), 0).var_builder(DType::F32, &Device::Cpu),
         ) {
             Err(Error::Config { key, .. }) => assert_eq!(key, expected_key),
             other => panic!("{cfg:?}: expected Config error, got {:?}", other.err()),
@@ -228,7 +227,7 @@ fn registry_builds_from_toml() {
     let varmap = VarMap::new();
     let net = build_backbone(
         &cfg,
-        seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+        SeededVarMap::with_varmap(varmap.clone(), 0).var_builder(DType::F32, &Device::Cpu),
     )
     .unwrap();
     assert_eq!(net.embedding_size(), 8);

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarMap};
 use fr_backbone::{
-    load_pth, load_safetensors, read_safetensors, seeded_var_builder, varmap_from_safetensors,
-    varmap_from_tensors, Error, IResNet, IResNetConfig,
+    load_pth, load_safetensors, read_safetensors, varmap_from_safetensors, varmap_from_tensors,
+    Error, IResNet, IResNetConfig,
 };
+use fr_train::SeededVarMap;
 
 fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -90,7 +91,7 @@ fn pth_reproduces_pytorch_eval_output() {
 #[test]
 fn varmap_loaded_in_f64_reproduces_pytorch_eval_output() {
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, 0, DType::F64, &Device::Cpu);
+    let vb = SeededVarMap::with_varmap(varmap.clone(), 0).var_builder(DType::F64, &Device::Cpu);
     let net = IResNet::new(&tiny_config(), vb).unwrap();
     let report = varmap_from_safetensors(&varmap, data("iresnet_tiny.safetensors"), "").unwrap();
     assert_eq!(report.loaded, 133 - 22);
@@ -106,7 +107,7 @@ fn parameter_names_equal_the_state_dict_keys() {
     let varmap = VarMap::new();
     IResNet::new(
         &tiny_config(),
-        seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+        SeededVarMap::with_varmap(varmap.clone(), 0).var_builder(DType::F32, &Device::Cpu),
     )
     .unwrap();
     let ours: BTreeSet<String> = varmap.data().lock().unwrap().keys().cloned().collect();
@@ -129,7 +130,7 @@ fn missing_or_misshapen_weights_are_named() {
     let varmap = VarMap::new();
     IResNet::new(
         &tiny_config(),
-        seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+        SeededVarMap::with_varmap(varmap.clone(), 0).var_builder(DType::F32, &Device::Cpu),
     )
     .unwrap();
     let before = varmap.data().lock().unwrap()["conv1.weight"]
@@ -204,7 +205,7 @@ fn missing_or_misshapen_weights_are_named() {
 #[test]
 fn prefixed_varmap_loads_only_its_part() {
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, 1, DType::F32, &Device::Cpu);
+    let vb = SeededVarMap::with_varmap(varmap.clone(), 1).var_builder(DType::F32, &Device::Cpu);
     let net = IResNet::new(&tiny_config(), vb.pp("backbone")).unwrap();
     // Another module's parameter in the same map is left alone.
     vb.pp("head").get((4, 16), "weight").unwrap();
