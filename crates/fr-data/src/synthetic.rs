@@ -392,12 +392,12 @@ impl View {
                 -light_el.sin(),
                 light_az.cos() * light_el.cos(),
             ]),
-            ambient: rng.random_range(0.35..0.6f32),
-            diffuse: rng.random_range(0.4..0.9f32),
+            ambient: rng.random_range(0.4..0.6f32),
+            diffuse: rng.random_range(0.4..0.75f32),
             cast: [
-                rng.random_range(0.9..1.1f32),
-                rng.random_range(0.92..1.08f32),
-                rng.random_range(0.9..1.1f32),
+                rng.random_range(0.94..1.06f32),
+                rng.random_range(0.95..1.05f32),
+                rng.random_range(0.94..1.06f32),
             ],
             background: (
                 [rng.random(), rng.random(), rng.random()],
