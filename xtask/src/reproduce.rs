@@ -338,6 +338,14 @@ fn run_method(
     if per_epoch == 0 {
         bail!("the training set is empty");
     }
+    // A reproduction starts from scratch: checkpoints of an earlier run in this folder would
+    // mix with this run's (and `latest` would point across runs).
+    let ckpt_dir = checkpoints.join(method);
+    if ckpt_dir.exists() {
+        info!(path = %ckpt_dir.display(), "removing the previous run's checkpoints");
+        std::fs::remove_dir_all(&ckpt_dir)
+            .with_context(|| format!("removing {}", ckpt_dir.display()))?;
+    }
     let total = per_epoch * preset.train.epochs as u64;
     let pb = progress_bar(total, method);
     let start = Instant::now();
@@ -363,7 +371,7 @@ fn run_method(
             pb.inc(1);
         }
         // One checkpoint per epoch (atomic; the trainer keeps the newest few).
-        let ckpt = trainer.save(&checkpoints.join(method))?;
+        let ckpt = trainer.save(&ckpt_dir)?;
         tracing::debug!(path = %ckpt.display(), "checkpoint written");
         let mean = if count > 0 {
             sum / count as f64
