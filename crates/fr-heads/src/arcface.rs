@@ -25,7 +25,6 @@
 //! Cosines are clamped to `[−1 + ε, 1 − ε]` (ε = 1e-7) before `acos` / `sqrt(1 − c²)`, so the
 //! loss and gradients stay finite at `c = ±1`.
 
-use std::collections::BTreeMap;
 use std::f64::consts::PI;
 
 use candle_core::Tensor;
@@ -232,18 +231,13 @@ impl Head for ArcFace {
         };
         let logits = (common::replace_target(&cos, &mask, &target)? * self.cfg.scale)?;
         let p_floor = self.cfg.clamp_p_target.then_some(1e-30);
-        let loss = common::cross_entropy(&logits, &mask, p_floor)?;
-        let mut stats = BTreeMap::new();
-        stats.insert("loss".to_string(), common::scalar(&loss)?);
-        stats.insert(
-            "cos_target_mean".to_string(),
-            common::scalar(&c.mean_all()?)?,
-        );
-        Ok(HeadOutput {
-            loss,
+        let cos_target_mean = common::scalar(&c.mean_all()?)?;
+        common::ce_output(
             logits,
-            stats,
-        })
+            &mask,
+            p_floor,
+            &[("cos_target_mean", cos_target_mean)],
+        )
     }
 }
 

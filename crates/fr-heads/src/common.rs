@@ -174,6 +174,31 @@ pub fn cross_entropy(z: &Tensor, mask: &Tensor, p_floor: Option<f64>) -> Result<
     Ok(cross_entropy_per_sample(z, mask, p_floor)?.mean_all()?)
 }
 
+/// The usual ending of a softmax-family head: mean cross-entropy of `logits` `(B, C)` against
+/// the one-hot `mask` (with insightface's optional `p_floor` clamp of the loss value), and
+/// statistics `loss` plus `extra` (name, value) pairs.
+///
+/// # Errors
+/// Candle errors.
+pub fn ce_output(
+    logits: Tensor,
+    mask: &Tensor,
+    p_floor: Option<f64>,
+    extra: &[(&str, f64)],
+) -> Result<crate::HeadOutput> {
+    let loss = cross_entropy(&logits, mask, p_floor)?;
+    let mut stats = std::collections::BTreeMap::new();
+    stats.insert("loss".to_string(), scalar(&loss)?);
+    for (name, value) in extra {
+        stats.insert((*name).to_string(), *value);
+    }
+    Ok(crate::HeadOutput {
+        loss,
+        logits,
+        stats,
+    })
+}
+
 /// Apply a scalar function `f` computed on the host to every element of `x`, with the exact
 /// derivative attached: `f(x)` in the forward pass, `f'(x)·grad` in the backward pass.
 ///

@@ -14,8 +14,6 @@
 //! probability before the log; the gradient ignores the cap): `clamp_p_target = true`
 //! reproduces its logged loss.
 
-use std::collections::BTreeMap;
-
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -131,18 +129,13 @@ impl Head for CosFace {
         let logits =
             (common::replace_target(&cos, &mask, &(&target - self.cfg.margin)?)? * self.cfg.scale)?;
         let p_floor = self.cfg.clamp_p_target.then_some(1e-30);
-        let loss = common::cross_entropy(&logits, &mask, p_floor)?;
-        let mut stats = BTreeMap::new();
-        stats.insert("loss".to_string(), common::scalar(&loss)?);
-        stats.insert(
-            "cos_target_mean".to_string(),
-            common::scalar(&target.mean_all()?)?,
-        );
-        Ok(HeadOutput {
-            loss,
+        let cos_target_mean = common::scalar(&target.mean_all()?)?;
+        common::ce_output(
             logits,
-            stats,
-        })
+            &mask,
+            p_floor,
+            &[("cos_target_mean", cos_target_mean)],
+        )
     }
 }
 

@@ -9,8 +9,6 @@
 //! forward pass with a straight-through gradient, so it can always grow back. Small scales
 //! (s ≈ 1) cannot converge: s must reach the tens.
 
-use std::collections::BTreeMap;
-
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -118,19 +116,13 @@ impl Head for NormFace {
             None => ((&cos * self.cfg.scale)?, self.cfg.scale),
         };
         let mask = common::target_mask(&inp.labels_t, self.num_classes)?;
-        let loss = common::cross_entropy(&logits, &mask, None)?;
-        let mut stats = BTreeMap::new();
-        stats.insert("loss".to_string(), common::scalar(&loss)?);
-        stats.insert("scale".to_string(), s);
-        stats.insert(
-            "cos_target_mean".to_string(),
-            common::scalar(&common::target_values(&cos, &mask)?.mean_all()?)?,
-        );
-        Ok(HeadOutput {
-            loss,
+        let cos_target_mean = common::scalar(&common::target_values(&cos, &mask)?.mean_all()?)?;
+        common::ce_output(
             logits,
-            stats,
-        })
+            &mask,
+            None,
+            &[("scale", s), ("cos_target_mean", cos_target_mean)],
+        )
     }
 }
 

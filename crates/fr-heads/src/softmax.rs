@@ -4,8 +4,6 @@
 //! The baseline every margin paper compares to. Weights under `weight` `(C, D)` (insightface
 //! init N(0, 0.01)), the optional bias under `bias` `(C,)` (zeros).
 
-use std::collections::BTreeMap;
-
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -91,14 +89,7 @@ impl Head for Softmax {
             logits = logits.broadcast_add(&as_dtype_of(b, &inp.x)?)?;
         }
         let mask = common::target_mask(&inp.labels_t, self.num_classes)?;
-        let loss = common::cross_entropy(&logits, &mask, None)?;
-        let mut stats = BTreeMap::new();
-        stats.insert("loss".to_string(), common::scalar(&loss)?);
-        Ok(HeadOutput {
-            loss,
-            logits,
-            stats,
-        })
+        common::ce_output(logits, &mask, None, &[])
     }
 }
 
