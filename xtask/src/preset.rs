@@ -46,7 +46,7 @@ pub struct TrainSection {
     /// Optimiser, schedule, clipping.
     #[serde(default)]
     pub trainer: TrainerConfig,
-    /// Decode threads of the loader's prefetch (0 = rayon's default).
+    /// Batches the loader decodes ahead of the one being trained on (default 2; 0 = none).
     #[serde(default)]
     pub prefetch: Option<usize>,
 }

@@ -333,7 +333,8 @@ fn run_method(
             prefetch: preset.train.prefetch.unwrap_or(2),
             ..LoaderConfig::default()
         },
-    )?;
+    )?
+    .with_device(device.clone());
     let per_epoch = loader.batches_per_epoch() as u64;
     if per_epoch == 0 {
         bail!("the training set is empty");
@@ -449,6 +450,10 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
         .clone()
         .unwrap_or_else(|| root.join("target").join("reproduce").join(&preset.name));
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    // CPU by default; a `--features cuda` build trains on the first GPU when there is one.
+    #[cfg(feature = "cuda")]
+    let device = Device::cuda_if_available(0)?;
+    #[cfg(not(feature = "cuda"))]
     let device = Device::Cpu;
     let size = input_size(&preset);
 
