@@ -24,7 +24,17 @@ pub fn load<T: DeserializeOwned>(path: &Path, sets: &[String]) -> Result<T> {
     for set in sets {
         apply_set(&mut root, set)?;
     }
-    let typed = T::deserialize(root).map_err(|e| anyhow!("config {}: {e}", path.display()))?;
+    let typed = T::deserialize(root).map_err(|e| {
+        if sets.is_empty() {
+            anyhow!("config {}: {e}", path.display())
+        } else {
+            anyhow!(
+                "config {} with --set {}: {e}",
+                path.display(),
+                sets.join(" --set ")
+            )
+        }
+    })?;
     Ok(typed)
 }
 

@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Reproduce a paper preset (configs/<paper>.toml): train, evaluate, report.
+    /// Reproduce a paper preset (`configs/<paper>.toml`): train, evaluate, report.
     Reproduce(reproduce::ReproduceArgs),
 }
 
@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {

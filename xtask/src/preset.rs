@@ -46,6 +46,10 @@ pub struct TrainSection {
     /// Optimiser, schedule, clipping.
     #[serde(default)]
     pub trainer: TrainerConfig,
+    /// Skip (and count) images that fail to decode instead of stopping the run; the count is
+    /// in the report. Default true.
+    #[serde(default = "yes")]
+    pub skip_corrupt: bool,
     /// Batches the loader decodes ahead of the one being trained on (default 2; 0 = none).
     #[serde(default)]
     pub prefetch: Option<usize>,
@@ -75,6 +79,10 @@ pub struct EvalSection {
     pub far: Vec<f64>,
     /// Folds of the accuracy protocol.
     pub folds: usize,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for EvalSection {
