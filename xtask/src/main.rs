@@ -3,7 +3,9 @@
 //! - `cargo xtask reproduce lh2face` — train LH2Face and its baselines (ArcFace, CosFace) with
 //!   one seed, backbone and budget; evaluate them side by side; write
 //!   `target/reproduce/lh2face/{report.md, metrics.json, roc.png}`.
+//! - `cargo xtask bench train|infer --model r18` — images/s and peak RSS of one IResNet.
 
+mod bench;
 mod config_file;
 mod preset;
 mod report;
@@ -24,6 +26,8 @@ struct Cli {
 enum Command {
     /// Reproduce a paper preset (`configs/<paper>.toml`): train, evaluate, report.
     Reproduce(reproduce::ReproduceArgs),
+    /// Measure training or inference throughput and peak memory of one IResNet.
+    Bench(bench::BenchArgs),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -44,5 +48,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Reproduce(args) => reproduce::run(&args, &workspace_root()),
+        Command::Bench(args) => bench::run(&args),
     }
 }

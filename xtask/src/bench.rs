@@ -1,0 +1,156 @@
+//! `cargo xtask bench train|infer`: IResNet throughput (images/s) and peak memory on this
+//! machine, one model per process so that peak RSS belongs to that model alone.
+//!
+//! Prints one Markdown row per run; benchmarks/README.md collects them beside the PyTorch
+//! numbers of the same model, batch and thread count.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ModuleT;
+use fr_backbone::{IResNet, IResNetConfig};
+use fr_heads::{build_head, HeadConfig};
+use fr_train::{SeededVarMap, Trainer, TrainerConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Forward, ArcFace loss, backward and an SGD step.
+    Train,
+    /// Eval-mode forward only (embedding extraction).
+    Infer,
+}
+
+/// Command-line options of `bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Train or infer.
+    #[arg(value_enum)]
+    pub mode: Mode,
+    /// Model: r18, r34, r50, r100, or `default` (the lh2face CPU preset's backbone).
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// Input side in pixels (default: 112, or 56 for `default`).
+    #[arg(long)]
+    pub input_size: Option<usize>,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+}
+
+fn model_config(name: &str, input_size: Option<usize>) -> Result<IResNetConfig> {
+    let cfg = match name {
+        "r18" => IResNetConfig::r18(),
+        "r34" => IResNetConfig::r34(),
+        "r50" => IResNetConfig::r50(),
+        "r100" => IResNetConfig::r100(),
+        "default" => IResNetConfig {
+            layers: [1, 1, 1, 1],
+            widths: [8, 16, 32, 64],
+            embedding_size: 128,
+            input_size: 56,
+            dropout: 0.0,
+        },
+        other => bail!("unknown model `{other}` (r18, r34, r50, r100, default)"),
+    };
+    Ok(match input_size {
+        Some(s) => cfg.with_input_size(s),
+        None => cfg,
+    })
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`); `None` elsewhere.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Run the benchmark and print its Markdown row.
+///
+/// # Errors
+/// A bad model name or size, or a candle failure.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.batch == 0 || args.steps == 0 {
+        bail!("--batch and --steps must be at least 1");
+    }
+    let cfg = model_config(&args.model, args.input_size)?;
+    cfg.validate()?;
+    let device = Device::Cpu;
+    let seeded = SeededVarMap::new(0);
+    let vb = seeded.var_builder(DType::F32, &device);
+    let backbone = IResNet::new(&cfg, vb.clone())?;
+    let n_classes = 1000;
+    let s = cfg.input_size;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let pixels: Vec<f32> = (0..args.batch * 3 * s * s)
+        .map(|_| rng.random_range(-1.0..1.0f32))
+        .collect();
+    let images = Tensor::from_vec(pixels, (args.batch, 3, s, s), &device)?;
+    let labels: Vec<u32> = (0..args.batch)
+        .map(|_| rng.random_range(0..n_classes as u32))
+        .collect();
+    let labels = Tensor::from_vec(labels, args.batch, &device)?;
+
+    let total = args.warmup + args.steps;
+    let elapsed = match args.mode {
+        Mode::Infer => {
+            let mut start = Instant::now();
+            for i in 0..total {
+                if i == args.warmup {
+                    start = Instant::now();
+                }
+                backbone.forward_t(&images, false)?.to_vec2::<f32>()?;
+            }
+            start.elapsed()
+        }
+        Mode::Train => {
+            let head = build_head(
+                &HeadConfig::ArcFace(Default::default()),
+                cfg.embedding_size,
+                n_classes,
+                vb.pp("head"),
+            )?;
+            let mut trainer = Trainer::new(
+                Box::new(backbone),
+                head,
+                seeded.varmap().clone(),
+                TrainerConfig::default(),
+                |n: &str| n.starts_with("head.") || IResNet::is_trainable(n),
+            )
+            .context("building the trainer")?;
+            let mut start = Instant::now();
+            for i in 0..total {
+                if i == args.warmup {
+                    start = Instant::now();
+                }
+                trainer.step_tensors(&images, &labels, total as u64)?;
+            }
+            start.elapsed()
+        }
+    };
+    let ips = (args.batch * args.steps) as f64 / elapsed.as_secs_f64().max(1e-9);
+    let rss = peak_rss_mib()
+        .map(|m| format!("{m:.0}"))
+        .unwrap_or_else(|| "–".into());
+    println!("| model | input | batch | mode | threads | images/s | peak RSS (MiB) |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {s} | {} | {:?} | {} | {ips:.2} | {rss} |",
+        args.model,
+        args.batch,
+        args.mode,
+        rayon::current_num_threads()
+    );
+    Ok(())
+}
