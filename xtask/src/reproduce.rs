@@ -164,10 +164,7 @@ fn synthetic_eval(preset: &Preset, size: u32) -> Result<EvalSet> {
         first_identity: syn.train.first_identity + 1_000_000,
         ..syn.train.clone()
     })?;
-    let images = InMemoryDataset::from_dataset(&test, size)?;
-    let images: Vec<RgbImage> = (0..images.len())
-        .map(|i| images.image(i))
-        .collect::<fr_data::Result<_>>()?;
+    let rendered = InMemoryDataset::from_dataset(&test, size)?;
     let subsets = [
         ("all", None),
         ("hq_hard", Some(Quality::HighQualityHard)),
@@ -183,7 +180,7 @@ fn synthetic_eval(preset: &Preset, size: u32) -> Result<EvalSet> {
         });
     }
     Ok(EvalSet {
-        images: to_array(&images, size)?,
+        images: to_array(rendered.images(), size)?,
         protocols,
     })
 }

@@ -47,6 +47,11 @@ impl InMemoryDataset {
         Ok(out)
     }
 
+    /// The cached images, in dataset order.
+    pub fn images(&self) -> &[RgbImage] {
+        &self.images
+    }
+
     fn check(&self, index: usize) -> Result<()> {
         if index >= self.images.len() {
             return Err(Error::OutOfRange {
