@@ -4,16 +4,19 @@
 //! Prints one Markdown row per run; benchmarks/README.md collects them beside the PyTorch
 //! numbers of the same model, batch and thread count.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ModuleT;
-use fr_backbone::{IResNet, IResNetConfig};
+use fr_backbone::{BackboneConfig, IResNet, IResNetConfig};
 use fr_heads::{build_head, HeadConfig};
 use fr_train::{SeededVarMap, Trainer, TrainerConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::preset::Preset;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,19 +50,20 @@ pub struct BenchArgs {
     pub warmup: usize,
 }
 
-fn model_config(name: &str, input_size: Option<usize>) -> Result<IResNetConfig> {
+fn model_config(name: &str, input_size: Option<usize>, root: &Path) -> Result<IResNetConfig> {
     let cfg = match name {
         "r18" => IResNetConfig::r18(),
         "r34" => IResNetConfig::r34(),
         "r50" => IResNetConfig::r50(),
         "r100" => IResNetConfig::r100(),
-        "default" => IResNetConfig {
-            layers: [1, 1, 1, 1],
-            widths: [8, 16, 32, 64],
-            embedding_size: 128,
-            input_size: 56,
-            dropout: 0.0,
-        },
+        "default" => {
+            // The backbone of the lh2face preset, read from the preset itself.
+            let path = root.join("configs").join("lh2face.toml");
+            let preset: Preset = crate::config_file::load(&path, &[])?;
+            match preset.backbone {
+                BackboneConfig::Iresnet(c) => c,
+            }
+        }
         other => bail!("unknown model `{other}` (r18, r34, r50, r100, default)"),
     };
     Ok(match input_size {
@@ -80,11 +84,11 @@ fn peak_rss_mib() -> Option<f64> {
 ///
 /// # Errors
 /// A bad model name or size, or a candle failure.
-pub fn run(args: &BenchArgs) -> Result<()> {
+pub fn run(args: &BenchArgs, root: &Path) -> Result<()> {
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
-    let cfg = model_config(&args.model, args.input_size)?;
+    let cfg = model_config(&args.model, args.input_size, root)?;
     cfg.validate()?;
     let device = Device::Cpu;
     let seeded = SeededVarMap::new(0);
@@ -126,7 +130,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 head,
                 seeded.varmap().clone(),
                 TrainerConfig::default(),
-                |n: &str| n.starts_with("head.") || IResNet::is_trainable(n),
+                IResNet::is_trainable,
             )
             .context("building the trainer")?;
             let mut start = Instant::now();

@@ -48,6 +48,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Reproduce(args) => reproduce::run(&args, &workspace_root()),
-        Command::Bench(args) => bench::run(&args),
+        Command::Bench(args) => bench::run(&args, &workspace_root()),
     }
 }
