@@ -38,6 +38,7 @@ fn main() -> fr_backbone::Result<()> {
             embedding_size: 512,
             input_size: input,
             dropout: 0.0,
+            kernels: Default::default(),
         };
         let varmap = VarMap::new();
         let net = IResNet::new(

@@ -13,7 +13,9 @@
 //! ```
 
 use candle_core::{Module, ModuleT, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, Linear, PReLU, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
+use fr_kernels::nn::{BatchNorm, Conv2d, PReLU};
+use fr_kernels::{ConvParams, Kernels};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -40,6 +42,9 @@ pub struct IResNetConfig {
     pub input_size: usize,
     /// Dropout probability before `fc` (training only).
     pub dropout: f32,
+    /// Convolution / BatchNorm / PReLU implementation: `auto` (this project's CPU kernels on
+    /// the CPU, candle's ops on a GPU), `fused` or `candle` (the reference path).
+    pub kernels: Kernels,
 }
 
 impl Default for IResNetConfig {
@@ -56,6 +61,7 @@ impl IResNetConfig {
             embedding_size: 512,
             input_size: 112,
             dropout: 0.0,
+            kernels: Kernels::Auto,
         }
     }
 
@@ -112,6 +118,12 @@ impl IResNetConfig {
         self
     }
 
+    /// Sets the kernel implementation (see [`Kernels`]).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
     /// Spatial side after the four stride-2 stages (3x3, padding 1): 112 → 7, 56 → 4.
     pub fn final_size(&self) -> usize {
         (0..4).fold(self.input_size, |s, _| s.div_ceil(2))
@@ -161,25 +173,36 @@ impl IResNetConfig {
     }
 }
 
-fn conv(
-    in_c: usize,
-    out_c: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", CONV_INIT)?;
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    Ok(Conv2d::new(weight, None, cfg))
-}
+/// Layer constructors for one network, all with the same [`Kernels`].
+#[derive(Clone, Copy)]
+struct Layers(Kernels);
 
-fn bn(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
-    Ok(candle_nn::batch_norm(c, BN_EPS, vb)?)
+impl Layers {
+    fn conv(
+        self,
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Conv2d> {
+        let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", CONV_INIT)?;
+        let params = ConvParams {
+            stride,
+            padding,
+            ..Default::default()
+        };
+        Ok(Conv2d::new(weight, None, params, self.0))
+    }
+
+    fn bn(self, c: usize, vb: VarBuilder) -> Result<BatchNorm> {
+        Ok(BatchNorm::load(c, BN_EPS, vb, self.0)?)
+    }
+
+    fn prelu(self, c: usize, vb: VarBuilder) -> Result<PReLU> {
+        Ok(PReLU::load(c, vb, self.0)?)
+    }
 }
 
 /// The residual block of IResNet (pre-activation style, PReLU inside).
@@ -196,23 +219,31 @@ pub struct IBasicBlock {
 
 impl IBasicBlock {
     /// A block from `in_c` to `out_c` channels, `stride` in its second convolution.
-    pub fn new(in_c: usize, out_c: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+    /// `kernels` picks the implementation of its layers.
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        stride: usize,
+        kernels: Kernels,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let l = Layers(kernels);
         let downsample = if stride != 1 || in_c != out_c {
             let vb = vb.pp("downsample");
             Some((
-                conv(in_c, out_c, 1, stride, 0, vb.pp("0"))?,
-                bn(out_c, vb.pp("1"))?,
+                l.conv(in_c, out_c, 1, stride, 0, vb.pp("0"))?,
+                l.bn(out_c, vb.pp("1"))?,
             ))
         } else {
             None
         };
         Ok(Self {
-            bn1: bn(in_c, vb.pp("bn1"))?,
-            conv1: conv(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?,
-            bn2: bn(out_c, vb.pp("bn2"))?,
-            prelu: candle_nn::prelu(Some(out_c), vb.pp("prelu"))?,
-            conv2: conv(out_c, out_c, 3, stride, 1, vb.pp("conv2"))?,
-            bn3: bn(out_c, vb.pp("bn3"))?,
+            bn1: l.bn(in_c, vb.pp("bn1"))?,
+            conv1: l.conv(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?,
+            bn2: l.bn(out_c, vb.pp("bn2"))?,
+            prelu: l.prelu(out_c, vb.pp("prelu"))?,
+            conv2: l.conv(out_c, out_c, 3, stride, 1, vb.pp("conv2"))?,
+            bn3: l.bn(out_c, vb.pp("bn3"))?,
             downsample,
         })
     }
@@ -254,9 +285,10 @@ impl IResNet {
     pub fn new(cfg: &IResNetConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let w = cfg.widths;
-        let conv1 = conv(3, w[0], 3, 1, 1, vb.pp("conv1"))?;
-        let bn1 = bn(w[0], vb.pp("bn1"))?;
-        let prelu = candle_nn::prelu(Some(w[0]), vb.pp("prelu"))?;
+        let l = Layers(cfg.kernels);
+        let conv1 = l.conv(3, w[0], 3, 1, 1, vb.pp("conv1"))?;
+        let bn1 = l.bn(w[0], vb.pp("bn1"))?;
+        let prelu = l.prelu(w[0], vb.pp("prelu"))?;
         let mut layers = Vec::with_capacity(4);
         let mut in_c = w[0];
         for (li, (&n, &out_c)) in cfg.layers.iter().zip(w.iter()).enumerate() {
@@ -268,13 +300,14 @@ impl IResNet {
                     in_c,
                     out_c,
                     stride,
+                    cfg.kernels,
                     vb_l.pp(bi.to_string()),
                 )?);
                 in_c = out_c;
             }
             layers.push(blocks);
         }
-        let bn2 = bn(w[3], vb.pp("bn2"))?;
+        let bn2 = l.bn(w[3], vb.pp("bn2"))?;
         let fc_in = cfg.fc_in_features();
         // PyTorch's nn.Linear default: U(±1/√fan_in) for weight and bias.
         let bound = 1.0 / (fc_in as f64).sqrt();
@@ -287,7 +320,7 @@ impl IResNet {
             vb_fc.get_with_hints((cfg.embedding_size, fc_in), "weight", init)?,
             Some(vb_fc.get_with_hints(cfg.embedding_size, "bias", init)?),
         );
-        let features = bn(cfg.embedding_size, vb.pp("features"))?;
+        let features = l.bn(cfg.embedding_size, vb.pp("features"))?;
         Ok(Self {
             cfg: cfg.clone(),
             conv1,

@@ -77,6 +77,7 @@ fn iresnet_train_gradients_match_finite_differences() {
         embedding_size: 5,
         input_size: 32,
         dropout: 0.0,
+        kernels: Default::default(),
     };
     let varmap = VarMap::new();
     let net = IResNet::new(

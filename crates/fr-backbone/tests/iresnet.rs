@@ -33,6 +33,7 @@ fn tiny() -> IResNetConfig {
         embedding_size: 8,
         input_size: 32,
         dropout: 0.0,
+        kernels: Default::default(),
     }
 }
 

@@ -33,6 +33,7 @@ fn tiny_config() -> IResNetConfig {
         embedding_size: 16,
         input_size: 112,
         dropout: 0.0,
+        kernels: Default::default(),
     }
 }
 

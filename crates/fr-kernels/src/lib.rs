@@ -1,0 +1,27 @@
+//! CPU kernels for face-recognition backbones, as candle custom ops with their own backward.
+//!
+//! candle 0.11's CPU convolution builds a full-size im2col buffer per call and computes the
+//! input gradient with a naive transposed convolution; BatchNorm and PReLU are chains of
+//! broadcast ops whose intermediates all stay alive for backward. This crate replaces them on
+//! the CPU with
+//! - [`conv2d`]: im2col + GEMM (the `gemm` crate candle uses) per chunk of images, both
+//!   gradients in one pass, reused per-thread buffers, 1×1 and depthwise fast paths;
+//! - [`batch_norm_train`] / [`batch_norm_eval`]: one fused pass each way (closed-form backward);
+//! - [`prelu`]: one fused pass each way.
+//!
+//! The layers in [`nn`] pick these kernels or candle's own ops (the reference path) through
+//! [`Kernels`]; on a GPU they always use candle's. Results are deterministic for a given
+//! thread count. Tests check every kernel against candle and against finite differences.
+
+mod batch_norm;
+mod conv2d;
+mod depthwise;
+mod elem;
+pub mod nn;
+mod prelu;
+
+pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
+pub use conv2d::{conv2d, ConvParams};
+pub use elem::Elem;
+pub use nn::Kernels;
+pub use prelu::prelu;

@@ -1,0 +1,230 @@
+//! Layers that run on this crate's kernels on the CPU and on candle's own ops elsewhere (or
+//! everywhere, as the reference path, with [`Kernels::Candle`]).
+
+use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::batch_norm::{batch_norm_eval, batch_norm_train};
+use crate::conv2d::{conv2d, ConvParams};
+use crate::prelu::prelu;
+
+/// Which implementation a layer runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// This crate's kernels for f32 / f64 tensors on the CPU, candle's ops otherwise.
+    #[default]
+    Auto,
+    /// Always this crate's kernels (errors on a GPU tensor).
+    Fused,
+    /// Always candle's own ops: the reference path.
+    Candle,
+}
+
+impl Kernels {
+    /// Whether `x` goes through this crate's kernels.
+    pub fn fused_for(self, x: &Tensor) -> bool {
+        match self {
+            Kernels::Auto => x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64),
+            Kernels::Fused => true,
+            Kernels::Candle => false,
+        }
+    }
+}
+
+/// 2-D convolution layer, weight `(Cout, Cin/groups, kh, kw)`, optional bias `(Cout,)`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    params: ConvParams,
+    kernels: Kernels,
+}
+
+impl Conv2d {
+    /// A convolution with the given parameters.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, params: ConvParams, kernels: Kernels) -> Self {
+        Self {
+            weight,
+            bias,
+            params,
+            kernels,
+        }
+    }
+
+    /// The weight `(Cout, Cin/groups, kh, kw)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Stride, padding, dilation and groups.
+    pub fn params(&self) -> ConvParams {
+        self.params
+    }
+}
+
+impl Module for Conv2d {
+    /// `(B, Cin, H, W)` → `(B, Cout, Ho, Wo)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.params;
+        let y = if self.kernels.fused_for(x) {
+            conv2d(x, &self.weight, p)?
+        } else {
+            x.conv2d(&self.weight, p.padding, p.stride, p.dilation, p.groups)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Batch normalisation (`(B, C)` or `(B, C, H, W)`) with running statistics kept as `Var`s of
+/// the wrapped candle-nn layer, so both paths read and update the same statistics (momentum as
+/// PyTorch: `running = (1 − m)·running + m·batch`, unbiased batch variance).
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    inner: candle_nn::BatchNorm,
+    running_mean: Var,
+    running_var: Var,
+    kernels: Kernels,
+}
+
+impl BatchNorm {
+    /// Wraps a candle-nn BatchNorm (its running statistics are shared, not copied, when they
+    /// are `Var`s, as with a `VarMap`-backed builder).
+    ///
+    /// # Errors
+    /// Only from candle when copying non-variable statistics.
+    pub fn new(inner: candle_nn::BatchNorm, kernels: Kernels) -> Result<Self> {
+        let running_mean = Var::from_tensor(inner.running_mean())?;
+        let running_var = Var::from_tensor(inner.running_var())?;
+        // Rebuild the candle layer on the same Vars so the reference path shares them too.
+        let inner = match inner.weight_and_bias() {
+            Some((w, b)) => candle_nn::BatchNorm::new(
+                running_mean.dim(0)?,
+                running_mean.as_tensor().clone(),
+                running_var.as_tensor().clone(),
+                w.clone(),
+                b.clone(),
+                inner.eps(),
+            )?,
+            None => candle_nn::BatchNorm::new_no_bias(
+                running_mean.dim(0)?,
+                running_mean.as_tensor().clone(),
+                running_var.as_tensor().clone(),
+                inner.eps(),
+            )?,
+        };
+        Ok(Self {
+            inner,
+            running_mean,
+            running_var,
+            kernels,
+        })
+    }
+
+    /// `num_features` channels from `vb` (`weight`, `bias`, `running_mean`, `running_var`).
+    ///
+    /// # Errors
+    /// Missing or mis-shaped tensors in `vb`.
+    pub fn load(
+        num_features: usize,
+        eps: f64,
+        vb: candle_nn::VarBuilder,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        Self::new(candle_nn::batch_norm(num_features, eps, vb)?, kernels)
+    }
+
+    /// The running mean `(C,)`.
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+
+    /// The running variance `(C,)`.
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+
+    fn host(t: &Tensor) -> Result<Vec<f64>> {
+        t.to_dtype(DType::F64)?.to_vec1::<f64>()
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let Some((w, b)) = self.inner.weight_and_bias() else {
+            return self.inner.forward_t(x, train);
+        };
+        if !self.kernels.fused_for(x) {
+            return self.inner.forward_t(x, train);
+        }
+        let eps = self.inner.eps();
+        if !train {
+            let (rm, rv) = (
+                Self::host(self.running_mean())?,
+                Self::host(self.running_var())?,
+            );
+            return batch_norm_eval(x, w, b, rm, rv, eps);
+        }
+        let (y, st) = batch_norm_train(x, w, b, eps)?;
+        let m = self.inner.momentum();
+        let unbias = st.count as f64 / (st.count.max(2) - 1) as f64;
+        let update = |var: &Var, batch: &[f64], scale: f64| -> Result<()> {
+            let old = Self::host(var.as_tensor())?;
+            let new: Vec<f64> = old
+                .iter()
+                .zip(batch)
+                .map(|(o, v)| (1.0 - m) * o + m * scale * v)
+                .collect();
+            let t = Tensor::from_vec(new, old.len(), var.device())?.to_dtype(var.dtype())?;
+            var.set(&t)
+        };
+        update(&self.running_mean, &st.mean, 1.0)?;
+        update(&self.running_var, &st.var, unbias)?;
+        Ok(y)
+    }
+}
+
+/// PReLU layer, slopes `(C,)` or `(1,)`.
+#[derive(Debug, Clone)]
+pub struct PReLU {
+    weight: Tensor,
+    kernels: Kernels,
+}
+
+impl PReLU {
+    /// A PReLU with the given slopes.
+    pub fn new(weight: Tensor, kernels: Kernels) -> Self {
+        Self { weight, kernels }
+    }
+
+    /// `num_parameters` slopes from `vb` (`weight`, initialised to 0.25 as PyTorch).
+    ///
+    /// # Errors
+    /// A missing or mis-shaped `weight` in `vb`.
+    pub fn load(
+        num_parameters: usize,
+        vb: candle_nn::VarBuilder,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(num_parameters, "weight", candle_nn::Init::Const(0.25))?;
+        Ok(Self::new(weight, kernels))
+    }
+
+    /// The slopes.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for PReLU {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.kernels.fused_for(x) {
+            prelu(x, &self.weight)
+        } else {
+            candle_nn::PReLU::new(self.weight.clone(), self.weight.elem_count() == 1).forward(x)
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! fr-kernels BatchNorm and PReLU against candle-nn's layers and finite differences.
+
+mod common;
+
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use common::{finite_difference_error, grads, max_rel, rand};
+use fr_kernels::nn::{BatchNorm, PReLU};
+use fr_kernels::{batch_norm_eval, batch_norm_train, prelu, Kernels};
+
+const SHAPES: &[&[usize]] = &[
+    &[4, 3, 5, 5],
+    &[3, 5, 7, 9],
+    &[6, 8],
+    &[1, 2, 3, 3],
+    &[5, 4, 1, 1],
+];
+
+#[test]
+fn batch_norm_train_matches_candle_and_finite_differences() {
+    for (i, shape) in SHAPES.iter().enumerate() {
+        let c = shape[1];
+        let x = rand(shape, DType::F64, i as u64);
+        let gamma = (rand(&[c], DType::F64, 50 + i as u64) + 1.5).unwrap();
+        let beta = rand(&[c], DType::F64, 60 + i as u64);
+        let ours = |t: &[Tensor]| batch_norm_train(&t[0], &t[1], &t[2], 1e-5).map(|(y, _)| y);
+        let reference = |t: &[Tensor]| {
+            let bn = candle_nn::BatchNorm::new(
+                c,
+                Tensor::zeros(c, DType::F64, &Device::Cpu)?,
+                Tensor::ones(c, DType::F64, &Device::Cpu)?,
+                t[1].clone(),
+                t[2].clone(),
+                1e-5,
+            )?;
+            bn.forward_t(&t[0], true)
+        };
+        let inputs = [x, gamma, beta];
+        let (y, g) = grads(&inputs, &ours, 3);
+        let (y_ref, g_ref) = grads(&inputs, &reference, 3);
+        assert!(max_rel(&y, &y_ref) < 1e-10, "forward {shape:?}");
+        for k in 0..3 {
+            assert!(max_rel(&g[k], &g_ref[k]) < 1e-9, "grad {k} {shape:?}");
+        }
+        let err = finite_difference_error(&inputs, &ours, 30, i as u64);
+        assert!(err < 1e-6, "{shape:?}: finite-difference error {err:e}");
+    }
+}
+
+#[test]
+fn batch_norm_statistics_are_the_batch_mean_and_biased_variance() {
+    let x = Tensor::new(&[[1.0f64, 10.0], [3.0, 20.0], [5.0, 60.0]], &Device::Cpu).unwrap();
+    let ones = Tensor::ones(2, DType::F64, &Device::Cpu).unwrap();
+    let (_, st) = batch_norm_train(&x, &ones, &ones.zeros_like().unwrap(), 1e-5).unwrap();
+    assert_eq!(st.mean, vec![3.0, 30.0]);
+    assert!((st.var[0] - 8.0 / 3.0).abs() < 1e-12 && (st.var[1] - 1400.0 / 3.0).abs() < 1e-9);
+    assert_eq!(st.count, 3);
+}
+
+#[test]
+fn batch_norm_eval_matches_finite_differences() {
+    let x = rand(&[3, 4, 5, 5], DType::F64, 9);
+    let gamma = rand(&[4], DType::F64, 10);
+    let beta = rand(&[4], DType::F64, 11);
+    let f = |t: &[Tensor]| {
+        batch_norm_eval(
+            &t[0],
+            &t[1],
+            &t[2],
+            vec![0.1, -0.2, 0.3, 0.0],
+            vec![0.5, 1.0, 2.0, 0.01],
+            1e-5,
+        )
+    };
+    assert!(finite_difference_error(&[x, gamma, beta], &f, 30, 4) < 1e-6);
+}
+
+/// The layer: fused and candle paths give the same outputs, gradients and running statistics
+/// (f32, several steps in train mode, then eval).
+#[test]
+fn batch_norm_layer_fused_equals_candle() {
+    let run = |kernels: Kernels| -> Result<Vec<Vec<f32>>> {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let bn = BatchNorm::load(6, 1e-5, vb.pp("bn"), kernels)?;
+        let mut out = Vec::new();
+        for step in 0..3 {
+            let x = rand(&[4, 6, 7, 7], DType::F32, step).affine(3.0, 1.0)?;
+            let (y, g) = grads(&[x], &|t: &[Tensor]| bn.forward_t(&t[0], true), step);
+            out.push(y.flatten_all()?.to_vec1()?);
+            out.push(g[0].flatten_all()?.to_vec1()?);
+        }
+        out.push(bn.running_mean().to_vec1()?);
+        out.push(bn.running_var().to_vec1()?);
+        let data = vm.data().lock().unwrap();
+        out.push(data["bn.running_var"].as_tensor().to_vec1()?);
+        drop(data);
+        out.push(
+            bn.forward_t(&rand(&[2, 6, 3, 3], DType::F32, 9), false)?
+                .flatten_all()?
+                .to_vec1()?,
+        );
+        Ok(out)
+    };
+    let (a, b) = (run(Kernels::Fused).unwrap(), run(Kernels::Candle).unwrap());
+    assert_eq!(a.len(), b.len());
+    for (i, (u, v)) in a.iter().zip(&b).enumerate() {
+        let worst = u
+            .iter()
+            .zip(v)
+            .map(|(p, q)| (p - q).abs() / (1.0 + q.abs()))
+            .fold(0f32, f32::max);
+        assert!(worst < 2e-5, "output {i}: {worst:e}");
+    }
+    // The running statistics moved (and are the VarMap's own).
+    assert!(a[a.len() - 3].iter().any(|&v| (v - 1.0).abs() > 0.1));
+    assert_eq!(a[a.len() - 3], a[a.len() - 2]);
+}
+
+#[test]
+fn prelu_matches_candle_and_finite_differences() {
+    for (i, shape) in SHAPES.iter().enumerate() {
+        let c = shape[1];
+        let x = rand(shape, DType::F64, 20 + i as u64);
+        for a in [
+            rand(&[c], DType::F64, 30 + i as u64),
+            rand(&[1], DType::F64, 40),
+        ] {
+            let ours = |t: &[Tensor]| prelu(&t[0], &t[1]);
+            let reference = |t: &[Tensor]| {
+                candle_nn::PReLU::new(t[1].clone(), t[1].elem_count() == 1).forward(&t[0])
+            };
+            let inputs = [x.clone(), a];
+            let (y, g) = grads(&inputs, &ours, 5);
+            let (y_ref, g_ref) = grads(&inputs, &reference, 5);
+            assert!(max_rel(&y, &y_ref) < 1e-14, "forward {shape:?}");
+            assert!(max_rel(&g[0], &g_ref[0]) < 1e-14, "dx {shape:?}");
+            assert!(max_rel(&g[1], &g_ref[1]) < 1e-12, "da {shape:?}");
+            assert!(finite_difference_error(&inputs, &ours, 30, i as u64) < 1e-7);
+        }
+    }
+}
+
+#[test]
+fn prelu_layer_paths_agree_and_bad_slopes_are_errors() {
+    let x = rand(&[2, 3, 4, 4], DType::F32, 1);
+    let a = rand(&[3], DType::F32, 2);
+    let fused = PReLU::new(a.clone(), Kernels::Fused).forward(&x).unwrap();
+    let reference = PReLU::new(a, Kernels::Candle).forward(&x).unwrap();
+    assert!(max_rel(&fused, &reference) < 1e-7);
+    assert!(prelu(&x, &rand(&[2], DType::F32, 3)).is_err());
+    assert!(batch_norm_train(
+        &x,
+        &rand(&[2], DType::F32, 3),
+        &rand(&[3], DType::F32, 3),
+        1e-5
+    )
+    .is_err());
+    assert!(batch_norm_train(
+        &x.flatten_all().unwrap(),
+        &rand(&[3], DType::F32, 3),
+        &rand(&[3], DType::F32, 3),
+        1e-5
+    )
+    .is_err());
+}
