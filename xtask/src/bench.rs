@@ -114,7 +114,7 @@ pub fn run(args: &BenchArgs, root: &Path) -> Result<()> {
                 if i == args.warmup {
                     start = Instant::now();
                 }
-                backbone.forward_t(&images, false)?.to_vec2::<f32>()?;
+                fr_kernels::no_grad(|| backbone.forward_t(&images, false))?.to_vec2::<f32>()?;
             }
             start.elapsed()
         }

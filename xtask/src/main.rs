@@ -37,6 +37,8 @@ fn workspace_root() -> PathBuf {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Reuse freed activations instead of mmap/munmap-ing each one (see fr_kernels::tune_allocator).
+    fr_kernels::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -111,7 +111,7 @@ impl Embedder for BackboneEmbedder<'_> {
         let shape = images.shape().to_vec();
         let data: Vec<f32> = images.iter().copied().collect();
         let x = Tensor::from_vec(data, shape, &self.device)?;
-        let y = self.model.forward_t(&x, false)?;
+        let y = fr_kernels::no_grad(|| self.model.forward_t(&x, false))?;
         let (n, d) = y.dims2()?;
         let v = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         Array2::from_shape_vec((n, d), v).map_err(|e| candle_core::Error::Msg(e.to_string()))

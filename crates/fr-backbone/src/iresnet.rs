@@ -373,7 +373,12 @@ impl ModuleT for IResNet {
         } else {
             x
         };
-        let x = self.fc.forward(&x)?;
+        // Detached inside `fr_kernels::no_grad`, like the other layers.
+        let fc = Linear::new(
+            fr_kernels::track(self.fc.weight()),
+            self.fc.bias().map(fr_kernels::track),
+        );
+        let x = fc.forward(&x)?;
         self.features.forward_t(&x, train)
     }
 }

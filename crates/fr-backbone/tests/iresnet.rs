@@ -239,3 +239,76 @@ fn registry_builds_from_toml() {
         BackboneConfig::Iresnet(IResNetConfig::r50())
     );
 }
+
+/// The CPU kernels (`kernels = "fused"`) and candle's own ops (`"candle"`) give the same
+/// embeddings, parameter gradients and BatchNorm running statistics over two training steps,
+/// and the same eval-mode embeddings, with and without `no_grad`.
+#[test]
+fn fused_kernels_equal_the_candle_reference_path() {
+    use fr_kernels::Kernels;
+    // f64, so that only real differences (not summation order) show.
+    let x = images(3, 32).to_dtype(DType::F64).unwrap();
+    let run = |kernels: Kernels| {
+        let varmap = VarMap::new();
+        let net = IResNet::new(
+            &tiny().with_kernels(kernels),
+            SeededVarMap::with_varmap(varmap.clone(), 5).var_builder(DType::F64, &Device::Cpu),
+        )
+        .unwrap();
+        let mut out: Vec<(String, Vec<f64>)> = Vec::new();
+        for step in 0..2 {
+            let y = net.forward_t(&x, true).unwrap();
+            let loss = (&y * &y).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            out.push((
+                format!("y{step}"),
+                y.flatten_all().unwrap().to_vec1().unwrap(),
+            ));
+            let data = varmap.data().lock().unwrap();
+            let mut names: Vec<&String> = data.keys().collect();
+            names.sort();
+            for name in names {
+                let v = data[name].as_tensor();
+                if let Some(g) = grads.get(v) {
+                    out.push((
+                        format!("d{name}{step}"),
+                        g.flatten_all().unwrap().to_vec1().unwrap(),
+                    ));
+                }
+                if name.contains("running_") {
+                    out.push((format!("{name}{step}"), v.to_vec1().unwrap()));
+                }
+            }
+        }
+        let eval = net.forward_t(&x, false).unwrap();
+        let eval_ng = fr_kernels::no_grad(|| net.forward_t(&x, false)).unwrap();
+        assert!(!eval_ng.track_op(), "no_grad output is still in a graph");
+        assert_eq!(
+            eval.to_vec2::<f64>().unwrap(),
+            eval_ng.to_vec2::<f64>().unwrap()
+        );
+        out.push((
+            "eval".into(),
+            eval.flatten_all().unwrap().to_vec1().unwrap(),
+        ));
+        out
+    };
+    let (fused, reference) = (run(Kernels::Fused), run(Kernels::Candle));
+    assert_eq!(fused.len(), reference.len());
+    assert!(
+        fused.len() > 40,
+        "too few gradients compared: {}",
+        fused.len()
+    );
+    for ((name, a), (name_ref, b)) in fused.iter().zip(&reference) {
+        assert_eq!(name, name_ref);
+        let scale = b.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f64, f64::max)
+            / scale;
+        assert!(worst < 1e-7, "{name}: relative difference {worst:e}");
+    }
+}

@@ -240,10 +240,11 @@ impl CustomOp3 for BatchNormBackwardOp {
                     (sd, sdx)
                 })
                 .unzip();
-            let mut out = Vec::with_capacity(if self.need_dx { x.len() } else { 0 } + 2 * c);
+            // dx, then dγ and dβ appended (capacity for all: no reallocation).
+            let mut dx = Vec::with_capacity(if self.need_dx { x.len() } else { 0 } + 2 * c);
             if self.need_dx {
                 // dx = a·dy + kx·x + k0 per channel (the closed forms above, expanded).
-                let mut dx = vec![T::zero(); x.len()];
+                dx.resize(x.len(), T::zero());
                 let coef: Vec<(T, T, T)> = (0..c)
                     .map(|ch| {
                         let a = gamma[ch].to_f64() * inv[ch];
@@ -267,11 +268,10 @@ impl CustomOp3 for BatchNormBackwardOp {
                             }
                         }
                     });
-                out.extend_from_slice(&dx);
             }
-            out.extend((0..c).map(|ch| T::from_f64(sum_dyxc[ch] * inv[ch])));
-            out.extend(sum_dy.iter().map(|&v| T::from_f64(v)));
-            T::to_cpu_storage_owned(out)
+            dx.extend((0..c).map(|ch| T::from_f64(sum_dyxc[ch] * inv[ch])));
+            dx.extend(sum_dy.iter().map(|&v| T::from_f64(v)));
+            T::to_cpu_storage_owned(dx)
         });
         let len = usize::from(self.need_dx) * b * c * s + 2 * c;
         Ok((out, len.into()))

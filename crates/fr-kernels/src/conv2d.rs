@@ -336,11 +336,11 @@ pub(crate) fn backward<T: Elem>(
     let plane_in = g.cin * g.hw();
     let wlen = g.cout * g.kg();
     let pl = plan(g.b, g.hwo());
-    let mut dx = if need_dx {
-        vec![T::zero(); g.b * plane_in]
-    } else {
-        Vec::new()
-    };
+    // dx, with room for the weight gradient that the custom op appends (no reallocation).
+    let mut dx = Vec::with_capacity(usize::from(need_dx) * g.b * plane_in + wlen);
+    if need_dx {
+        dx.resize(g.b * plane_in, T::zero());
+    }
     let dx_slots: Vec<Option<&mut [T]>> = if need_dx {
         dx.chunks_mut(pl.slot_imgs * plane_in).map(Some).collect()
     } else {

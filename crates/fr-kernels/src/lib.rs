@@ -10,18 +10,23 @@
 //! - [`prelu`]: one fused pass each way.
 //!
 //! The layers in [`nn`] pick these kernels or candle's own ops (the reference path) through
-//! [`Kernels`]; on a GPU they always use candle's. Results are deterministic for a given
+//! [`Kernels`]; on a GPU they always use candle's. [`no_grad`] runs inference without an
+//! autograd graph and [`tune_allocator`] keeps glibc from `mmap`-ing every activation. Results are deterministic for a given
 //! thread count. Tests check every kernel against candle and against finite differences.
 
+mod alloc;
 mod batch_norm;
 mod conv2d;
 mod depthwise;
 mod elem;
+mod grad;
 pub mod nn;
 mod prelu;
 
+pub use alloc::tune_allocator;
 pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
 pub use conv2d::{conv2d, ConvParams};
 pub use elem::Elem;
+pub use grad::{is_grad_enabled, no_grad, track};
 pub use nn::Kernels;
 pub use prelu::prelu;

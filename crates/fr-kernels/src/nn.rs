@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch_norm::{batch_norm_eval, batch_norm_train};
 use crate::conv2d::{conv2d, ConvParams};
+use crate::grad::track;
 use crate::prelu::prelu;
 
 /// Which implementation a layer runs.
@@ -67,13 +68,14 @@ impl Module for Conv2d {
     /// `(B, Cin, H, W)` → `(B, Cout, Ho, Wo)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.params;
-        let y = if self.kernels.fused_for(x) {
-            conv2d(x, &self.weight, p)?
+        let (x, weight) = (track(x), track(&self.weight));
+        let y = if self.kernels.fused_for(&x) {
+            conv2d(&x, &weight, p)?
         } else {
-            x.conv2d(&self.weight, p.padding, p.stride, p.dilation, p.groups)?
+            x.conv2d(&weight, p.padding, p.stride, p.dilation, p.groups)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            Some(b) => y.broadcast_add(&track(b).reshape((1, b.elem_count(), 1, 1))?),
             None => Ok(y),
         }
     }
@@ -154,12 +156,26 @@ impl BatchNorm {
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = &track(x);
         let Some((w, b)) = self.inner.weight_and_bias() else {
             return self.inner.forward_t(x, train);
         };
         if !self.kernels.fused_for(x) {
-            return self.inner.forward_t(x, train);
+            if crate::grad::is_grad_enabled() {
+                return self.inner.forward_t(x, train);
+            }
+            // The same layer on detached weights (the running statistics stay shared).
+            let detached = candle_nn::BatchNorm::new(
+                w.elem_count(),
+                self.running_mean.as_tensor().clone(),
+                self.running_var.as_tensor().clone(),
+                w.detach(),
+                b.detach(),
+                self.inner.eps(),
+            )?;
+            return detached.forward_t(x, train);
         }
+        let (w, b) = (&track(w), &track(b));
         let eps = self.inner.eps();
         if !train {
             let (rm, rv) = (
@@ -221,10 +237,11 @@ impl PReLU {
 
 impl Module for PReLU {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.kernels.fused_for(x) {
-            prelu(x, &self.weight)
+        let (x, weight) = (track(x), track(&self.weight));
+        if self.kernels.fused_for(&x) {
+            prelu(&x, &weight)
         } else {
-            candle_nn::PReLU::new(self.weight.clone(), self.weight.elem_count() == 1).forward(x)
+            candle_nn::PReLU::new(weight.clone(), weight.elem_count() == 1).forward(&x)
         }
     }
 }

@@ -110,23 +110,26 @@ impl CustomOp3 for PReluBackwardOp {
             let x = slice::<T>(s1, l1, self.name())?;
             let a = slice::<T>(s2, l2, self.name())?;
             let dy = slice::<T>(s3, l3, self.name())?;
-            let mut dx = vec![T::zero(); if self.need_dx { x.len() } else { 0 }];
+            // dx, then the slope gradients appended (capacity for both: no reallocation).
+            let mut dx = Vec::with_capacity(if self.need_dx { x.len() } else { 0 } + na);
+            dx.resize(if self.need_dx { x.len() } else { 0 }, T::zero());
             let per_image = |(xi, gi): (&[T], &[T]), dxi: Option<&mut [T]>| -> Vec<f64> {
                 let mut da = vec![0f64; na];
                 let mut dxi = dxi;
+                let zero = T::zero();
                 for ch in 0..c {
                     let (slope, slot) = if shared { (a[0], 0) } else { (a[ch], ch) };
                     let r = ch * s..(ch + 1) * s;
-                    let mut acc = T::zero();
-                    for (v, g) in xi[r.clone()].iter().zip(&gi[r.clone()]) {
-                        if *v <= T::zero() {
-                            acc += *v * *g;
-                        }
+                    let (xs, gs) = (&xi[r.clone()], &gi[r.clone()]);
+                    // Branch-free so that both loops vectorise.
+                    let mut acc = zero;
+                    for (v, g) in xs.iter().zip(gs) {
+                        acc += if *v <= zero { *v * *g } else { zero };
                     }
                     da[slot] += acc.to_f64();
                     if let Some(d) = dxi.as_deref_mut() {
-                        for ((o, v), g) in d[r.clone()].iter_mut().zip(&xi[r.clone()]).zip(&gi[r.clone()]) {
-                            *o = if *v > T::zero() { *g } else { slope * *g };
+                        for ((o, v), g) in d[r].iter_mut().zip(xs).zip(gs) {
+                            *o = if *v > zero { *g } else { slope * *g };
                         }
                     }
                 }
