@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_float, slice, Elem};
+use crate::elem::{dispatch_float, lane_sum, slice, Elem};
 
 /// Per-channel statistics of a batch, in f64: mean and biased variance over `B·H·W` values.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,26 +41,16 @@ fn stats<T: Elem>(x: &[T], b: usize, c: usize, s: usize) -> BatchStats {
     let (mean, var) = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (mut sum, mut sq) = ([0f64; 4], [0f64; 4]);
+            // Per plane in T with vectorised lanes, across planes in f64.
+            let (mut sum, mut sq) = (0f64, 0f64);
             for bi in 0..b {
                 let plane = &x[(bi * c + ch) * s..][..s];
-                let mut quads = plane.chunks_exact(4);
-                for q in &mut quads {
-                    for k in 0..4 {
-                        let v = q[k].to_f64();
-                        sum[k] += v;
-                        sq[k] += v * v;
-                    }
-                }
-                for v in quads.remainder() {
-                    let v = v.to_f64();
-                    sum[0] += v;
-                    sq[0] += v * v;
-                }
+                sum += lane_sum(plane, plane, |v, _| v).to_f64();
+                sq += lane_sum(plane, plane, |v, _| v * v).to_f64();
             }
             let n = (b * s) as f64;
-            let mean = sum.iter().sum::<f64>() / n;
-            (mean, (sq.iter().sum::<f64>() / n - mean * mean).max(0.0))
+            let mean = sum / n;
+            (mean, (sq / n - mean * mean).max(0.0))
         })
         .unzip();
     BatchStats {
@@ -228,14 +218,12 @@ impl CustomOp3 for BatchNormBackwardOp {
             let (sum_dy, sum_dyxc): (Vec<f64>, Vec<f64>) = (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let (mu, mut sd, mut sdx) = (st.mean[ch], 0f64, 0f64);
+                    let (mu, mut sd, mut sdx) = (T::from_f64(st.mean[ch]), 0f64, 0f64);
                     for bi in 0..b {
-                        let off = (bi * c + ch) * s;
-                        for (g, v) in dy[off..off + s].iter().zip(&x[off..off + s]) {
-                            let g = g.to_f64();
-                            sd += g;
-                            sdx += g * (v.to_f64() - mu);
-                        }
+                        let r = (bi * c + ch) * s..(bi * c + ch + 1) * s;
+                        let (gs, xs) = (&dy[r.clone()], &x[r]);
+                        sd += lane_sum(gs, gs, |g, _| g).to_f64();
+                        sdx += lane_sum(gs, xs, |g, v| g * (v - mu)).to_f64();
                     }
                     (sd, sdx)
                 })

@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use crate::conv2d::{valid_range, Geom};
-use crate::elem::Elem;
+use crate::elem::{lane_sum, Elem};
 
 /// Calls `f(oy, iy, lo, hi, off_x, weight index)` for every kernel tap and every output row
 /// whose input row lies inside the image; `lo..hi` are the valid output columns.
@@ -102,9 +102,7 @@ pub(crate) fn backward<T: Elem>(
                     let mut acc = T::zero();
                     if s == 1 {
                         let start = (lo as isize + off_x) as usize;
-                        for (a, v) in grad.iter().zip(&src[start..start + hi - lo]) {
-                            acc += *a * *v;
-                        }
+                        acc = lane_sum(grad, &src[start..start + hi - lo], |a, v| a * v);
                     } else {
                         for (i, a) in grad.iter().enumerate() {
                             acc += *a * src[(((lo + i) * s) as isize + off_x) as usize];

@@ -178,3 +178,27 @@ macro_rules! dispatch_float {
     }};
 }
 pub(crate) use dispatch_float;
+
+/// Independent partial sums of [`lane_sum`]: one AVX-512 register of f32.
+const LANES: usize = 16;
+
+/// `Σ_i f(a_i, b_i)` with [`LANES`] independent accumulators, so the loop vectorises (a plain
+/// float reduction is a serial chain of adds). The order of additions is fixed: the result
+/// is deterministic.
+#[inline(always)]
+pub(crate) fn lane_sum<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (qa, qb) in (&mut ca).zip(&mut cb) {
+        for k in 0..LANES {
+            acc[k] += f(qa[k], qb[k]);
+        }
+    }
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        acc[0] += f(*x, *y);
+    }
+    acc.iter().fold(T::zero(), |s, v| s + *v)
+}

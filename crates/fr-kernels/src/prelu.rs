@@ -5,7 +5,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_float, slice};
+use crate::elem::{dispatch_float, lane_sum, slice};
 
 /// `(B, C, S)` of `x (B, C, *)` and whether the slope is shared.
 fn dims(x: &[usize], a: &[usize]) -> Result<(usize, usize, usize, bool)> {
@@ -122,10 +122,7 @@ impl CustomOp3 for PReluBackwardOp {
                     let r = ch * s..(ch + 1) * s;
                     let (xs, gs) = (&xi[r.clone()], &gi[r.clone()]);
                     // Branch-free so that both loops vectorise.
-                    let mut acc = zero;
-                    for (v, g) in xs.iter().zip(gs) {
-                        acc += if *v <= zero { *v * *g } else { zero };
-                    }
+                    let acc = lane_sum(xs, gs, |v, g| if v <= zero { v * g } else { zero });
                     da[slot] += acc.to_f64();
                     if let Some(d) = dxi.as_deref_mut() {
                         for ((o, v), g) in d[r].iter_mut().zip(xs).zip(gs) {
