@@ -37,8 +37,9 @@ fn workspace_root() -> PathBuf {
 }
 
 fn main() -> anyhow::Result<()> {
-    // Reuse freed activations instead of mmap/munmap-ing each one (see fr_kernels::tune_allocator).
-    fr_kernels::tune_allocator();
+    // Reuse freed activations instead of mmap/munmap-ing each one, and keep candle's idle
+    // workers off the cores (see fr_kernels::tune_cpu_runtime).
+    fr_kernels::tune_cpu_runtime();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

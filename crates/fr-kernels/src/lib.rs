@@ -11,7 +11,8 @@
 //!
 //! The layers in [`nn`] pick these kernels or candle's own ops (the reference path) through
 //! [`Kernels`]; on a GPU they always use candle's. [`no_grad`] runs inference without an
-//! autograd graph and [`tune_allocator`] keeps glibc from `mmap`-ing every activation. Results are deterministic for a given
+//! autograd graph and [`tune_cpu_runtime`] keeps glibc from `mmap`-ing every activation and
+//! candle's pool from spinning on the cores the kernels use. Results are deterministic for a given
 //! thread count. Tests check every kernel against candle and against finite differences.
 
 mod alloc;
@@ -23,7 +24,7 @@ mod grad;
 pub mod nn;
 mod prelu;
 
-pub use alloc::tune_allocator;
+pub use alloc::{tune_allocator, tune_cpu_runtime};
 pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
 pub use conv2d::{conv2d, ConvParams};
 pub use elem::Elem;
