@@ -574,12 +574,15 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     let skipped: usize = methods.iter().map(|m| m.skipped_images).sum();
     let folds = rows.iter().map(|r| r.folds).min().unwrap_or(0);
     let caveat = if args.train_rec.is_none() {
-        "\n\nThis embedded default is a CPU-sized check of the pipeline (narrow IResNet at 56×56, \
-3 epochs on synthetic identities), not a reproduction of the paper's numbers or its ranking of \
-methods: at this budget the ranking mostly reflects how fast each loss converges. The paper's \
-protocol is in the comments of configs/lh2face.toml."
+        format!(
+            "\n\nThis embedded default is a CPU-sized check of the pipeline (narrow IResNet at \
+56×56, {} epochs on synthetic identities), not a reproduction of the paper's numbers or its \
+ranking of methods: at this budget the ranking mostly reflects how fast each loss converges. \
+The paper's protocol is in the comments of configs/lh2face.toml.",
+            preset.train.epochs
+        )
     } else {
-        ""
+        String::new()
     };
     let md = format!(
         "# Reproduction: {}\n\n{}\n\nData: {}.{}\n\n\

@@ -21,16 +21,18 @@ type Case = (
 );
 
 const CASES: &[Case] = &[
-    (2, 3, 7, 7, 4, 3, 1, 1, 1), // stem-like 3x3/1
-    (3, 4, 9, 9, 6, 3, 2, 1, 1), // odd size, stride 2 (IBasicBlock conv2)
-    (2, 4, 9, 7, 4, 1, 2, 0, 1), // 1x1 stride 2 (downsample), non-square odd
-    (2, 4, 6, 6, 5, 1, 1, 0, 1), // 1x1 stride 1 (pointwise fast path)
-    (2, 6, 7, 7, 6, 3, 1, 1, 6), // depthwise
-    (2, 6, 9, 9, 6, 3, 2, 1, 6), // depthwise, odd size, stride 2
-    (1, 4, 5, 5, 4, 3, 1, 1, 2), // two groups, batch 1 (GEMM-parallel path)
-    (5, 2, 3, 3, 3, 3, 2, 0, 1), // no padding, 3x3 input
-    (3, 2, 8, 8, 4, 3, 3, 2, 1), // stride 3, padding 2
-    (2, 4, 6, 6, 8, 3, 1, 1, 4), // grouped, 2 outputs per group
+    (2, 3, 7, 7, 4, 3, 1, 1, 1),   // stem-like 3x3/1
+    (3, 4, 9, 9, 6, 3, 2, 1, 1),   // odd size, stride 2 (IBasicBlock conv2)
+    (2, 4, 9, 7, 4, 1, 2, 0, 1),   // 1x1 stride 2 (downsample), non-square odd
+    (2, 4, 6, 6, 5, 1, 1, 0, 1),   // 1x1 stride 1 (pointwise fast path)
+    (2, 6, 7, 7, 6, 3, 1, 1, 6),   // depthwise
+    (2, 6, 9, 9, 6, 3, 2, 1, 6),   // depthwise, odd size, stride 2
+    (1, 4, 5, 5, 4, 3, 1, 1, 2),   // two groups, batch 1 (GEMM-parallel path)
+    (5, 2, 3, 3, 3, 3, 2, 0, 1),   // no padding, 3x3 input
+    (3, 2, 8, 8, 4, 3, 3, 2, 1),   // stride 3, padding 2
+    (2, 4, 6, 6, 8, 3, 1, 1, 4),   // grouped, 2 outputs per group
+    (2, 3, 15, 15, 4, 7, 2, 3, 1), // candle #1212: 7x7/2 pad 3 on an odd size, (H + 2p − k) % s ≠ 0
+    (1, 2, 3, 3, 2, 2, 1, 0, 1),   // candle #3735: 2x2 kernel on 3x3 (strided kernel below)
 ];
 
 fn params(c: &Case) -> ConvParams {
@@ -121,6 +123,45 @@ fn strided_inputs_and_kernels() {
     assert!(max_rel(&y, &y_ref) < 1e-12);
     let f = |t: &[Tensor]| conv2d(&t[0].permute((0, 3, 1, 2))?, &t[1].transpose(0, 1)?, p);
     assert!(finite_difference_error(&[x_nhwc, w_io], &f, 30, 3) < 1e-7);
+}
+
+/// candle #3735 / #3736: a transposed 2x2 kernel, and a 1x1 kernel that is a channel slice of a
+/// larger weight (non-zero storage offset), give the results of their contiguous copies.
+#[test]
+fn transposed_and_offset_kernels() {
+    let x = rand(&[1, 2, 3, 3], DType::F64, 4);
+    let k = rand(&[2, 2, 2, 2], DType::F64, 5);
+    let p = ConvParams::default();
+    let f = |t: &[Tensor]| conv2d(&t[0], &t[1].transpose(0, 1)?, p);
+    let g = |t: &[Tensor]| conv2d(&t[0], &t[1].transpose(0, 1)?.contiguous()?, p);
+    let (y, gr) = grads(&[x.clone(), k.clone()], &f, 6);
+    let (y_ref, gr_ref) = grads(&[x.clone(), k.clone()], &g, 6);
+    assert_eq!(max_rel(&y, &y_ref), 0.0);
+    assert_eq!(max_rel(&gr[0], &gr_ref[0]), 0.0);
+    assert_eq!(max_rel(&gr[1], &gr_ref[1]), 0.0);
+    assert!(finite_difference_error(&[x, k], &f, 20, 7) < 1e-7);
+
+    let x = rand(&[2, 4, 5, 5], DType::F64, 8);
+    let big = rand(&[6, 4, 1, 1], DType::F64, 9);
+    let f = |t: &[Tensor]| conv2d(&t[0], &t[1].narrow(0, 2, 3)?, p);
+    let g = |t: &[Tensor]| t[0].conv2d(&t[1].narrow(0, 2, 3)?.contiguous()?, 0, 1, 1, 1);
+    let (y, gr) = grads(&[x.clone(), big.clone()], &f, 10);
+    let (y_ref, gr_ref) = grads(&[x.clone(), big.clone()], &g, 10);
+    assert!(max_rel(&y, &y_ref) < 1e-12);
+    assert!(max_rel(&gr[0], &gr_ref[0]) < 1e-12);
+    assert!(max_rel(&gr[1], &gr_ref[1]) < 1e-12);
+    // Rows 0, 1 and 5 of the big weight are not used: their gradient is zero.
+    let unused = (gr[1]
+        .narrow(0, 0, 2)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap())
+    .to_scalar::<f64>()
+    .unwrap();
+    assert_eq!(unused, 0.0);
+    assert!(finite_difference_error(&[x, big], &f, 20, 11) < 1e-7);
 }
 
 #[test]
