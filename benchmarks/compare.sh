@@ -17,14 +17,15 @@ cargo build --release -p xtask >&2
 have_torch=0
 "$PYTHON" -c "import torch" 2>/dev/null && have_torch=1
 
-# mode model batch steps
+# mode model batch steps (after WARMUP untimed steps, so both peers are timed in steady state)
+WARMUP=${WARMUP:-2}
 CASES=(
-  "train default 64 20"
-  "infer default 64 20"
-  "train r18 32 3"
-  "infer r18 32 5"
-  "train r50 32 2"
-  "infer r50 32 3"
+  "train default 64 30"
+  "infer default 64 30"
+  "train r18 32 4"
+  "infer r18 32 6"
+  "train r50 32 4"
+  "infer r50 32 4"
 )
 
 median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
@@ -46,9 +47,9 @@ echo "| model | mode | batch | fr images/s | PyTorch images/s | fr / PyTorch | f
 echo "|---|---|---|---|---|---|---|---|"
 for case in "${CASES[@]}"; do
   read -r mode model batch steps <<< "$case"
-  read -r fr_ips fr_rss <<< "$(measure target/release/xtask bench "$mode" --model "$model" --batch "$batch" --steps "$steps")"
+  read -r fr_ips fr_rss <<< "$(measure target/release/xtask bench "$mode" --model "$model" --batch "$batch" --steps "$steps" --warmup "$WARMUP")"
   if [ "$have_torch" = 1 ]; then
-    read -r pt_ips pt_rss <<< "$(measure "$PYTHON" benchmarks/pytorch_iresnet.py "$mode" --model "$model" --batch "$batch" --steps "$steps" --threads "$THREADS")"
+    read -r pt_ips pt_rss <<< "$(measure "$PYTHON" benchmarks/pytorch_iresnet.py "$mode" --model "$model" --batch "$batch" --steps "$steps" --warmup "$WARMUP" --threads "$THREADS")"
     ratio=$(awk -v a="$fr_ips" -v b="$pt_ips" 'BEGIN {printf "%.2fx", a / b}')
   else
     pt_ips="–"; pt_rss="–"; ratio="–"

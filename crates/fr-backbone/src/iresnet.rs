@@ -251,6 +251,20 @@ impl IBasicBlock {
 
 impl ModuleT for IBasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if !train && !fr_kernels::is_grad_enabled() {
+            // Inference: conv1+bn2+prelu and conv2+bn3+residual as two fused convolutions.
+            let out = self.bn1.forward_t(x, false)?;
+            let out = self
+                .conv1
+                .forward_eval_fused(&out, &self.bn2, Some(&self.prelu), None)?;
+            let identity = match &self.downsample {
+                Some((c, b)) => c.forward_eval_fused(x, b, None, None)?,
+                None => x.clone(),
+            };
+            return self
+                .conv2
+                .forward_eval_fused(&out, &self.bn3, None, Some(&identity));
+        }
         let out = self.bn1.forward_t(x, train)?;
         let out = self.conv1.forward(&out)?;
         let out = self.bn2.forward_t(&out, train)?;
@@ -361,9 +375,14 @@ impl ModuleT for IResNet {
             [_, 3, h, w] if *h == s && *w == s => {}
             d => candle_core::bail!("IResNet expects input (B, 3, {s}, {s}), got {d:?}"),
         }
-        let x = self.conv1.forward(x)?;
-        let x = self.bn1.forward_t(&x, train)?;
-        let mut x = self.prelu.forward(&x)?;
+        let mut x = if !train && !fr_kernels::is_grad_enabled() {
+            self.conv1
+                .forward_eval_fused(x, &self.bn1, Some(&self.prelu), None)?
+        } else {
+            let x = self.conv1.forward(x)?;
+            let x = self.bn1.forward_t(&x, train)?;
+            self.prelu.forward(&x)?
+        };
         for block in self.layers.iter().flatten() {
             x = block.forward_t(&x, train)?;
         }

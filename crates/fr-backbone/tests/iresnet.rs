@@ -242,7 +242,7 @@ fn registry_builds_from_toml() {
 
 /// The CPU kernels (`kernels = "fused"`) and candle's own ops (`"candle"`) give the same
 /// embeddings, parameter gradients and BatchNorm running statistics over two training steps,
-/// and the same eval-mode embeddings, with and without `no_grad`.
+/// and the same eval-mode embeddings, with and without `no_grad` (the fused inference path).
 #[test]
 fn fused_kernels_equal_the_candle_reference_path() {
     use fr_kernels::Kernels;
@@ -283,10 +283,14 @@ fn fused_kernels_equal_the_candle_reference_path() {
         let eval = net.forward_t(&x, false).unwrap();
         let eval_ng = fr_kernels::no_grad(|| net.forward_t(&x, false)).unwrap();
         assert!(!eval_ng.track_op(), "no_grad output is still in a graph");
-        assert_eq!(
-            eval.to_vec2::<f64>().unwrap(),
-            eval_ng.to_vec2::<f64>().unwrap()
-        );
+        // no_grad runs the fused inference convolutions: equal up to rounding.
+        let diff = (&eval - &eval_ng)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
         out.push((
             "eval".into(),
             eval.flatten_all().unwrap().to_vec1().unwrap(),

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_float, lane_sum, slice, Elem};
+use crate::elem::{dispatch_float, lane_sum, slice, uninit_vec, Elem};
 
 /// Per-channel statistics of a batch, in f64: mean and biased variance over `B·H·W` values.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +62,7 @@ fn stats<T: Elem>(x: &[T], b: usize, c: usize, s: usize) -> BatchStats {
 
 /// `out = a_c·x + k_c` per channel, in parallel over images.
 fn affine<T: Elem>(x: &[T], c: usize, s: usize, a: &[f64], k: &[f64]) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = uninit_vec::<T>(x.len()); // every element written below
     out.par_chunks_mut(c * s)
         .zip(x.par_chunks(c * s))
         .for_each(|(o, xi)| {
@@ -232,7 +232,8 @@ impl CustomOp3 for BatchNormBackwardOp {
             let mut dx = Vec::with_capacity(if self.need_dx { x.len() } else { 0 } + 2 * c);
             if self.need_dx {
                 // dx = a·dy + kx·x + k0 per channel (the closed forms above, expanded).
-                dx.resize(x.len(), T::zero());
+                // SAFETY: capacity ≥ x.len(); every element is written by the loop below.
+                unsafe { dx.set_len(x.len()) };
                 let coef: Vec<(T, T, T)> = (0..c)
                     .map(|ch| {
                         let a = gamma[ch].to_f64() * inv[ch];

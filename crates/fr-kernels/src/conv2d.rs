@@ -13,7 +13,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_float, matmul, slice, with_scratch, Elem, MatRef};
+use crate::elem::{dispatch_float, matmul, slice, uninit_vec, with_scratch, Elem, MatRef};
 
 /// GEMM width (columns = images · output pixels) a chunk aims for: small maps such as 7×7 are
 /// batched over several images so the GEMMs stay large.
@@ -242,12 +242,64 @@ fn col2im<T: Elem>(g: &Geom, cols: &[T], nb: usize, dx: &mut [T]) {
 }
 
 /// Forward pass on contiguous `x (B, Cin, H, W)` and `weight (Cout, Cin/g, kh, kw)`.
-pub(crate) fn forward<T: Elem>(g: &Geom, x: &[T], weight: &[T]) -> Vec<T> {
+/// What an inference convolution applies to each output row `(image, channel)` right after
+/// its GEMM, while the row is still in cache: `v·scale + shift` (an eval-mode BatchNorm and the
+/// bias), then PReLU with `slope`, then `+ residual`. See [`crate::conv2d_eval_fused`].
+pub(crate) struct Epilogue<'a, T> {
+    pub scale: Vec<T>,
+    pub shift: Vec<T>,
+    pub slope: Option<Vec<T>>,
+    /// `(B, Cout, Ho, Wo)`, contiguous.
+    pub residual: Option<&'a [T]>,
+}
+
+impl<T: Elem> Epilogue<'_, T> {
+    /// Applies the epilogue to `row`, the output of channel `co` of image `img` (`Ho·Wo`).
+    #[inline]
+    fn apply(&self, row: &mut [T], img: usize, co: usize, cout: usize) {
+        let (a, k) = (self.scale[co], self.shift[co]);
+        match &self.slope {
+            Some(slope) => {
+                let sl = slope[co];
+                for v in row.iter_mut() {
+                    let z = *v * a + k;
+                    *v = if z > T::zero() { z } else { sl * z };
+                }
+            }
+            None => {
+                for v in row.iter_mut() {
+                    *v = *v * a + k;
+                }
+            }
+        }
+        if let Some(res) = self.residual {
+            let r = &res[(img * cout + co) * row.len()..][..row.len()];
+            for (v, r) in row.iter_mut().zip(r) {
+                *v += *r;
+            }
+        }
+    }
+}
+
+pub(crate) fn forward<T: Elem>(
+    g: &Geom,
+    x: &[T],
+    weight: &[T],
+    epi: Option<&Epilogue<'_, T>>,
+) -> Vec<T> {
     if g.is_depthwise() {
-        return crate::depthwise::forward(g, x, weight);
+        let mut y = crate::depthwise::forward(g, x, weight);
+        if let Some(epi) = epi {
+            let hwo = g.hwo();
+            y.par_chunks_mut(hwo).enumerate().for_each(|(plane, row)| {
+                epi.apply(row, plane / g.cout, plane % g.cout, g.cout);
+            });
+        }
+        return y;
     }
     let plane_out = g.cout * g.hwo();
-    let mut y = vec![T::zero(); g.b * plane_out];
+    // Every element is written by a GEMM (read_dst = false) or by the copy out of `tmp`.
+    let mut y = uninit_vec::<T>(g.b * plane_out);
     let pl = plan(g.b, g.hwo());
     let run = |slot: usize, ys: &mut [T]| {
         let nimg = ys.len() / plane_out;
@@ -256,7 +308,7 @@ pub(crate) fn forward<T: Elem>(g: &Geom, x: &[T], weight: &[T]) -> Vec<T> {
             let nb = pl.chunk_imgs.min(nimg - j);
             let img0 = slot * pl.slot_imgs + j;
             let dst = &mut ys[j * plane_out..(j + nb) * plane_out];
-            forward_chunk(g, x, weight, img0, nb, dst, pl.gemm_threads);
+            forward_chunk(g, x, weight, img0, nb, dst, pl.gemm_threads, epi);
             j += nb;
         }
     };
@@ -270,6 +322,7 @@ pub(crate) fn forward<T: Elem>(g: &Geom, x: &[T], weight: &[T]) -> Vec<T> {
     y
 }
 
+#[allow(clippy::too_many_arguments)]
 fn forward_chunk<T: Elem>(
     g: &Geom,
     x: &[T],
@@ -278,6 +331,7 @@ fn forward_chunk<T: Elem>(
     nb: usize,
     y: &mut [T],
     threads: usize,
+    epi: Option<&Epilogue<'_, T>>,
 ) {
     let (hwo, n, kg, cout_g) = (g.hwo(), nb * g.hwo(), g.kg(), g.cout_g());
     let direct = nb == 1;
@@ -309,11 +363,14 @@ fn forward_chunk<T: Elem>(
                 );
             }
         }
-        if !direct {
-            for j in 0..nb {
-                for co in 0..g.cout {
-                    y[(j * g.cout + co) * hwo..][..hwo]
-                        .copy_from_slice(&tmp[co * n + j * hwo..][..hwo]);
+        for j in 0..nb {
+            for co in 0..g.cout {
+                let row = &mut y[(j * g.cout + co) * hwo..][..hwo];
+                if !direct {
+                    row.copy_from_slice(&tmp[co * n + j * hwo..][..hwo]);
+                }
+                if let Some(epi) = epi {
+                    epi.apply(row, img0 + j, co, g.cout);
                 }
             }
         }
@@ -499,7 +556,7 @@ impl CustomOp2 for Conv2dOp {
         let out = dispatch_float!(self.name(), s1, T => {
             let x = slice::<T>(s1, l1, self.name())?;
             let w = slice::<T>(s2, l2, self.name())?;
-            T::to_cpu_storage_owned(forward(&g, x, w))
+            T::to_cpu_storage_owned(forward(&g, x, w, None))
         });
         Ok((out, (g.b, g.cout, g.ho, g.wo).into()))
     }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch_norm::{batch_norm_eval, batch_norm_train};
 use crate::conv2d::{conv2d, ConvParams};
+use crate::conv2d_eval::conv2d_eval_fused;
 use crate::grad::track;
 use crate::prelu::prelu;
 
@@ -61,6 +62,48 @@ impl Conv2d {
     /// Stride, padding, dilation and groups.
     pub fn params(&self) -> ConvParams {
         self.params
+    }
+}
+
+impl Conv2d {
+    /// Inference: `prelu(bn(conv(x))) + residual` with `bn` in eval mode. Inside
+    /// [`crate::no_grad`], on the CPU kernels and with an affine `bn`, the three layers and the
+    /// add run as one convolution with a fused epilogue ([`conv2d_eval_fused`]); otherwise
+    /// (gradients recorded, a GPU, the candle path) as the separate layers. Same result up to
+    /// float rounding.
+    ///
+    /// # Errors
+    /// Shape mismatches, or failures of the layers.
+    pub fn forward_eval_fused(
+        &self,
+        x: &Tensor,
+        bn: &BatchNorm,
+        prelu: Option<&PReLU>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let fusable = !crate::grad::is_grad_enabled()
+            && self.kernels.fused_for(x)
+            && bn.kernels.fused_for(x)
+            && prelu.is_none_or(|p| p.kernels.fused_for(x));
+        if let (true, Some((scale, mut shift))) = (fusable, bn.eval_scale_shift()?) {
+            if let Some(b) = &self.bias {
+                let b = BatchNorm::host(b)?;
+                for ((s, a), b) in shift.iter_mut().zip(&scale).zip(&b) {
+                    *s += a * b;
+                }
+            }
+            let slope = prelu.map(|p| p.slopes(scale.len())).transpose()?;
+            return conv2d_eval_fused(x, &self.weight, self.params, scale, shift, slope, residual);
+        }
+        let y = bn.forward_t(&self.forward(x)?, false)?;
+        let y = match prelu {
+            Some(p) => p.forward(&y)?,
+            None => y,
+        };
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
     }
 }
 
@@ -152,6 +195,35 @@ impl BatchNorm {
     fn host(t: &Tensor) -> Result<Vec<f64>> {
         t.to_dtype(DType::F64)?.to_vec1::<f64>()
     }
+
+    /// The eval-mode map `y = x·scale + shift` per channel: `scale = γ/√(running_var + ε)`,
+    /// `shift = β − running_mean·scale` (`(C,)` each, f64); `None` without affine parameters.
+    ///
+    /// # Errors
+    /// Only from reading the tensors.
+    pub fn eval_scale_shift(&self) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
+        let Some((w, b)) = self.inner.weight_and_bias() else {
+            return Ok(None);
+        };
+        let (w, b) = (Self::host(w)?, Self::host(b)?);
+        let (rm, rv) = (
+            Self::host(self.running_mean())?,
+            Self::host(self.running_var())?,
+        );
+        let eps = self.inner.eps();
+        let scale: Vec<f64> = w
+            .iter()
+            .zip(&rv)
+            .map(|(g, v)| g / (v + eps).sqrt())
+            .collect();
+        let shift = b
+            .iter()
+            .zip(&rm)
+            .zip(&scale)
+            .map(|((b, m), a)| b - m * a)
+            .collect();
+        Ok(Some((scale, shift)))
+    }
 }
 
 impl ModuleT for BatchNorm {
@@ -232,6 +304,19 @@ impl PReLU {
     /// The slopes.
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// The slopes of `channels` channels on the host (a shared slope repeated).
+    ///
+    /// # Errors
+    /// A slope count other than 1 or `channels`.
+    pub fn slopes(&self, channels: usize) -> Result<Vec<f64>> {
+        let a = BatchNorm::host(&self.weight.flatten_all()?)?;
+        match a.len() {
+            1 => Ok(vec![a[0]; channels]),
+            n if n == channels => Ok(a),
+            n => candle_core::bail!("prelu: {n} slopes for {channels} channels"),
+        }
     }
 }
 

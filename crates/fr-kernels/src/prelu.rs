@@ -5,7 +5,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_float, lane_sum, slice};
+use crate::elem::{dispatch_float, lane_sum, slice, uninit_vec};
 
 /// `(B, C, S)` of `x (B, C, *)` and whether the slope is shared.
 fn dims(x: &[usize], a: &[usize]) -> Result<(usize, usize, usize, bool)> {
@@ -38,7 +38,7 @@ impl CustomOp2 for PReluOp {
         let out = dispatch_float!(self.name(), s1, T => {
             let x = slice::<T>(s1, l1, self.name())?;
             let a = slice::<T>(s2, l2, self.name())?;
-            let mut y = vec![T::zero(); x.len()];
+            let mut y = uninit_vec::<T>(x.len()); // every element written below
             y.par_chunks_mut(c * s).zip(x.par_chunks(c * s)).for_each(|(yi, xi)| {
                 for ch in 0..c {
                     let slope = a[if shared { 0 } else { ch }];
@@ -112,7 +112,10 @@ impl CustomOp3 for PReluBackwardOp {
             let dy = slice::<T>(s3, l3, self.name())?;
             // dx, then the slope gradients appended (capacity for both: no reallocation).
             let mut dx = Vec::with_capacity(if self.need_dx { x.len() } else { 0 } + na);
-            dx.resize(if self.need_dx { x.len() } else { 0 }, T::zero());
+            if self.need_dx {
+                // SAFETY: capacity ≥ x.len(); every element is written by `per_image`.
+                unsafe { dx.set_len(x.len()) };
+            }
             let per_image = |(xi, gi): (&[T], &[T]), dxi: Option<&mut [T]>| -> Vec<f64> {
                 let mut da = vec![0f64; na];
                 let mut dxi = dxi;

@@ -164,3 +164,70 @@ fn prelu_layer_paths_agree_and_bad_slopes_are_errors() {
     )
     .is_err());
 }
+
+/// The fused inference convolution equals conv → eval BatchNorm → PReLU → + residual, for a
+/// plain, a strided 1×1, a grouped and a depthwise convolution, with and without each part.
+#[test]
+fn conv_eval_fused_equals_the_separate_layers() {
+    use fr_kernels::nn::{BatchNorm as Bn, Conv2d};
+    use fr_kernels::ConvParams;
+    let cases: &[(usize, usize, usize, usize, usize, usize)] = &[
+        // (Cin, Cout, k, stride, padding, groups)
+        (4, 6, 3, 1, 1, 1),
+        (4, 6, 1, 2, 0, 1),
+        (4, 6, 3, 2, 1, 2),
+        (6, 6, 3, 1, 1, 6),
+    ];
+    for (i, &(cin, cout, k, stride, padding, groups)) in cases.iter().enumerate() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+        let bn = Bn::load(cout, 1e-5, vb.pp("bn"), Kernels::Fused).unwrap();
+        // Non-trivial running statistics and affine parameters.
+        for (name, seed) in [("running_mean", 1), ("weight", 2), ("bias", 3)] {
+            vm.data().lock().unwrap()[&format!("bn.{name}")]
+                .set(&rand(&[cout], DType::F64, seed + i as u64))
+                .unwrap();
+        }
+        let rv = (rand(&[cout], DType::F64, 4).abs().unwrap() + 0.5).unwrap();
+        vm.data().lock().unwrap()["bn.running_var"]
+            .set(&rv)
+            .unwrap();
+        let params = ConvParams {
+            stride,
+            padding,
+            dilation: 1,
+            groups,
+        };
+        let w = rand(&[cout, cin / groups, k, k], DType::F64, 5);
+        let bias = rand(&[cout], DType::F64, 6);
+        let conv = Conv2d::new(w, Some(bias), params, Kernels::Fused);
+        let prelu = PReLU::new(rand(&[cout], DType::F64, 7), Kernels::Fused);
+        let x = rand(&[3, cin, 9, 9], DType::F64, 8);
+        let y0 = conv.forward(&x).unwrap();
+        let residual = rand(y0.dims(), DType::F64, 9);
+        for (with_prelu, with_residual) in
+            [(false, false), (true, false), (false, true), (true, true)]
+        {
+            let p = with_prelu.then_some(&prelu);
+            let r = with_residual.then_some(&residual);
+            let separate = conv.forward_eval_fused(&x, &bn, p, r).unwrap();
+            let fused = fr_kernels::no_grad(|| conv.forward_eval_fused(&x, &bn, p, r)).unwrap();
+            assert!(!fused.track_op());
+            let err = max_rel(&fused, &separate);
+            assert!(
+                err < 1e-12,
+                "case {i}, prelu {with_prelu}, residual {with_residual}: {err:e}"
+            );
+        }
+        let wrong = fr_kernels::conv2d_eval_fused(
+            &x,
+            conv.weight(),
+            params,
+            vec![1.0; cout + 1],
+            vec![0.0; cout],
+            None,
+            None,
+        );
+        assert!(wrong.is_err());
+    }
+}
