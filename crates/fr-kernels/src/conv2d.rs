@@ -164,11 +164,28 @@ fn plan(b: usize, hwo: usize) -> Plan {
     }
 }
 
+/// For stride 1 with `Wo = W` ("same" padding, e.g. 3×3 with padding 1), the im2col row of a
+/// kernel tap is the input plane shifted by a constant `delta`: output position `t = oy·W + ox`
+/// reads input `t + delta`. Returns `(delta, a, b, oy_lo, oy_hi)`: rows `oy_lo..oy_hi` have an
+/// input row, and `a..b` is the part of them whose shifted index lies inside the plane; every
+/// other position of those rows is an out-of-image column.
+fn shifted_span(g: &Geom, ky: usize, off_x: isize) -> (isize, usize, usize, usize, usize) {
+    let (w, d, p) = (g.w as isize, g.p.dilation, g.p.padding as isize);
+    let dy = (ky * d) as isize - p;
+    let oy_lo = ((-dy).max(0) as usize).min(g.ho);
+    let oy_hi = ((g.h as isize - dy).clamp(0, g.ho as isize) as usize).max(oy_lo);
+    let delta = dy * w + off_x;
+    let a = (oy_lo * g.w).max((-delta).max(0) as usize);
+    let b = (oy_hi * g.w).min((g.hw() as isize - delta).max(0) as usize);
+    (delta, a, b.max(a), oy_lo, oy_hi)
+}
+
 /// Writes the im2col matrix of images `img0 .. img0 + nb` into `cols`
 /// (`Cin·kh·kw` rows × `nb·Ho·Wo` columns, row-major).
 fn im2col<T: Elem>(g: &Geom, x: &[T], img0: usize, nb: usize, cols: &mut [T]) {
     let (hwo, n) = (g.hwo(), nb * g.hwo());
     let (s, d, p) = (g.p.stride, g.p.dilation, g.p.padding as isize);
+    let shifted = s == 1 && g.wo == g.w;
     for ci in 0..g.cin {
         for ky in 0..g.kh {
             for kx in 0..g.kw {
@@ -176,6 +193,25 @@ fn im2col<T: Elem>(g: &Geom, x: &[T], img0: usize, nb: usize, cols: &mut [T]) {
                 let dst_row = &mut cols[row * n..(row + 1) * n];
                 let off_x = (kx * d) as isize - p;
                 let (lo, hi) = valid_range(off_x, s, g.w, g.wo);
+                if shifted {
+                    // One block copy per plane, then zero the out-of-image rows and columns.
+                    let (delta, a, b, oy_lo, oy_hi) = shifted_span(g, ky, off_x);
+                    for j in 0..nb {
+                        let plane = &x[((img0 + j) * g.cin + ci) * g.hw()..][..g.hw()];
+                        let dst = &mut dst_row[j * hwo..][..hwo];
+                        dst[..a].fill(T::zero());
+                        dst[b..].fill(T::zero());
+                        let start = (a as isize + delta) as usize;
+                        dst[a..b].copy_from_slice(&plane[start..start + (b - a)]);
+                        if lo > 0 || hi < g.w {
+                            for r in dst[oy_lo * g.w..oy_hi * g.w].chunks_exact_mut(g.w) {
+                                r[..lo].fill(T::zero());
+                                r[hi..].fill(T::zero());
+                            }
+                        }
+                    }
+                    continue;
+                }
                 for j in 0..nb {
                     let plane = &x[((img0 + j) * g.cin + ci) * g.hw()..][..g.hw()];
                     for oy in 0..g.ho {
@@ -205,16 +241,38 @@ fn im2col<T: Elem>(g: &Geom, x: &[T], img0: usize, nb: usize, cols: &mut [T]) {
 
 /// Adds the columns of `cols` (as written by [`im2col`]) back into the images `dx`
 /// (`nb` images, `(nb, Cin, H, W)`).
-fn col2im<T: Elem>(g: &Geom, cols: &[T], nb: usize, dx: &mut [T]) {
+/// `cols` is scratch: the stride-1 path zeroes its out-of-image columns in place.
+fn col2im<T: Elem>(g: &Geom, cols: &mut [T], nb: usize, dx: &mut [T]) {
     let (hwo, n) = (g.hwo(), nb * g.hwo());
     let (s, d, p) = (g.p.stride, g.p.dilation, g.p.padding as isize);
+    let shifted = s == 1 && g.wo == g.w;
     for ci in 0..g.cin {
         for ky in 0..g.kh {
             for kx in 0..g.kw {
                 let row = (ci * g.kh + ky) * g.kw + kx;
-                let src_row = &cols[row * n..(row + 1) * n];
+                let src_row = &mut cols[row * n..(row + 1) * n];
                 let off_x = (kx * d) as isize - p;
                 let (lo, hi) = valid_range(off_x, s, g.w, g.wo);
+                if shifted {
+                    // Zero the out-of-image columns, then one block add per plane.
+                    let (delta, a, b, oy_lo, oy_hi) = shifted_span(g, ky, off_x);
+                    for j in 0..nb {
+                        let src = &mut src_row[j * hwo..][..hwo];
+                        if lo > 0 || hi < g.w {
+                            for r in src[oy_lo * g.w..oy_hi * g.w].chunks_exact_mut(g.w) {
+                                r[..lo].fill(T::zero());
+                                r[hi..].fill(T::zero());
+                            }
+                        }
+                        let plane = &mut dx[(j * g.cin + ci) * g.hw()..][..g.hw()];
+                        let start = (a as isize + delta) as usize;
+                        for (o, v) in plane[start..start + (b - a)].iter_mut().zip(&src[a..b]) {
+                            *o += *v;
+                        }
+                    }
+                    continue;
+                }
+                let src_row = &*src_row;
                 for j in 0..nb {
                     let plane = &mut dx[(j * g.cin + ci) * g.hw()..][..g.hw()];
                     for oy in 0..g.ho {

@@ -230,3 +230,25 @@ proptest! {
         prop_assert!(err < 1e-7, "{:?}: finite-difference error {:e}", c, err);
     }
 }
+
+/// Dilated 3×3 convolutions: padding 2 keeps the size (the shifted-copy im2col path),
+/// padding 1 shrinks it (the general path); both against candle and finite differences.
+#[test]
+fn dilated_kernels() {
+    for padding in [2, 1] {
+        let p = ConvParams {
+            stride: 1,
+            padding,
+            dilation: 2,
+            groups: 1,
+        };
+        let x = rand(&[3, 3, 8, 7], DType::F64, 20 + padding as u64);
+        let w = rand(&[4, 3, 3, 3], DType::F64, 30);
+        let (y, g) = grads(&[x.clone(), w.clone()], &ours(p), 1);
+        let (y_ref, g_ref) = grads(&[x.clone(), w.clone()], &candle(p), 1);
+        assert!(max_rel(&y, &y_ref) < 1e-12, "padding {padding}");
+        assert!(max_rel(&g[0], &g_ref[0]) < 1e-12, "padding {padding}");
+        assert!(max_rel(&g[1], &g_ref[1]) < 1e-12, "padding {padding}");
+        assert!(finite_difference_error(&[x, w], &ours(p), 30, 2) < 1e-7);
+    }
+}
