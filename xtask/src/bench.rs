@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Kernels: `auto` (fr-kernels on the CPU), `fused`, or `candle` (candle's own ops, the
+    /// reference path) for an A/B comparison.
+    #[arg(long, default_value = "auto")]
+    pub kernels: String,
 }
 
 fn model_config(name: &str, input_size: Option<usize>, root: &Path) -> Result<IResNetConfig> {
@@ -88,7 +92,9 @@ pub fn run(args: &BenchArgs, root: &Path) -> Result<()> {
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
-    let cfg = model_config(&args.model, args.input_size, root)?;
+    let kernels: fr_kernels::Kernels = serde_json::from_value(serde_json::json!(args.kernels))
+        .with_context(|| format!("--kernels {}: expected auto, fused or candle", args.kernels))?;
+    let cfg = model_config(&args.model, args.input_size, root)?.with_kernels(kernels);
     cfg.validate()?;
     let device = Device::Cpu;
     let seeded = SeededVarMap::new(0);

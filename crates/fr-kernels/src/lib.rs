@@ -1,5 +1,24 @@
 //! CPU kernels for face-recognition backbones, as candle custom ops with their own backward.
 //!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use fr_kernels::{conv2d, ConvParams};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! fr_kernels::tune_cpu_runtime(); // once, first thing in main
+//! let x = Var::randn(0f32, 1.0, (2, 3, 9, 9), &Device::Cpu)?;
+//! let w = Var::randn(0f32, 0.1, (8, 3, 3, 3), &Device::Cpu)?;
+//! let p = ConvParams { stride: 2, padding: 1, ..Default::default() };
+//! let y = conv2d(x.as_tensor(), w.as_tensor(), p)?; // (2, 8, 5, 5)
+//! let grads = y.sqr()?.sum_all()?.backward()?;
+//! assert_eq!(grads.get(&w).unwrap().dims(), &[8, 3, 3, 3]);
+//! // Inference without an autograd graph: the output keeps nothing alive.
+//! let y = fr_kernels::no_grad(|| conv2d(&x.detach(), &w.detach(), p))?;
+//! assert_eq!(y.dims(), &[2, 8, 5, 5]);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! candle 0.11's CPU convolution builds a full-size im2col buffer per call and computes the
 //! input gradient with a naive transposed convolution; BatchNorm and PReLU are chains of
 //! broadcast ops whose intermediates all stay alive for backward. This crate replaces them on
