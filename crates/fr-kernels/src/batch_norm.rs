@@ -31,8 +31,12 @@ pub struct BatchStats {
 /// `(B, C, S)`: batch, channels, and spatial positions per channel (1 for `(B, C)` input).
 fn dims(shape: &[usize]) -> Result<(usize, usize, usize)> {
     match shape {
-        [b, c, rest @ ..] => Ok((*b, *c, rest.iter().product())),
-        _ => bail!("batch_norm expects (B, C, ...) input, got {shape:?}"),
+        [b, c, rest @ ..] if *c > 0 && rest.iter().all(|&d| d > 0) => {
+            Ok((*b, *c, rest.iter().product()))
+        }
+        _ => bail!(
+            "batch_norm expects (B, C, ...) input with C and the spatial sizes ≥ 1, got {shape:?}"
+        ),
     }
 }
 
@@ -125,6 +129,9 @@ impl CustomOp3 for BatchNormOp {
             let gamma = slice::<T>(s2, l2, self.name())?;
             let beta = slice::<T>(s3, l3, self.name())?;
             let st = if self.train {
+                if b == 0 {
+                    bail!("batch_norm: train mode needs at least one image, got {:?}", l1.dims());
+                }
                 let st = stats(x, b, c, s);
                 *self.stats.lock().map_err(|_| candle_core::Error::Msg("fr-batch-norm: poisoned lock".into()))? = Some(st.clone());
                 st

@@ -65,6 +65,9 @@ impl Geom {
         let (&[b, cin, h, w], &[cout, cin_g, kh, kw]) = (x, weight) else {
             bail!("conv2d expects x (B, Cin, H, W) and weight (Cout, Cin/groups, kh, kw), got {x:?} and {weight:?}")
         };
+        if cin == 0 || cout == 0 {
+            bail!("conv2d: zero channels in x {x:?} or weight {weight:?}");
+        }
         if p.stride == 0 || p.dilation == 0 || p.groups == 0 {
             bail!("conv2d: stride, dilation and groups must be at least 1, got {p:?}");
         }
@@ -497,7 +500,10 @@ pub(crate) fn backward<T: Elem>(
         dx_slots.into_par_iter().enumerate().map(work).collect()
     };
     let mut parts = partials.into_iter();
-    let mut dw = parts.next().unwrap_or_default();
+    // An empty batch has no slots: its weight gradient is zero.
+    let mut dw = parts
+        .next()
+        .unwrap_or_else(|| vec![T::zero(); usize::from(need_dw) * wlen]);
     for part in parts {
         for (a, b) in dw.iter_mut().zip(&part) {
             *a += *b;

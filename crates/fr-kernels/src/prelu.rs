@@ -10,8 +10,10 @@ use crate::elem::{dispatch_float, lane_sum, slice, uninit_vec};
 /// `(B, C, S)` of `x (B, C, *)` and whether the slope is shared.
 fn dims(x: &[usize], a: &[usize]) -> Result<(usize, usize, usize, bool)> {
     let (b, c, s) = match x {
-        [b, c, rest @ ..] => (*b, *c, rest.iter().product::<usize>()),
-        _ => bail!("prelu expects (B, C, ...) input, got {x:?}"),
+        [b, c, rest @ ..] if *c > 0 && rest.iter().all(|&d| d > 0) => {
+            (*b, *c, rest.iter().product::<usize>())
+        }
+        _ => bail!("prelu expects (B, C, ...) input with C and the spatial sizes ≥ 1, got {x:?}"),
     };
     match a.iter().product::<usize>() {
         1 => Ok((b, c, s, true)),

@@ -175,6 +175,42 @@ fn deterministic_across_runs() {
     assert_eq!(run(), run());
 }
 
+/// An empty batch gives an empty output and a zero weight gradient, not an error or a panic.
+#[test]
+fn empty_batch() {
+    let x = rand(&[0, 3, 5, 5], DType::F32, 0);
+    for (w, p) in [
+        (
+            rand(&[4, 3, 3, 3], DType::F32, 1),
+            ConvParams {
+                padding: 1,
+                ..Default::default()
+            },
+        ),
+        (
+            rand(&[3, 1, 3, 3], DType::F32, 1),
+            ConvParams {
+                padding: 1,
+                groups: 3,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let (y, g) = grads(&[x.clone(), w.clone()], &ours(p), 0);
+        assert_eq!(y.dims(), &[0, w.dim(0).unwrap(), 5, 5]);
+        assert_eq!(g[0].dims(), x.dims());
+        assert_eq!(
+            g[1].abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+    }
+}
+
 #[test]
 fn bad_shapes_and_dtypes_are_errors() {
     let x = rand(&[2, 4, 5, 5], DType::F32, 0);

@@ -149,6 +149,21 @@ fn prelu_layer_paths_agree_and_bad_slopes_are_errors() {
     let reference = PReLU::new(a, Kernels::Candle).forward(&x).unwrap();
     assert!(max_rel(&fused, &reference) < 1e-7);
     assert!(prelu(&x, &rand(&[2], DType::F32, 3)).is_err());
+    // Empty channel or spatial dimensions, and an empty batch in train mode: errors, not panics.
+    let (a3, empty_c) = (
+        rand(&[3], DType::F32, 3),
+        rand(&[2, 0, 4, 4], DType::F32, 4),
+    );
+    assert!(prelu(&empty_c, &rand(&[1], DType::F32, 3)).is_err());
+    assert!(prelu(&rand(&[2, 3, 0, 4], DType::F32, 4), &a3).is_err());
+    assert!(batch_norm_train(&rand(&[0, 3, 4, 4], DType::F32, 4), &a3, &a3, 1e-5).is_err());
+    assert!(batch_norm_train(&rand(&[2, 3, 4, 0], DType::F32, 4), &a3, &a3, 1e-5).is_err());
+    assert_eq!(
+        prelu(&rand(&[0, 3, 4, 4], DType::F32, 4), &a3)
+            .unwrap()
+            .dims(),
+        &[0, 3, 4, 4]
+    );
     assert!(batch_norm_train(
         &x,
         &rand(&[2], DType::F32, 3),
