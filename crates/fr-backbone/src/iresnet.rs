@@ -267,8 +267,7 @@ impl ModuleT for IBasicBlock {
         }
         let out = self.bn1.forward_t(x, train)?;
         let out = self.conv1.forward(&out)?;
-        let out = self.bn2.forward_t(&out, train)?;
-        let out = self.prelu.forward(&out)?;
+        let out = self.bn2.forward_prelu_t(&out, &self.prelu, train)?;
         let out = self.conv2.forward(&out)?;
         let out = self.bn3.forward_t(&out, train)?;
         let identity = match &self.downsample {
@@ -380,8 +379,7 @@ impl ModuleT for IResNet {
                 .forward_eval_fused(x, &self.bn1, Some(&self.prelu), None)?
         } else {
             let x = self.conv1.forward(x)?;
-            let x = self.bn1.forward_t(&x, train)?;
-            self.prelu.forward(&x)?
+            self.bn1.forward_prelu_t(&x, &self.prelu, train)?
         };
         for block in self.layers.iter().flatten() {
             x = block.forward_t(&x, train)?;

@@ -29,7 +29,7 @@ pub struct BatchStats {
 }
 
 /// `(B, C, S)`: batch, channels, and spatial positions per channel (1 for `(B, C)` input).
-fn dims(shape: &[usize]) -> Result<(usize, usize, usize)> {
+pub(crate) fn dims(shape: &[usize]) -> Result<(usize, usize, usize)> {
     match shape {
         [b, c, rest @ ..] if *c > 0 && rest.iter().all(|&d| d > 0) => {
             Ok((*b, *c, rest.iter().product()))
@@ -41,7 +41,7 @@ fn dims(shape: &[usize]) -> Result<(usize, usize, usize)> {
 }
 
 /// Per-channel mean and biased variance, in parallel over channels (each in order).
-fn stats<T: Elem>(x: &[T], b: usize, c: usize, s: usize) -> BatchStats {
+pub(crate) fn stats<T: Elem>(x: &[T], b: usize, c: usize, s: usize) -> BatchStats {
     let (mean, var) = (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -80,7 +80,7 @@ fn affine<T: Elem>(x: &[T], c: usize, s: usize, a: &[f64], k: &[f64]) -> Vec<T> 
     out
 }
 
-fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
+pub(crate) fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
     var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
 }
 

@@ -26,7 +26,8 @@
 //! - [`conv2d`]: im2col + GEMM (the `gemm` crate candle uses) per chunk of images, both
 //!   gradients in one pass, reused per-thread buffers, 1×1 and depthwise fast paths;
 //! - [`batch_norm_train`] / [`batch_norm_eval`]: one fused pass each way (closed-form backward);
-//! - [`prelu`]: one fused pass each way;
+//! - [`prelu`]: one fused pass each way, and [`batch_norm_prelu_train`], the two as one op that
+//!   does not store the BatchNorm output;
 //! - [`conv2d_eval_fused`]: inference convolution with BatchNorm, PReLU and the residual add
 //!   applied in the GEMM epilogue.
 //!
@@ -38,6 +39,7 @@
 
 mod alloc;
 mod batch_norm;
+mod bn_prelu;
 mod conv2d;
 mod conv2d_eval;
 mod depthwise;
@@ -48,6 +50,7 @@ mod prelu;
 
 pub use alloc::{tune_allocator, tune_cpu_runtime};
 pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
+pub use bn_prelu::batch_norm_prelu_train;
 pub use conv2d::{conv2d, ConvParams};
 pub use conv2d_eval::conv2d_eval_fused;
 pub use elem::Elem;

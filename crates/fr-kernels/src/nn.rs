@@ -4,7 +4,8 @@
 use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::batch_norm::{batch_norm_eval, batch_norm_train};
+use crate::batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
+use crate::bn_prelu::batch_norm_prelu_train;
 use crate::conv2d::{conv2d, ConvParams};
 use crate::conv2d_eval::conv2d_eval_fused;
 use crate::grad::track;
@@ -257,6 +258,14 @@ impl ModuleT for BatchNorm {
             return batch_norm_eval(x, w, b, rm, rv, eps);
         }
         let (y, st) = batch_norm_train(x, w, b, eps)?;
+        self.update_running_stats(&st)?;
+        Ok(y)
+    }
+}
+
+impl BatchNorm {
+    /// `running = (1 − m)·running + m·batch`, with the unbiased batch variance (PyTorch).
+    fn update_running_stats(&self, st: &BatchStats) -> Result<()> {
         let m = self.inner.momentum();
         let unbias = st.count as f64 / (st.count.max(2) - 1) as f64;
         let update = |var: &Var, batch: &[f64], scale: f64| -> Result<()> {
@@ -270,8 +279,28 @@ impl ModuleT for BatchNorm {
             var.set(&t)
         };
         update(&self.running_mean, &st.mean, 1.0)?;
-        update(&self.running_var, &st.var, unbias)?;
-        Ok(y)
+        update(&self.running_var, &st.var, unbias)
+    }
+
+    /// `prelu(self(x))`. In train mode on the CPU kernels (affine BatchNorm, gradients
+    /// recorded) the two run as one op that does not keep the BatchNorm output for backward
+    /// ([`batch_norm_prelu_train`]); otherwise as the two layers.
+    ///
+    /// # Errors
+    /// Shape mismatches, or failures of the layers.
+    pub fn forward_prelu_t(&self, x: &Tensor, prelu: &PReLU, train: bool) -> Result<Tensor> {
+        let fusable = train
+            && crate::grad::is_grad_enabled()
+            && self.kernels.fused_for(x)
+            && prelu.kernels.fused_for(x);
+        match (fusable, self.inner.weight_and_bias()) {
+            (true, Some((w, b))) => {
+                let (y, st) = batch_norm_prelu_train(x, w, b, prelu.weight(), self.inner.eps())?;
+                self.update_running_stats(&st)?;
+                Ok(y)
+            }
+            _ => prelu.forward(&self.forward_t(x, train)?),
+        }
     }
 }
 

@@ -246,3 +246,39 @@ fn conv_eval_fused_equals_the_separate_layers() {
         assert!(wrong.is_err());
     }
 }
+
+/// BatchNorm + PReLU as one op equals the two ops (outputs, statistics and every gradient,
+/// per-channel and shared slope) and finite differences.
+#[test]
+fn batch_norm_prelu_equals_the_two_ops() {
+    use fr_kernels::batch_norm_prelu_train;
+    for (i, shape) in SHAPES.iter().enumerate() {
+        let c = shape[1];
+        let x = rand(shape, DType::F64, 70 + i as u64);
+        let gamma = (rand(&[c], DType::F64, 71) + 1.5).unwrap();
+        let beta = rand(&[c], DType::F64, 72);
+        for a in [rand(&[c], DType::F64, 73), rand(&[1], DType::F64, 74)] {
+            let fused = |t: &[Tensor]| {
+                batch_norm_prelu_train(&t[0], &t[1], &t[2], &t[3], 1e-5).map(|(y, _)| y)
+            };
+            let separate =
+                |t: &[Tensor]| prelu(&batch_norm_train(&t[0], &t[1], &t[2], 1e-5)?.0, &t[3]);
+            let inputs = [x.clone(), gamma.clone(), beta.clone(), a];
+            let (y, g) = grads(&inputs, &fused, 8);
+            let (y_ref, g_ref) = grads(&inputs, &separate, 8);
+            assert!(max_rel(&y, &y_ref) < 1e-12, "forward {shape:?}");
+            for k in 0..4 {
+                assert!(max_rel(&g[k], &g_ref[k]) < 1e-10, "grad {k} {shape:?}");
+            }
+            let (_, st) = batch_norm_prelu_train(&x, &gamma, &beta, &inputs[3], 1e-5).unwrap();
+            assert_eq!(st, batch_norm_train(&x, &gamma, &beta, 1e-5).unwrap().1);
+            assert!(finite_difference_error(&inputs, &fused, 25, i as u64) < 1e-6);
+        }
+    }
+    let x = rand(&[2, 3, 4, 4], DType::F32, 1);
+    let a3 = rand(&[3], DType::F32, 2);
+    assert!(batch_norm_prelu_train(&x, &a3, &a3, &rand(&[2], DType::F32, 3), 1e-5).is_err());
+    assert!(
+        batch_norm_prelu_train(&rand(&[0, 3, 4, 4], DType::F32, 1), &a3, &a3, &a3, 1e-5).is_err()
+    );
+}
