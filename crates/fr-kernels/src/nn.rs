@@ -64,9 +64,7 @@ impl Conv2d {
     pub fn params(&self) -> ConvParams {
         self.params
     }
-}
 
-impl Conv2d {
     /// Inference: `prelu(bn(conv(x))) + residual` with `bn` in eval mode. Inside
     /// [`crate::no_grad`], on the CPU kernels and with an affine `bn`, the three layers and the
     /// add run as one convolution with a fused epilogue ([`conv2d_eval_fused`]); otherwise
@@ -225,45 +223,7 @@ impl BatchNorm {
             .collect();
         Ok(Some((scale, shift)))
     }
-}
 
-impl ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = &track(x);
-        let Some((w, b)) = self.inner.weight_and_bias() else {
-            return self.inner.forward_t(x, train);
-        };
-        if !self.kernels.fused_for(x) {
-            if crate::grad::is_grad_enabled() {
-                return self.inner.forward_t(x, train);
-            }
-            // The same layer on detached weights (the running statistics stay shared).
-            let detached = candle_nn::BatchNorm::new(
-                w.elem_count(),
-                self.running_mean.as_tensor().clone(),
-                self.running_var.as_tensor().clone(),
-                w.detach(),
-                b.detach(),
-                self.inner.eps(),
-            )?;
-            return detached.forward_t(x, train);
-        }
-        let (w, b) = (&track(w), &track(b));
-        let eps = self.inner.eps();
-        if !train {
-            let (rm, rv) = (
-                Self::host(self.running_mean())?,
-                Self::host(self.running_var())?,
-            );
-            return batch_norm_eval(x, w, b, rm, rv, eps);
-        }
-        let (y, st) = batch_norm_train(x, w, b, eps)?;
-        self.update_running_stats(&st)?;
-        Ok(y)
-    }
-}
-
-impl BatchNorm {
     /// `running = (1 − m)·running + m·batch`, with the unbiased batch variance (PyTorch).
     fn update_running_stats(&self, st: &BatchStats) -> Result<()> {
         let m = self.inner.momentum();
@@ -301,6 +261,42 @@ impl BatchNorm {
             }
             _ => prelu.forward(&self.forward_t(x, train)?),
         }
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = &track(x);
+        let Some((w, b)) = self.inner.weight_and_bias() else {
+            return self.inner.forward_t(x, train);
+        };
+        if !self.kernels.fused_for(x) {
+            if crate::grad::is_grad_enabled() {
+                return self.inner.forward_t(x, train);
+            }
+            // The same layer on detached weights (the running statistics stay shared).
+            let detached = candle_nn::BatchNorm::new(
+                w.elem_count(),
+                self.running_mean.as_tensor().clone(),
+                self.running_var.as_tensor().clone(),
+                w.detach(),
+                b.detach(),
+                self.inner.eps(),
+            )?;
+            return detached.forward_t(x, train);
+        }
+        let (w, b) = (&track(w), &track(b));
+        let eps = self.inner.eps();
+        if !train {
+            let (rm, rv) = (
+                Self::host(self.running_mean())?,
+                Self::host(self.running_var())?,
+            );
+            return batch_norm_eval(x, w, b, rm, rv, eps);
+        }
+        let (y, st) = batch_norm_train(x, w, b, eps)?;
+        self.update_running_stats(&st)?;
+        Ok(y)
     }
 }
 
