@@ -132,6 +132,35 @@ impl ArcFaceConfig {
         common::check_range("cos_eps", self.cos_eps, 1e-12, 0.1)
     }
 
+    /// `cos(m1·θ + m2) − m3` for target cosines `c` `(B,)`, differentiable.
+    pub(crate) fn margin_cos(&self, c: &Tensor) -> Result<Tensor> {
+        let ArcFaceConfig {
+            margin: m2, m1, m3, ..
+        } = *self;
+        let v = if m1 == 1.0 {
+            let sin = c.sqr()?.neg()?.affine(1.0, 1.0)?.maximum(0.0)?.sqrt()?;
+            ((c * m2.cos())? - (sin * m2.sin())?)?
+        } else {
+            common::acos(c)?.affine(m1, m2)?.cos()?
+        };
+        Ok((v - m3)?)
+    }
+
+    /// The target logit before scaling: margin, then easy-margin / fallback selection.
+    pub(crate) fn target_logit(&self, c: &Tensor) -> Result<Tensor> {
+        let phi = self.margin_cos(c)?;
+        if self.easy_margin {
+            return Ok(c.gt(0.0)?.where_cond(&phi, c)?);
+        }
+        let th = self.threshold();
+        let alt = match self.fallback {
+            Fallback::None => return Ok(phi),
+            Fallback::Classic => (c - ((PI - self.margin).sin() * self.margin + self.m3))?,
+            Fallback::Cosine => (c - self.fallback_margin)?,
+        };
+        Ok(c.gt(th)?.where_cond(&phi, &alt)?)
+    }
+
     /// Threshold `th`: the margin applies where `c > th`, i.e. `m1·θ + m2 < π`.
     pub fn threshold(&self) -> f64 {
         let theta_max = (PI - self.margin) / self.m1;
@@ -170,37 +199,6 @@ impl ArcFace {
     pub fn config(&self) -> &ArcFaceConfig {
         &self.cfg
     }
-
-    /// `cos(m1·θ + m2) − m3` for target cosines `c` `(B,)`, differentiable.
-    fn margin_cos(&self, c: &Tensor) -> Result<Tensor> {
-        let ArcFaceConfig {
-            margin: m2, m1, m3, ..
-        } = self.cfg;
-        let v = if m1 == 1.0 {
-            let sin = c.sqr()?.neg()?.affine(1.0, 1.0)?.maximum(0.0)?.sqrt()?;
-            ((c * m2.cos())? - (sin * m2.sin())?)?
-        } else {
-            common::acos(c)?.affine(m1, m2)?.cos()?
-        };
-        Ok((v - m3)?)
-    }
-
-    /// The target logit before scaling: margin, then easy-margin / fallback selection.
-    fn target_logit(&self, c: &Tensor) -> Result<Tensor> {
-        let phi = self.margin_cos(c)?;
-        if self.cfg.easy_margin {
-            return Ok(c.gt(0.0)?.where_cond(&phi, c)?);
-        }
-        let th = self.cfg.threshold();
-        let alt = match self.cfg.fallback {
-            Fallback::None => return Ok(phi),
-            Fallback::Classic => {
-                (c - ((PI - self.cfg.margin).sin() * self.cfg.margin + self.cfg.m3))?
-            }
-            Fallback::Cosine => (c - self.cfg.fallback_margin)?,
-        };
-        Ok(c.gt(th)?.where_cond(&phi, &alt)?)
-    }
 }
 
 impl Head for ArcFace {
@@ -223,9 +221,9 @@ impl Head for ArcFace {
         let mask = common::target_mask(&inp.labels_t, self.num_classes)?;
         let c = common::target_values(&cos, &mask)?;
         let target = match self.cfg.margin_mode {
-            MarginMode::Exact => self.target_logit(&c)?,
+            MarginMode::Exact => self.cfg.target_logit(&c)?,
             MarginMode::StraightThrough => {
-                let shift = (self.target_logit(&c.detach())? - c.detach())?;
+                let shift = (self.cfg.target_logit(&c.detach())? - c.detach())?;
                 (&c + shift)?
             }
         };
@@ -255,7 +253,9 @@ mod tests {
     }
 
     fn target(h: &ArcFace, c: &[f64]) -> Result<Vec<f64>> {
-        Ok(h.target_logit(&Tensor::new(c, &Device::Cpu)?)?.to_vec1()?)
+        Ok(h.cfg
+            .target_logit(&Tensor::new(c, &Device::Cpu)?)?
+            .to_vec1()?)
     }
 
     #[test]
@@ -327,7 +327,7 @@ mod tests {
             },
         ] {
             let (h, _) = head(cfg)?;
-            let err = fd_check(&c, |c| Ok(h.target_logit(c)?.sqr()?.sum_all()?))?;
+            let err = fd_check(&c, |c| Ok(h.cfg.target_logit(c)?.sqr()?.sum_all()?))?;
             assert!(err < 1e-6, "fd error {err}");
         }
         Ok(())

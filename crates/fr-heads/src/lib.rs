@@ -30,6 +30,7 @@
 pub mod arcface;
 pub mod common;
 pub mod cosface;
+pub mod curricularface;
 mod error;
 mod head;
 pub mod lh2face;

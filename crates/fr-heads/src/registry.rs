@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{arcface, cosface, lh2face, normface, softmax};
+use crate::{arcface, cosface, curricularface, lh2face, normface, softmax};
 use crate::{Head, Result};
 
 /// Declares [`HeadConfig`], its names and [`build_head`] from one list of
@@ -72,6 +72,8 @@ heads! {
     CosFace = "cosface" => cosface::CosFace, cosface::CosFaceConfig;
     /// Additive angular margin and combined margin (ArcFace).
     ArcFace = "arcface" => arcface::ArcFace, arcface::ArcFaceConfig;
+    /// ArcFace target + curriculum-weighted hard negatives (CurricularFace).
+    CurricularFace = "curricularface" => curricularface::CurricularFace, curricularface::CurricularFaceConfig;
     /// vMF similarity + uncertainty-aware margin + proxy losses (LH2Face).
     Lh2Face = "lh2face" => lh2face::Lh2Face, lh2face::Lh2FaceConfig;
 }
@@ -96,6 +98,7 @@ mod tests {
             HeadConfig::NormFace(Default::default()),
             HeadConfig::CosFace(Default::default()),
             HeadConfig::ArcFace(Default::default()),
+            HeadConfig::CurricularFace(Default::default()),
             HeadConfig::Lh2Face(Default::default()),
         ];
         assert_eq!(configs.len(), HeadConfig::NAMES.len());

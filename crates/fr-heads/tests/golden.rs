@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use fr_heads::arcface::{ArcFaceConfig, Fallback, MarginMode};
 use fr_heads::cosface::CosFaceConfig;
+use fr_heads::curricularface::CurricularFaceConfig;
 use fr_heads::softmax::SoftmaxConfig;
 use fr_heads::{build_head, HeadConfig, StepContext};
 use serde_json::Value;
@@ -191,4 +192,50 @@ fn arcface_variants_differ_on_the_fallback_sample() {
     let insight =
         num(&golden("insightface_arcface")["outputs"]["diagnostics"]["loss_without_p_clamp"]);
     assert!((classic - facexzoo).abs() > 1.0 && (classic - insight).abs() > 1.0);
+}
+
+#[test]
+fn curricularface_matches_the_reference() {
+    check(
+        "curricularface",
+        HeadConfig::CurricularFace(CurricularFaceConfig::default()),
+        "loss",
+    );
+    // The curriculum parameter after the step, and the hard negatives the reference found.
+    let case = golden("curricularface");
+    let inputs = &case["inputs"];
+    let (x, w0) = (
+        matrix(&inputs["x"], DType::F64),
+        matrix(&inputs["W"], DType::F64),
+    );
+    let labels: Vec<u32> = flat(&inputs["labels"]).iter().map(|&l| l as u32).collect();
+    let labels = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+    let vm = VarMap::new();
+    let cfg = HeadConfig::CurricularFace(CurricularFaceConfig::default());
+    let mut head = build_head(
+        &cfg,
+        16,
+        10,
+        VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu),
+    )
+    .unwrap();
+    vm.data().lock().unwrap()["weight"].set(&w0).unwrap();
+    let out = head
+        .forward(&x, &labels, &StepContext::train(0, 0))
+        .unwrap();
+    let want_t = num(&case["outputs"]["state_after"]["t"]);
+    assert!(
+        (out.stats["t"] - want_t).abs() < 1e-15,
+        "t {} vs {want_t}",
+        out.stats["t"]
+    );
+    let state = head.state().unwrap();
+    assert_eq!(state[0].0, "t");
+    let want_hard: f64 = flat(&case["outputs"]["hard_negative_mask"]).iter().sum();
+    assert!(want_hard > 0.0, "the case has hard negatives");
+    assert_eq!(out.stats["hard_negatives"], want_hard);
+    // Eval mode leaves t alone.
+    let before = out.stats["t"];
+    let eval = head.forward(&x, &labels, &StepContext::default()).unwrap();
+    assert_eq!(eval.stats["t"], before);
 }

@@ -13,6 +13,7 @@ pub fn golden(name: &str) -> Value {
         "insightface_arcface" => include_str!("../golden/insightface_arcface.json"),
         "arcface_classic" => include_str!("../golden/arcface_classic.json"),
         "facexzoo_arcface" => include_str!("../golden/facexzoo_arcface.json"),
+        "curricularface" => include_str!("../golden/curricularface.json"),
         "vmf" => include_str!("../golden/vmf.json"),
         other => panic!("no golden file {other}"),
     };
