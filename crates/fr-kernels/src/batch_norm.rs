@@ -84,6 +84,21 @@ pub(crate) fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
     var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
 }
 
+/// Train-mode input gradient of one channel as `dx = a·g + kx·x + k0`: the closed form
+/// `dx = a·(g − mean(g) − x̂·mean(g·x̂))` expanded, for `a = γ·inv`, `inv = 1/√(σ² + ε)`, batch
+/// mean `mu`, and `Σg`, `Σg·(x − μ)` over the channel's `n` values. Returns `(kx, k0)`.
+pub(crate) fn dx_coefficients(
+    a: f64,
+    inv: f64,
+    mu: f64,
+    sum_g: f64,
+    sum_gxc: f64,
+    n: f64,
+) -> (f64, f64) {
+    let kx = -a * inv * (sum_gxc * inv) / n;
+    (kx, -a * sum_g / n - kx * mu)
+}
+
 /// The forward op. In train mode it computes the batch statistics and leaves them in `stats`
 /// for the caller and for the backward pass; in eval mode `stats` holds the running ones.
 struct BatchNormOp {
@@ -245,9 +260,8 @@ impl CustomOp3 for BatchNormBackwardOp {
                     .map(|ch| {
                         let a = gamma[ch].to_f64() * inv[ch];
                         if self.train {
-                            let sdxhat = sum_dyxc[ch] * inv[ch];
-                            let kx = -a * inv[ch] * sdxhat / n;
-                            let k0 = -a * sum_dy[ch] / n - kx * st.mean[ch];
+                            let (kx, k0) =
+                                dx_coefficients(a, inv[ch], st.mean[ch], sum_dy[ch], sum_dyxc[ch], n);
                             (T::from_f64(a), T::from_f64(kx), T::from_f64(k0))
                         } else {
                             (T::from_f64(a), T::zero(), T::zero())

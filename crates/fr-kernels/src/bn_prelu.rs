@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::batch_norm::{dims, inv_std, stats, BatchStats};
+use crate::batch_norm::{dims, dx_coefficients, inv_std, stats, BatchStats};
 use crate::elem::{dispatch_float, slice, uninit_vec, Elem};
 
 /// Per-channel `(a, k, slope)` of `z = a·x + k` and the PReLU, from the packed
@@ -196,8 +196,8 @@ impl CustomOp3 for BnPreluBackwardOp {
                 let dcoef: Vec<(T, T)> = (0..c)
                     .map(|ch| {
                         let a = params[ch].to_f64() * inv[ch];
-                        let kx = -a * inv[ch] * inv[ch] * sums[ch][1] / n;
-                        let k0 = -a * sums[ch][0] / n - kx * st.mean[ch];
+                        let (kx, k0) =
+                            dx_coefficients(a, inv[ch], st.mean[ch], sums[ch][0], sums[ch][1], n);
                         (T::from_f64(kx), T::from_f64(k0))
                     })
                     .collect();
