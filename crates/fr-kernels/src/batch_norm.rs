@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_float, lane_sum, slice, uninit_vec, Elem};
+use crate::elem::{dispatch_float, lane_sum, slice, split_grads, uninit_vec, Elem};
 
 /// Per-channel statistics of a batch, in f64: mean and biased variance over `B·H·W` values.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,21 +99,42 @@ pub(crate) fn dx_coefficients(
     (kx, -a * sum_g / n - kx * mu)
 }
 
+/// Batch statistics handed from a forward op to its caller and to its backward pass (the op
+/// itself is moved into the graph, so they share this cell).
+#[derive(Clone, Default)]
+pub(crate) struct StatsCell(Arc<Mutex<Option<BatchStats>>>);
+
+impl StatsCell {
+    /// A cell holding `stats` (the running statistics of eval mode).
+    pub fn with(stats: BatchStats) -> Self {
+        Self(Arc::new(Mutex::new(Some(stats))))
+    }
+
+    pub fn set(&self, stats: BatchStats) -> Result<()> {
+        match self.0.lock() {
+            Ok(mut g) => {
+                *g = Some(stats);
+                Ok(())
+            }
+            Err(_) => bail!("batch statistics: poisoned lock"),
+        }
+    }
+
+    /// The statistics; an error naming `op` if its forward pass has not stored them.
+    pub fn get(&self, op: &str) -> Result<BatchStats> {
+        match self.0.lock().ok().and_then(|g| g.clone()) {
+            Some(s) => Ok(s),
+            None => bail!("{op}: no batch statistics (the forward pass did not run)"),
+        }
+    }
+}
+
 /// The forward op. In train mode it computes the batch statistics and leaves them in `stats`
 /// for the caller and for the backward pass; in eval mode `stats` holds the running ones.
 struct BatchNormOp {
     train: bool,
     eps: f64,
-    stats: Arc<Mutex<Option<BatchStats>>>,
-}
-
-impl BatchNormOp {
-    fn stats(&self) -> Result<BatchStats> {
-        match self.stats.lock().ok().and_then(|g| g.clone()) {
-            Some(s) => Ok(s),
-            None => bail!("fr-batch-norm: statistics missing (backward before forward)"),
-        }
-    }
+    stats: StatsCell,
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -148,10 +169,10 @@ impl CustomOp3 for BatchNormOp {
                     bail!("batch_norm: train mode needs at least one image, got {:?}", l1.dims());
                 }
                 let st = stats(x, b, c, s);
-                *self.stats.lock().map_err(|_| candle_core::Error::Msg("fr-batch-norm: poisoned lock".into()))? = Some(st.clone());
+                self.stats.set(st.clone())?;
                 st
             } else {
-                self.stats()?
+                self.stats.get(self.name())?
             };
             let inv = inv_std(&st.var, self.eps);
             let a: Vec<f64> = (0..c).map(|ch| gamma[ch].to_f64() * inv[ch]).collect();
@@ -176,24 +197,11 @@ impl CustomOp3 for BatchNormOp {
         let op = BatchNormBackwardOp {
             train: self.train,
             eps: self.eps,
-            stats: self.stats()?,
+            stats: self.stats.get(self.name())?,
             need_dx,
         };
         let flat = x.apply_op3_no_bwd(gamma, &dy.contiguous()?, &op)?;
-        let (n, c) = (x.elem_count(), gamma.elem_count());
-        let nx = if need_dx { n } else { 0 };
-        let dx = match need_dx {
-            true => Some(flat.narrow(0, 0, n)?.reshape(x.shape())?),
-            false => None,
-        };
-        let dgamma = gamma
-            .track_op()
-            .then(|| flat.narrow(0, nx, c))
-            .transpose()?;
-        let dbeta = beta
-            .track_op()
-            .then(|| flat.narrow(0, nx + c, c))
-            .transpose()?;
+        let [dx, dgamma, dbeta] = split_grads(&flat, [(x, need_dx), (gamma, true), (beta, true)])?;
         Ok((dx, dgamma, dbeta))
     }
 }
@@ -299,7 +307,7 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, BatchStats)> {
-    let stats = Arc::new(Mutex::new(None));
+    let stats = StatsCell::default();
     let op = BatchNormOp {
         train: true,
         eps,
@@ -308,11 +316,7 @@ pub fn batch_norm_train(
     let y = x
         .contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
-    let st = stats.lock().ok().and_then(|g| g.clone());
-    match st {
-        Some(st) => Ok((y, st)),
-        None => bail!("fr-batch-norm: forward did not produce statistics"),
-    }
+    Ok((y, stats.get("fr-batch-norm")?))
 }
 
 /// Eval-mode batch normalisation of `x (B, C, *)` with the running mean and variance `(C,)`:
@@ -332,11 +336,11 @@ pub fn batch_norm_eval(
     let op = BatchNormOp {
         train: false,
         eps,
-        stats: Arc::new(Mutex::new(Some(BatchStats {
+        stats: StatsCell::with(BatchStats {
             mean: running_mean,
             var: running_var,
             count: b * s,
-        }))),
+        }),
     };
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)

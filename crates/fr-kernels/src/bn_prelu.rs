@@ -6,13 +6,11 @@
 //! Backward: with `z = γ·x̂ + β` and `g = dy·(z > 0 ? 1 : a_c)`, `da_c = Σ_{z ≤ 0} dy·z`, and
 //! `dx`, `dγ`, `dβ` are BatchNorm's closed form applied to `g`.
 
-use std::sync::{Arc, Mutex};
-
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::batch_norm::{dims, dx_coefficients, inv_std, stats, BatchStats};
-use crate::elem::{dispatch_float, slice, uninit_vec, Elem};
+use crate::batch_norm::{dims, dx_coefficients, inv_std, stats, BatchStats, StatsCell};
+use crate::elem::{dispatch_float, slice, split_grads, uninit_vec, Elem};
 
 /// Per-channel `(a, k, slope)` of `z = a·x + k` and the PReLU, from the packed
 /// parameters `[γ (C), β (C), slope (C)]` and the statistics.
@@ -30,7 +28,7 @@ fn coefficients<T: Elem>(params: &[T], st: &BatchStats, eps: f64) -> Vec<(T, T, 
 
 struct BnPreluOp {
     eps: f64,
-    stats: Arc<Mutex<Option<BatchStats>>>,
+    stats: StatsCell,
 }
 
 impl CustomOp2 for BnPreluOp {
@@ -59,7 +57,7 @@ impl CustomOp2 for BnPreluOp {
             let params = slice::<T>(s2, l2, self.name())?;
             let st = stats(x, b, c, s);
             let coef = coefficients(params, &st, self.eps);
-            *self.stats.lock().map_err(|_| candle_core::Error::Msg("fr-batch-norm-prelu: poisoned lock".into()))? = Some(st);
+            self.stats.set(st)?;
             let mut y = uninit_vec::<T>(x.len()); // every element written below
             y.par_chunks_mut(c * s).zip(x.par_chunks(c * s)).for_each(|(yi, xi)| {
                 for (ch, &(a, k, sl)) in coef.iter().enumerate() {
@@ -86,25 +84,13 @@ impl CustomOp2 for BnPreluOp {
         if !need_dx && !params.track_op() {
             return Ok((None, None));
         }
-        let stats = match self.stats.lock().ok().and_then(|g| g.clone()) {
-            Some(st) => st,
-            None => bail!("fr-batch-norm-prelu: statistics missing (backward before forward)"),
-        };
         let op = BnPreluBackwardOp {
             eps: self.eps,
-            stats,
+            stats: self.stats.get(self.name())?,
             need_dx,
         };
         let flat = x.apply_op3_no_bwd(params, &dy.contiguous()?, &op)?;
-        let nx = if need_dx { x.elem_count() } else { 0 };
-        let dx = match need_dx {
-            true => Some(flat.narrow(0, 0, nx)?.reshape(x.shape())?),
-            false => None,
-        };
-        let dparams = params
-            .track_op()
-            .then(|| flat.narrow(0, nx, params.elem_count()))
-            .transpose()?;
+        let [dx, dparams] = split_grads(&flat, [(x, need_dx), (params, true)])?;
         Ok((dx, dparams))
     }
 }
@@ -247,15 +233,11 @@ pub fn batch_norm_prelu_train(
         n => bail!("batch_norm_prelu: {n} slopes for {c} channels (expects 1 or {c})"),
     };
     let params = Tensor::cat(&[weight.flatten_all()?, bias.flatten_all()?, slope], 0)?;
-    let stats = Arc::new(Mutex::new(None));
+    let stats = StatsCell::default();
     let op = BnPreluOp {
         eps,
         stats: stats.clone(),
     };
     let y = x.contiguous()?.apply_op2(&params, op)?;
-    let st = stats.lock().ok().and_then(|g| g.clone());
-    match st {
-        Some(st) => Ok((y, st)),
-        None => bail!("fr-batch-norm-prelu: forward did not produce statistics"),
-    }
+    Ok((y, stats.get("fr-batch-norm-prelu")?))
 }

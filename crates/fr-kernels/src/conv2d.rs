@@ -13,7 +13,9 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_float, matmul, slice, uninit_vec, with_scratch, Elem, MatRef};
+use crate::elem::{
+    dispatch_float, matmul, slice, split_grads, uninit_vec, with_scratch, Elem, MatRef,
+};
 
 /// GEMM width (columns = images · output pixels) a chunk aims for: small maps such as 7×7 are
 /// batched over several images so the GEMMs stay large.
@@ -642,18 +644,7 @@ impl CustomOp2 for Conv2dOp {
             need_dw,
         };
         let flat = x.apply_op3_no_bwd(weight, &dy.contiguous()?, &op)?;
-        let nx = if need_dx { x.elem_count() } else { 0 };
-        let dx = match need_dx {
-            true => Some(flat.narrow(0, 0, nx)?.reshape(x.shape())?),
-            false => None,
-        };
-        let dw = match need_dw {
-            true => Some(
-                flat.narrow(0, nx, weight.elem_count())?
-                    .reshape(weight.shape())?,
-            ),
-            false => None,
-        };
+        let [dx, dw] = split_grads(&flat, [(x, need_dx), (weight, need_dw)])?;
         Ok((dx, dw))
     }
 }

@@ -51,6 +51,29 @@ pub(crate) fn with_scratch<T: Elem, R>(len: usize, f: impl FnOnce(&mut [T]) -> R
     })
 }
 
+/// Splits the flat output `[g_0, g_1, …]` of a backward op into the gradients of its
+/// arguments. Each part is `(arg, in_buffer)`: a block in the buffer has `arg`'s element count
+/// and comes back with `arg`'s shape when `arg` records gradients; a block not in the buffer
+/// takes no space and comes back `None`.
+pub(crate) fn split_grads<const N: usize>(
+    flat: &candle_core::Tensor,
+    parts: [(&candle_core::Tensor, bool); N],
+) -> candle_core::Result<[Option<candle_core::Tensor>; N]> {
+    let mut out: [Option<candle_core::Tensor>; N] = std::array::from_fn(|_| None);
+    let mut offset = 0;
+    for (slot, (arg, in_buffer)) in out.iter_mut().zip(parts) {
+        if !in_buffer {
+            continue;
+        }
+        let n = arg.elem_count();
+        if arg.track_op() {
+            *slot = Some(flat.narrow(0, offset, n)?.reshape(arg.shape())?);
+        }
+        offset += n;
+    }
+    Ok(out)
+}
+
 /// A read-only strided matrix: element `(r, c)` is at `ptr + r·rs + c·cs`.
 #[derive(Clone, Copy)]
 pub(crate) struct MatRef<T> {

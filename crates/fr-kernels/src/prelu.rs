@@ -5,7 +5,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_float, lane_sum, slice, uninit_vec};
+use crate::elem::{dispatch_float, lane_sum, slice, split_grads, uninit_vec};
 
 /// `(B, C, S)` of `x (B, C, *)` and whether the slope is shared.
 fn dims(x: &[usize], a: &[usize]) -> Result<(usize, usize, usize, bool)> {
@@ -61,20 +61,12 @@ impl CustomOp2 for PReluOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (need_dx, need_da) = (x.track_op(), a.track_op());
-        if !need_dx && !need_da {
+        let need_dx = x.track_op();
+        if !need_dx && !a.track_op() {
             return Ok((None, None));
         }
         let flat = x.apply_op3_no_bwd(a, &dy.contiguous()?, &PReluBackwardOp { need_dx })?;
-        let nx = if need_dx { x.elem_count() } else { 0 };
-        let dx = match need_dx {
-            true => Some(flat.narrow(0, 0, nx)?.reshape(x.shape())?),
-            false => None,
-        };
-        let da = match need_da {
-            true => Some(flat.narrow(0, nx, a.elem_count())?.reshape(a.shape())?),
-            false => None,
-        };
+        let [dx, da] = split_grads(&flat, [(x, need_dx), (a, true)])?;
         Ok((dx, da))
     }
 }
