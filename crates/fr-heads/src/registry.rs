@@ -31,6 +31,14 @@ macro_rules! heads {
                 }
             }
 
+            /// The config of head `name` with its paper defaults, `None` for an unknown name.
+            pub fn default_for(name: &str) -> Option<Self> {
+                match name {
+                    $($name => Some(Self::$variant(<$cfg>::default())),)*
+                    _ => None,
+                }
+            }
+
             /// Check the hyperparameters without building anything.
             ///
             /// # Errors
@@ -93,15 +101,11 @@ mod tests {
 
     #[test]
     fn every_head_builds_and_names_itself() -> Result<()> {
-        let configs = [
-            HeadConfig::Softmax(Default::default()),
-            HeadConfig::NormFace(Default::default()),
-            HeadConfig::CosFace(Default::default()),
-            HeadConfig::ArcFace(Default::default()),
-            HeadConfig::CurricularFace(Default::default()),
-            HeadConfig::Lh2Face(Default::default()),
-        ];
-        assert_eq!(configs.len(), HeadConfig::NAMES.len());
+        let configs: Vec<HeadConfig> = HeadConfig::NAMES
+            .iter()
+            .map(|n| HeadConfig::default_for(n).unwrap())
+            .collect();
+        assert!(HeadConfig::default_for("no_such_head").is_none());
         for cfg in configs {
             let vm = VarMap::new();
             let head = build_head(

@@ -65,6 +65,24 @@ fn configs() -> Vec<HeadConfig> {
             ..lh
         }),
     ]
+    .into_iter()
+    // Every registered head with its paper defaults.
+    .chain(
+        HeadConfig::NAMES
+            .iter()
+            .map(|n| HeadConfig::default_for(n).unwrap()),
+    )
+    .collect()
+}
+
+/// Set the class centres `weight` `(C, D)` when the head has them in that shape (sub-center
+/// heads have `(C·K, D)`, the simplex classifier has fixed centres).
+fn set_centres(vm: &VarMap, w0: &Tensor) {
+    if let Some(w) = vm.data().lock().unwrap().get("weight") {
+        if w.dims() == w0.dims() {
+            w.set(w0).unwrap();
+        }
+    }
 }
 
 fn all_finite(t: &Tensor) -> bool {
@@ -95,8 +113,9 @@ fn inputs(axis_aligned: bool, dtype: DType) -> (Tensor, Tensor, Tensor) {
             .collect();
         Tensor::from_vec(v, (C, D), &dev).unwrap()
     };
-    let labels = [0u32, 1, 2, 1];
-    let factors = [3.0, -2.0, 40.0, -0.05];
+    let labels = [0u32, 1, 2, 1, 3, 4];
+    // Ordinary, antiparallel, large, small, zero-norm-adjacent and very large embeddings.
+    let factors = [3.0, -2.0, 40.0, -0.05, 1e-6, 1e4];
     let rows: Vec<Tensor> = labels
         .iter()
         .zip(factors)
@@ -121,7 +140,7 @@ fn loss_and_gradients_are_finite_at_cos_plus_and_minus_one() {
                 let vm = VarMap::new();
                 let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
                 let mut head = build_head(&cfg, D, C, vb).unwrap();
-                vm.data().lock().unwrap()["weight"].set(&w0).unwrap();
+                set_centres(&vm, &w0);
                 let x = Var::from_tensor(&x0).unwrap();
                 let out = head
                     .forward(x.as_tensor(), &labels, &StepContext::train(0, 0))
@@ -142,6 +161,39 @@ fn loss_and_gradients_are_finite_at_cos_plus_and_minus_one() {
                     assert!(all_finite(g), "{what}: parameter gradient");
                 }
             }
+        }
+    }
+}
+
+/// Half-precision embeddings (bf16 / f16, as under autocast) into an f32 head: the head
+/// computes in f32 and the loss and the embedding gradient are finite. The zero-norm-adjacent
+/// rows are left out: their gradient (~1/‖x‖ = 1e6) is beyond f16's range in any framework.
+#[test]
+fn half_precision_embeddings_give_finite_loss_and_gradients() {
+    let (x32, w0, labels) = inputs(false, DType::F32);
+    let (x32, labels) = (
+        x32.narrow(0, 0, 4).unwrap(),
+        labels.narrow(0, 0, 4).unwrap(),
+    );
+    for half in [DType::BF16, DType::F16] {
+        let x0 = (x32.clamp(-60.0, 60.0).unwrap()).to_dtype(half).unwrap();
+        for cfg in configs() {
+            let what = format!("{cfg:?} {half:?}");
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+            let mut head = build_head(&cfg, D, C, vb).unwrap();
+            set_centres(&vm, &w0);
+            let x = Var::from_tensor(&x0).unwrap();
+            let out = head
+                .forward(x.as_tensor(), &labels, &StepContext::train(0, 0))
+                .unwrap();
+            assert_eq!(out.loss.dtype(), DType::F32, "{what}");
+            assert!(all_finite(&out.loss), "{what}: loss");
+            let grads = out.loss.backward().unwrap();
+            let g = grads
+                .get(&x)
+                .expect("gradient reaches the half-precision input");
+            assert!(all_finite(g), "{what}: grad x");
         }
     }
 }

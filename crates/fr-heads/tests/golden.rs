@@ -8,99 +8,14 @@
 
 mod support;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use fr_heads::arcface::{ArcFaceConfig, Fallback, MarginMode};
 use fr_heads::cosface::CosFaceConfig;
 use fr_heads::curricularface::CurricularFaceConfig;
 use fr_heads::softmax::SoftmaxConfig;
 use fr_heads::{build_head, HeadConfig, StepContext};
-use serde_json::Value;
-use support::{flat, golden, matrix, max_err, num, values};
-
-/// What a head produced on a golden case.
-struct Run {
-    loss: f64,
-    logits: Vec<f64>,
-    grad_x: Vec<f64>,
-    grad_w: Vec<f64>,
-}
-
-fn run(cfg: &HeadConfig, case: &Value, dtype: DType) -> Run {
-    let inputs = &case["inputs"];
-    let x0 = matrix(&inputs["x"], dtype);
-    let w0 = matrix(&inputs["W"], dtype);
-    let labels: Vec<u32> = flat(&inputs["labels"]).iter().map(|&l| l as u32).collect();
-    let labels = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
-    let (b, d) = x0.dims2().unwrap();
-    let c = w0.dims()[0];
-    assert_eq!((b, d, c), (8, 16, 10));
-
-    let vm = VarMap::new();
-    let mut head =
-        build_head(cfg, d, c, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
-    let w = vm.data().lock().unwrap()["weight"].clone();
-    w.set(&w0).unwrap();
-    let x = Var::from_tensor(&x0).unwrap();
-    let out = head
-        .forward(x.as_tensor(), &labels, &StepContext::train(0, 0))
-        .unwrap();
-    assert_eq!(out.loss.dtype(), dtype);
-    let grads = out.loss.backward().unwrap();
-    Run {
-        loss: values(&out.loss)[0],
-        logits: values(&out.logits),
-        grad_x: values(grads.get(&x).unwrap()),
-        grad_w: values(grads.get(&w).unwrap()),
-    }
-}
-
-/// Compare one head against one golden file in f64 and f32; `loss_key` picks the reference
-/// loss (`loss`, or `loss_without_p_clamp` from the diagnostics).
-fn check(name: &str, cfg: HeadConfig, loss_key: &str) {
-    let case = golden(name);
-    let out = &case["outputs"];
-    let want_loss = if loss_key == "loss" {
-        num(&out["loss"])
-    } else {
-        num(&out["diagnostics"][loss_key])
-    };
-    let want = [
-        ("logits", flat(&out["logits"])),
-        ("grad_x", flat(&out["grad_x"])),
-        ("grad_W", flat(&out["grad_W"])),
-    ];
-
-    let r = run(&cfg, &case, DType::F64);
-    let loss_err = (r.loss - want_loss).abs() / want_loss.abs();
-    let mut report = format!("{name} [{loss_key}] f64: loss {loss_err:.1e}");
-    assert!(
-        loss_err <= 1e-12,
-        "{name}: f64 loss {} vs {want_loss}",
-        r.loss
-    );
-    for ((what, w), got) in want.iter().zip([&r.logits, &r.grad_x, &r.grad_w]) {
-        let e = max_err(got, w, 1e-3);
-        report += &format!(", {what} {e:.1e}");
-        assert!(e <= 1e-12, "{name}: f64 {what} error {e:e}");
-    }
-
-    let r = run(&cfg, &case, DType::F32);
-    let loss_err = (r.loss - want_loss).abs() / want_loss.abs();
-    report += &format!(" | f32: loss {loss_err:.1e}");
-    assert!(
-        loss_err <= 1e-5,
-        "{name}: f32 loss {} vs {want_loss}",
-        r.loss
-    );
-    for ((what, w), got) in want.iter().zip([&r.logits, &r.grad_x, &r.grad_w]) {
-        let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let e = max_err(got, w, scale);
-        report += &format!(", {what} {e:.1e}");
-        assert!(e <= 1e-5, "{name}: f32 {what} error {e:e}");
-    }
-    eprintln!("{report}");
-}
+use support::{check, flat, golden, matrix, num};
 
 #[test]
 fn softmax_without_bias_matches_pytorch() {
