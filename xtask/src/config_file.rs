@@ -1,5 +1,9 @@
 //! Loading a preset TOML with `--set key.path=value` overrides, then typing it.
 //!
+//! A preset is a diff against a base: `extends = "base.toml"` (a path relative to the file)
+//! loads the base first and merges the file's tables into it key by key, so a paper preset
+//! only names its methods, heads and whatever it changes.
+//!
 //! Overrides edit the TOML tree before deserialisation, so a misspelt key is rejected by the
 //! typed config (`deny_unknown_fields`) with its full dotted path, exactly like a bad key in
 //! the file itself.
@@ -17,25 +21,75 @@ use toml::Value;
 /// Unreadable file, TOML syntax, a malformed override, or a key/value the config rejects; each
 /// message names the file or the key.
 pub fn load<T: DeserializeOwned>(path: &Path, sets: &[String]) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config {}", path.display()))?;
-    let mut root: Value =
-        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+    let root = read_tree(path, 0)?;
+    finish(root, sets, &path.display().to_string())
+}
+
+/// Apply `sets` to an already-read tree and deserialise it into `T`; `origin` names the source
+/// in error messages.
+///
+/// # Errors
+/// A malformed override or a key/value the config rejects.
+pub fn finish<T: DeserializeOwned>(mut root: Value, sets: &[String], origin: &str) -> Result<T> {
     for set in sets {
         apply_set(&mut root, set)?;
     }
     let typed = T::deserialize(root).map_err(|e| {
         if sets.is_empty() {
-            anyhow!("config {}: {e}", path.display())
+            anyhow!("config {origin}: {e}")
         } else {
-            anyhow!(
-                "config {} with --set {}: {e}",
-                path.display(),
-                sets.join(" --set ")
-            )
+            anyhow!("config {origin} with --set {}: {e}", sets.join(" --set "))
         }
     })?;
     Ok(typed)
+}
+
+/// Longest `extends` chain followed before giving up (a cycle, most likely).
+const MAX_EXTENDS_DEPTH: usize = 8;
+
+/// Read a TOML file and resolve its `extends` chain into one tree.
+pub fn read_tree(path: &Path, depth: usize) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let mut root: Value =
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+    let Some(table) = root.as_table_mut() else {
+        bail!("config {}: not a TOML table", path.display());
+    };
+    let Some(base) = table.remove("extends") else {
+        return Ok(root);
+    };
+    let Some(base) = base.as_str() else {
+        bail!("config {}: `extends` must be a file name string", path.display());
+    };
+    if depth >= MAX_EXTENDS_DEPTH {
+        bail!(
+            "config {}: `extends` chain deeper than {MAX_EXTENDS_DEPTH} (a cycle?)",
+            path.display()
+        );
+    }
+    let base_path = path.parent().unwrap_or(Path::new(".")).join(base);
+    let mut merged = read_tree(&base_path, depth + 1)
+        .with_context(|| format!("config {}: its `extends` base", path.display()))?;
+    merge(&mut merged, root);
+    Ok(merged)
+}
+
+/// Merge `over` into `base`: tables merge key by key, any other value replaces.
+pub fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Table(b), Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
 }
 
 /// Apply one `key.path=value` override to a TOML tree, creating tables on the way.
@@ -91,6 +145,33 @@ mod tests {
         assert_eq!(v["train"]["lr"].as_float(), Some(0.05));
         assert_eq!(v["heads"]["arcface"]["type"].as_str(), Some("arc_face"));
         assert_eq!(v["eval"]["far"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn extends_merges_tables_and_replaces_values() {
+        let dir = std::env::temp_dir().join(format!("fr-extends-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("base.toml"),
+            "seed = 1\n[train]\nepochs = 3\nbatch_size = 64\n[heads.a]\ntype = \"arcface\"\nscale = 32.0\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("child.toml"),
+            "extends = \"base.toml\"\n[train]\nepochs = 5\n[heads.a]\nmargin = 0.4\n",
+        )
+        .unwrap();
+        let v: Value = load(&dir.join("child.toml"), &["seed=7".into()]).unwrap();
+        assert_eq!(v["seed"].as_integer(), Some(7));
+        assert_eq!(v["train"]["epochs"].as_integer(), Some(5));
+        assert_eq!(v["train"]["batch_size"].as_integer(), Some(64));
+        assert_eq!(v["heads"]["a"]["scale"].as_float(), Some(32.0));
+        assert_eq!(v["heads"]["a"]["margin"].as_float(), Some(0.4));
+        assert!(v.get("extends").is_none());
+        std::fs::write(dir.join("loop.toml"), "extends = \"loop.toml\"\n").unwrap();
+        let err = load::<Value>(&dir.join("loop.toml"), &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("deeper"), "{err:#}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub struct Preset {
     pub name: String,
     /// The paper, for the report's title.
     pub paper: String,
+    /// The published headline number the full-scale preset aims at (setting, benchmark,
+    /// metric), shown by `reproduce --list` and in the report.
+    pub headline: String,
     /// Seed of everything random: initialisation, data order, flips, synthetic identities.
     pub seed: u64,
     /// Methods to train, keys of `heads`; the first is the paper's.

@@ -35,8 +35,16 @@ const MIN_PAIRS_PER_FOLD: usize = 10;
 /// Command-line options of `reproduce`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReproduceArgs {
-    /// The paper preset: `configs/<paper>.toml`.
-    pub paper: String,
+    /// The paper preset (`configs/<paper>.toml`), or `compare` followed by the heads to train
+    /// side by side.
+    pub paper: Option<String>,
+    /// After `compare`: registry head names or preset names (a preset contributes its paper's
+    /// head with the preset's settings), e.g. `compare arcface cosface adaface`.
+    #[arg(value_name = "HEAD")]
+    pub names: Vec<String>,
+    /// List the presets: paper, default config and the published number each aims at.
+    #[arg(long)]
+    pub list: bool,
     /// Use this config file instead of `configs/<paper>.toml`.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -430,19 +438,12 @@ fn input_size(preset: &Preset) -> u32 {
 /// A bad config (naming the key), unreadable data (naming the file), or a training failure.
 pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     let started = Instant::now();
-    let config_path = args
-        .config
-        .clone()
-        .unwrap_or_else(|| root.join("configs").join(format!("{}.toml", args.paper)));
-    if !config_path.exists() {
-        bail!(
-            "no preset {}: {} does not exist (presets: {})",
-            args.paper,
-            config_path.display(),
-            list_presets(&root.join("configs")).join(", ")
-        );
+    let configs = root.join("configs");
+    if args.list {
+        print!("{}", list_table(&configs)?);
+        return Ok(());
     }
-    let preset: Preset = crate::config_file::load(&config_path, &args.sets)?;
+    let preset = resolve_preset(args, &configs)?;
     preset.validate()?;
     match (&args.train_rec, args.val_bin.is_empty()) {
         (Some(_), true) => bail!("--train-rec needs at least one --val-bin FILE to evaluate on"),
@@ -578,23 +579,34 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
             "\n\nThis embedded default is a CPU-sized check of the pipeline (narrow IResNet at \
 56×56, {} epochs on synthetic identities), not a reproduction of the paper's numbers or its \
 ranking of methods: at this budget the ranking mostly reflects how fast each loss converges. \
-The paper's protocol is in the comments of configs/lh2face.toml.",
-            preset.train.epochs
+The paper's protocol is in the comments of configs/{}.toml and configs/_base.toml.",
+            preset.train.epochs,
+            preset.name
         )
     } else {
         String::new()
     };
+    let lh2face_note = if preset
+        .methods
+        .iter()
+        .any(|m| matches!(preset.heads[m], fr_heads::HeadConfig::Lh2Face(_)))
+    {
+        " LH2Face is trained with its recognition loss L_FR only (the reconstruction branch needs \
+fr-render, see docs/lh2face.md)."
+    } else {
+        ""
+    };
     let md = format!(
-        "# Reproduction: {}\n\n{}\n\nData: {}.{}\n\n\
+        "# Reproduction: {}\n\n{}\n\nPublished headline (full scale): {}\n\nData: {}.{}\n\n\
 Every method is trained with the same seed ({}), backbone and budget ({} epochs, batch {}; {} \
 undecodable training images skipped). Accuracy: insightface {}-fold verification (mean ± \
 population std over folds; sets under {} pairs per fold are scored as one fold). TAR@FAR: ROC over \
 the same pairs, nearest point (eval_ijbc.py rule); with {} impostor pairs, FARs below {:.1e} are not \
 resolved (the value is the TAR at zero false accepts). `raw pixels`: the normalised image itself as \
-the embedding, same pairs and protocol. LH2Face is trained with its recognition loss L_FR only (the \
-reconstruction branch needs fr-render, see docs/lh2face.md). Total wall time {:.0} s.\n\n{}\n![ROC](roc.png)\n",
+the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC](roc.png)\n",
         preset.name,
         preset.paper,
+        preset.headline,
         data_desc,
         caveat,
         preset.seed,
@@ -605,6 +617,7 @@ reconstruction branch needs fr-render, see docs/lh2face.md). Total wall time {:.
         MIN_PAIRS_PER_FOLD,
         min_impostors,
         1.0 / min_impostors.max(1) as f64,
+        lh2face_note,
         total_seconds,
         table
     );
@@ -629,6 +642,121 @@ reconstruction branch needs fr-render, see docs/lh2face.md). Total wall time {:.
     Ok(())
 }
 
+/// The preset named by `args`: `configs/<paper>.toml` (or `--config`), or for `compare` the
+/// shared base with one method per name; `--set` overrides applied.
+fn resolve_preset(args: &ReproduceArgs, configs: &Path) -> Result<Preset> {
+    let Some(paper) = args.paper.as_deref() else {
+        bail!(
+            "name a preset (`cargo xtask reproduce lh2face`), `compare HEAD...`, or --list \
+(presets: {})",
+            list_presets(configs).join(", ")
+        );
+    };
+    if paper == COMPARE {
+        return compare_preset(args, configs);
+    }
+    if !args.names.is_empty() {
+        bail!(
+            "unexpected arguments after the preset name: {} (did you mean `compare {paper} {}`?)",
+            args.names.join(" "),
+            args.names.join(" ")
+        );
+    }
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| configs.join(format!("{paper}.toml")));
+    if !config_path.exists() {
+        bail!(
+            "no preset {paper}: {} does not exist (presets: {})",
+            config_path.display(),
+            list_presets(configs).join(", ")
+        );
+    }
+    let preset: Preset = crate::config_file::load(&config_path, &args.sets)?;
+    Ok(preset)
+}
+
+/// The word that turns `reproduce` into a comparison of heads.
+const COMPARE: &str = "compare";
+
+/// A comparison: the shared base (`configs/_base.toml`, or `--config`) with one method per
+/// name. A name that is a preset contributes its paper's head as that preset configures it
+/// (tuned for the CPU default); any other name is a registry head with its paper defaults.
+fn compare_preset(args: &ReproduceArgs, configs: &Path) -> Result<Preset> {
+    if args.names.is_empty() {
+        bail!(
+            "`compare` needs the heads to train, e.g. `compare arcface cosface adaface` \
+(heads: {}; presets: {})",
+            fr_heads::HeadConfig::NAMES.join(", "),
+            list_presets(configs).join(", ")
+        );
+    }
+    let base_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| configs.join("_base.toml"));
+    let mut tree = crate::config_file::read_tree(&base_path, 0)?;
+    let mut heads = toml::Table::new();
+    for name in &args.names {
+        let preset_path = configs.join(format!("{name}.toml"));
+        let head = if preset_path.is_file() && !name.starts_with('_') {
+            let p: Preset = crate::config_file::load(&preset_path, &[])?;
+            p.heads[&p.methods[0]].clone()
+        } else if let Some(h) = fr_heads::HeadConfig::default_for(name) {
+            h
+        } else {
+            bail!(
+                "compare: `{name}` is neither a head ({}) nor a preset ({})",
+                fr_heads::HeadConfig::NAMES.join(", "),
+                list_presets(configs).join(", ")
+            );
+        };
+        if heads.contains_key(name) {
+            bail!("compare: `{name}` is named twice");
+        }
+        heads.insert(name.clone(), toml::Value::try_from(&head)?);
+    }
+    let table = tree
+        .as_table_mut()
+        .context("the comparison base is not a TOML table")?;
+    table.insert("name".into(), format!("compare-{}", args.names.join("-")).into());
+    table.insert("paper".into(), "Head comparison (one seed, backbone and budget)".into());
+    table.insert(
+        "headline".into(),
+        "each head's published number: cargo xtask reproduce --list".into(),
+    );
+    table.insert(
+        "methods".into(),
+        toml::Value::Array(args.names.iter().map(|n| n.clone().into()).collect()),
+    );
+    table.insert("heads".into(), toml::Value::Table(heads));
+    crate::config_file::finish(tree, &args.sets, &base_path.display().to_string())
+}
+
+/// `--list`: one row per preset.
+fn list_table(configs: &Path) -> Result<String> {
+    let mut out = String::from(
+        "| preset | paper | default config (methods; the first is the paper's) | published headline the full preset aims at |\n|---|---|---|---|\n",
+    );
+    for name in list_presets(configs) {
+        let path = configs.join(format!("{name}.toml"));
+        let p: Preset = crate::config_file::load(&path, &[])?;
+        let methods: Vec<String> = p
+            .methods
+            .iter()
+            .map(|m| format!("{m} ({})", p.heads[m].name()))
+            .collect();
+        out += &format!(
+            "| {name} | {} | configs/{name}.toml: {} | {} |\n",
+            p.paper,
+            methods.join(", "),
+            p.headline
+        );
+    }
+    Ok(out)
+}
+
 fn list_presets(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
@@ -638,7 +766,9 @@ fn list_presets(dir: &Path) -> Vec<String> {
                     if p.extension()? != "toml" {
                         return None;
                     }
-                    Some(p.file_stem()?.to_string_lossy().into_owned())
+                    let stem = p.file_stem()?.to_string_lossy().into_owned();
+                    // `_base.toml` and friends are shared bases, not presets.
+                    (!stem.starts_with('_')).then_some(stem)
                 })
                 .collect()
         })
@@ -659,7 +789,9 @@ mod tests {
         let data = root.join("crates/fr-data/tests/data");
         let out = std::env::temp_dir().join(format!("fr-reproduce-test-{}", std::process::id()));
         let args = ReproduceArgs {
-            paper: "lh2face".into(),
+            paper: Some("lh2face".into()),
+            names: vec![],
+            list: false,
             config: None,
             sets: vec!["train.epochs=1".into()],
             train_rec: Some(data.join("rec_layout_a")),
@@ -707,7 +839,9 @@ mod tests {
         .unwrap();
         let out = dir.join("out");
         let args = ReproduceArgs {
-            paper: "lh2face".into(),
+            paper: Some("lh2face".into()),
+            names: vec![],
+            list: false,
             config: None,
             sets: vec!["train.epochs=1".into(), r#"methods=["arcface"]"#.into()],
             train_rec: Some(dir.clone()),
@@ -727,7 +861,9 @@ mod tests {
     #[test]
     fn unknown_preset_lists_the_available_ones() {
         let args = ReproduceArgs {
-            paper: "no_such_paper".into(),
+            paper: Some("no_such_paper".into()),
+            names: vec![],
+            list: false,
             config: None,
             sets: vec![],
             train_rec: None,
@@ -747,7 +883,9 @@ mod tests {
     fn train_rec_without_val_bin_is_an_error() {
         let root = crate::workspace_root();
         let args = ReproduceArgs {
-            paper: "lh2face".into(),
+            paper: Some("lh2face".into()),
+            names: vec![],
+            list: false,
             config: None,
             sets: vec![],
             train_rec: Some(root.join("crates/fr-data/tests/data/rec_layout_a")),

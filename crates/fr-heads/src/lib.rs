@@ -35,6 +35,7 @@ mod error;
 mod head;
 pub mod lh2face;
 pub mod normface;
+pub mod partial_fc;
 pub mod registry;
 pub mod softmax;
 pub mod vmf;

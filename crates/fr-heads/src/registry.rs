@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{arcface, cosface, curricularface, lh2face, normface, softmax};
+use crate::{arcface, cosface, curricularface, lh2face, normface, partial_fc, softmax};
 use crate::{Head, Result};
 
 /// Declares [`HeadConfig`], its names and [`build_head`] from one list of
@@ -84,6 +84,8 @@ heads! {
     CurricularFace = "curricularface" => curricularface::CurricularFace, curricularface::CurricularFaceConfig;
     /// vMF similarity + uncertainty-aware margin + proxy losses (LH2Face).
     Lh2Face = "lh2face" => lh2face::Lh2Face, lh2face::Lh2FaceConfig;
+    /// Any margin head over a per-step sample of the class centres (Partial FC).
+    PartialFc = "partial_fc" => partial_fc::PartialFc, partial_fc::PartialFcConfig;
 }
 
 impl Default for HeadConfig {
