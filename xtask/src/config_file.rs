@@ -60,7 +60,10 @@ pub fn read_tree(path: &Path, depth: usize) -> Result<Value> {
         return Ok(root);
     };
     let Some(base) = base.as_str() else {
-        bail!("config {}: `extends` must be a file name string", path.display());
+        bail!(
+            "config {}: `extends` must be a file name string",
+            path.display()
+        );
     };
     if depth >= MAX_EXTENDS_DEPTH {
         bail!(

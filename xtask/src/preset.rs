@@ -56,6 +56,10 @@ pub struct TrainSection {
     /// Batches the loader decodes ahead of the one being trained on (default 2; 0 = none).
     #[serde(default)]
     pub prefetch: Option<usize>,
+    /// Identities per batch `P` of a P x K identity sampler (`K = batch_size / P`), for
+    /// batch-hard triplet objectives; unset: shuffled batches.
+    #[serde(default)]
+    pub identities_per_batch: Option<usize>,
 }
 
 /// Synthetic identities for the embedded default run.
@@ -82,6 +86,21 @@ pub struct EvalSection {
     pub far: Vec<f64>,
     /// Folds of the accuracy protocol.
     pub folds: usize,
+    /// How pairs are scored: `cosine` (default), or `qmagface` to add QMagFace's
+    /// quality-aware score (cosine + ω(cosine)·min(‖x1‖, ‖x2‖)) next to the cosine rows.
+    pub scoring: Scoring,
+}
+
+/// Pair scoring of the evaluation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scoring {
+    /// Cosine similarity of the (flip-summed) embeddings.
+    #[default]
+    Cosine,
+    /// Cosine rows plus QMagFace rows: ω fitted on held-out validation identities (synthetic
+    /// data) or the published ω (real data).
+    Qmagface,
 }
 
 fn yes() -> bool {
@@ -94,6 +113,7 @@ impl Default for EvalSection {
             batch_size: 128,
             far: vec![1e-3, 1e-4],
             folds: 10,
+            scoring: Scoring::Cosine,
         }
     }
 }

@@ -26,7 +26,7 @@ use ndarray::{Array2, Array4, ArrayView4};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::preset::Preset;
+use crate::preset::{Preset, Scoring};
 use crate::report::{self, Curve, Row};
 
 /// Below this many pairs per fold, verification is scored as a single fold.
@@ -94,6 +94,32 @@ struct MethodResult {
     /// Training images skipped because they failed to decode.
     skipped_images: usize,
     protocols: Vec<(String, VerificationReport)>,
+    /// With `eval.scoring = "qmagface"`: the fitted ω and the quality-aware reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qmagface: Option<QmagfaceResult>,
+    /// For sub-center heads: the drop step on the training set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subcenter_drop: Option<DropSummary>,
+}
+
+/// QMagFace scoring of one method.
+#[derive(Debug, Serialize)]
+struct QmagfaceResult {
+    /// ω(s) = min(0, β·s − α).
+    alpha: f64,
+    beta: f64,
+    /// Where ω comes from: fitted on validation pairs, or the published values.
+    omega_source: String,
+    protocols: Vec<(String, VerificationReport)>,
+}
+
+/// Sub-center ArcFace's drop step on the training set.
+#[derive(Debug, Serialize)]
+struct DropSummary {
+    kept: usize,
+    total: usize,
+    /// The cleaned sample list (one kept dataset index per line).
+    list: PathBuf,
 }
 
 #[derive(Debug, Serialize)]
@@ -193,6 +219,28 @@ fn synthetic_eval(preset: &Preset, size: u32) -> Result<EvalSet> {
     })
 }
 
+/// Held-out validation identities (disjoint from training and test) with one pair protocol:
+/// what QMagFace's ω is fitted on.
+fn synthetic_validation(preset: &Preset, size: u32) -> Result<EvalSet> {
+    let syn = &preset.synthetic;
+    let val = SyntheticFaces::new(SyntheticConfig {
+        num_identities: syn.test_identities,
+        images_per_identity: syn.test_images_per_identity,
+        first_identity: syn.train.first_identity + 2_000_000,
+        ..syn.train.clone()
+    })?;
+    let rendered = InMemoryDataset::from_dataset(&val, size)?;
+    let pairs = val.pairs(syn.pairs_per_subset, None, preset.seed + 31)?;
+    Ok(EvalSet {
+        images: to_array(rendered.images(), size)?,
+        protocols: vec![Protocol {
+            name: "validation".into(),
+            pairs: pairs.iter().map(|&(a, b, _)| (a, b)).collect(),
+            issame: pairs.iter().map(|p| p.2).collect(),
+        }],
+    })
+}
+
 /// Verification .bin files: one set each, pair i = images 2i and 2i+1.
 fn bin_eval(paths: &[PathBuf], size: u32) -> Result<Vec<EvalSet>> {
     paths
@@ -283,15 +331,18 @@ fn row(method: &str, subset: &str, r: &VerificationReport, train: Option<(f64, f
 }
 
 /// Train one method and evaluate it.
+#[allow(clippy::too_many_arguments)]
 fn run_method(
     preset: &Preset,
     method: &str,
     train_set: Arc<dyn FaceDataset>,
     sets: &[EvalSet],
+    fit_set: Option<&EvalSet>,
     device: &Device,
     input_size: u32,
-    checkpoints: &Path,
+    out_dir: &Path,
 ) -> Result<MethodResult> {
+    let checkpoints = out_dir.join("checkpoints");
     let head_cfg = preset.heads[method].clone();
     let seeded = SeededVarMap::new(preset.seed);
     let vb = seeded.var_builder(DType::F32, device);
@@ -321,7 +372,9 @@ fn run_method(
         trainer_cfg,
         move |n: &str| !frozen.iter().any(|f| f == n),
     )?;
-    let batch_size = if train_set.len() < preset.train.batch_size {
+    let batch_size = if train_set.len() < preset.train.batch_size
+        && preset.train.identities_per_batch.is_none()
+    {
         warn!(
             images = train_set.len(),
             batch_size = preset.train.batch_size,
@@ -341,6 +394,7 @@ fn run_method(
             drop_last: true,
             skip_corrupt: preset.train.skip_corrupt,
             prefetch: preset.train.prefetch.unwrap_or(2),
+            identities_per_batch: preset.train.identities_per_batch,
             ..LoaderConfig::default()
         },
     )?
@@ -412,6 +466,21 @@ fn run_method(
         device: device.clone(),
     };
     let protocols = evaluate_all(&mut embedder, sets, preset, method)?;
+    let qmagface = match preset.eval.scoring {
+        Scoring::Cosine => None,
+        Scoring::Qmagface => Some(qmagface_eval(&mut embedder, sets, fit_set, preset, method)?),
+    };
+    let subcenter_drop = match &head_cfg {
+        fr_heads::HeadConfig::SubCenterArcFace(c) => Some(subcenter_drop(
+            &mut embedder,
+            &train_set,
+            seeded.varmap(),
+            c,
+            input_size,
+            &out_dir.join(format!("clean_list_{method}.txt")),
+        )?),
+        _ => None,
+    };
     Ok(MethodResult {
         method: method.to_string(),
         head: head_cfg,
@@ -423,6 +492,212 @@ fn run_method(
         batch_size,
         skipped_images: loader.stats().skipped,
         protocols,
+        qmagface,
+        subcenter_drop,
+    })
+}
+
+/// Embeddings (flip-summed, as for verification) of every image of `set`.
+fn embed_set<E: Embedder>(embedder: &mut E, set: &EvalSet, preset: &Preset) -> Result<Array2<f32>> {
+    fr_eval::embed_with_flip(embedder, set.images.view(), preset.eval.batch_size)
+        .context("embedding images for QMagFace scoring")
+}
+
+/// Cosine and quality `min(q1, q2)` of each pair of `protocol`, q = the embedding norm (half
+/// the norm of the flip-summed embedding).
+fn cos_and_quality(emb: &Array2<f32>, protocol: &Protocol) -> (Vec<f64>, Vec<f64>) {
+    let norm = |i: usize| -> f64 {
+        emb.row(i)
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt()
+    };
+    protocol
+        .pairs
+        .iter()
+        .map(|&(a, b)| {
+            let (na, nb) = (norm(a), norm(b));
+            let dot: f64 = emb
+                .row(a)
+                .iter()
+                .zip(emb.row(b).iter())
+                .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                .sum();
+            let cos = if na > 0.0 && nb > 0.0 {
+                dot / (na * nb)
+            } else {
+                0.0
+            };
+            (cos, 0.5 * na.min(nb))
+        })
+        .unzip()
+}
+
+/// QMagFace: fit ω on the validation pairs (or take the published ω without them), then
+/// score every protocol with `cos + ω(cos)·min(q1, q2)`.
+fn qmagface_eval<E: Embedder>(
+    embedder: &mut E,
+    sets: &[EvalSet],
+    fit_set: Option<&EvalSet>,
+    preset: &Preset,
+    method: &str,
+) -> Result<QmagfaceResult> {
+    use fr_heads::qmagface::{fit, FitConfig, Pairs, QualityWeight};
+    let (weight, omega_source) = match fit_set {
+        Some(set) => {
+            let emb = embed_set(embedder, set, preset)?;
+            let p = &set.protocols[0];
+            let (cos, q) = cos_and_quality(&emb, p);
+            let split = |same: bool| -> (Vec<f64>, Vec<f64>) {
+                cos.iter()
+                    .zip(&q)
+                    .zip(&p.issame)
+                    .filter(|(_, &s)| s == same)
+                    .map(|((&c, &q), _)| (c, q))
+                    .unzip()
+            };
+            let (gc, gq) = split(true);
+            let (ic, iq) = split(false);
+            let f = fit(
+                Pairs {
+                    scores: &gc,
+                    qualities: &gq,
+                },
+                Pairs {
+                    scores: &ic,
+                    qualities: &iq,
+                },
+                &FitConfig::default(),
+            )
+            .with_context(|| format!("fitting QMagFace's ω for {method}"))?;
+            (
+                f.weight,
+                format!(
+                    "fitted on {} held-out validation pairs ({} identities)",
+                    p.issame.len(),
+                    preset.synthetic.test_identities
+                ),
+            )
+        }
+        None => (
+            QualityWeight::default(),
+            "published fit (MagFace-100, MS1MV2)".to_string(),
+        ),
+    };
+    info!(
+        method,
+        alpha = weight.alpha,
+        beta = weight.beta,
+        source = %omega_source,
+        "QMagFace ω"
+    );
+    let vcfg = VerificationConfig {
+        n_folds: preset.eval.folds,
+        far_targets: preset.eval.far.clone(),
+        ..VerificationConfig::default()
+    };
+    let mut protocols = Vec::new();
+    for set in sets {
+        let emb = embed_set(embedder, set, preset)?;
+        for p in &set.protocols {
+            let (cos, q) = cos_and_quality(&emb, p);
+            let scores: Vec<f64> = cos
+                .iter()
+                .zip(&q)
+                .map(|(&c, &q)| weight.score(c, q, q))
+                .collect();
+            let mut vcfg = vcfg.clone();
+            if p.issame.len() < MIN_PAIRS_PER_FOLD * vcfg.n_folds {
+                vcfg.n_folds = 1;
+            }
+            let report =
+                fr_eval::evaluate_scores(fr_eval::PairScores::Cosine(&scores), &p.issame, &vcfg)
+                    .with_context(|| format!("QMagFace scoring of {method} on {}", p.name))?;
+            protocols.push((p.name.clone(), report));
+        }
+    }
+    Ok(QmagfaceResult {
+        alpha: weight.alpha,
+        beta: weight.beta,
+        omega_source,
+        protocols,
+    })
+}
+
+/// Sub-center ArcFace's drop step: embed every training image (no flip), keep the samples
+/// within the drop angle of their class's dominant sub-centre, write the cleaned list.
+fn subcenter_drop(
+    embedder: &mut BackboneEmbedder<'_>,
+    train_set: &Arc<dyn FaceDataset>,
+    varmap: &candle_nn::VarMap,
+    cfg: &fr_heads::subcenter::SubCenterArcFaceConfig,
+    input_size: u32,
+    path: &Path,
+) -> Result<DropSummary> {
+    let loader = BatchLoader::new(
+        train_set.clone(),
+        LoaderConfig {
+            batch_size: 256,
+            image_size: input_size,
+            shuffle: false,
+            flip_prob: 0.0,
+            drop_last: false,
+            skip_corrupt: true,
+            prefetch: 0,
+            ..LoaderConfig::default()
+        },
+    )?;
+    let (mut rows, mut labels, mut indices) = (Vec::new(), Vec::new(), Vec::new());
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let images = batch.images.to_device(&embedder.device)?;
+        let emb = fr_kernels::no_grad(|| embedder.model.forward_t(&images, false))?;
+        rows.push(emb.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+        labels.extend(batch.labels.to_vec1::<u32>()?);
+        indices.extend(batch.indices);
+    }
+    if rows.is_empty() {
+        bail!("sub-center drop step: no decodable training image");
+    }
+    let embeddings = Tensor::cat(&rows, 0)?;
+    let weight = varmap
+        .data()
+        .lock()
+        .expect("VarMap lock")
+        .get("head.weight")
+        .context("sub-center drop step: no head.weight")?
+        .as_tensor()
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?;
+    let result = fr_heads::subcenter::drop_noisy_samples(
+        &embeddings,
+        &labels,
+        &weight,
+        cfg.sub_centers,
+        cfg.drop_angle_degrees,
+    )?;
+    let kept: Vec<usize> = result.kept.iter().map(|&i| indices[i]).collect();
+    let header = format!(
+        "sub-center ArcFace drop step (K = {}, drop beyond {}° of the dominant sub-centre)\n\
+kept {} of {} training samples; one dataset index per line",
+        cfg.sub_centers,
+        cfg.drop_angle_degrees,
+        kept.len(),
+        indices.len()
+    );
+    fr_heads::subcenter::write_clean_list(path, &kept, &header)
+        .with_context(|| format!("writing {}", path.display()))?;
+    info!(
+        kept = kept.len(),
+        total = indices.len(),
+        path = %path.display(),
+        "sub-center drop step"
+    );
+    Ok(DropSummary {
+        kept: kept.len(),
+        total: indices.len(),
+        list: path.to_path_buf(),
     })
 }
 
@@ -518,6 +793,12 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     };
     info!(data = %data_desc, "data ready");
 
+    // QMagFace's ω is fitted on held-out validation identities (synthetic data only; real data
+    // uses the published ω).
+    let fit_set = match (preset.eval.scoring, &args.train_rec) {
+        (Scoring::Qmagface, None) => Some(synthetic_validation(&preset, size)?),
+        _ => None,
+    };
     let raw_pixels = evaluate_all(&mut PixelEmbedder, &sets, &preset, "raw pixels")?;
     let mut methods = Vec::new();
     for method in &preset.methods {
@@ -526,9 +807,10 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
             method,
             train_set.clone(),
             &sets,
+            fit_set.as_ref(),
             &device,
             size,
-            &out_dir.join("checkpoints"),
+            &out_dir,
         )?);
     }
 
@@ -541,6 +823,13 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
                 r,
                 Some((m.train_seconds, m.images_per_second)),
             ));
+        }
+    }
+    for m in &methods {
+        if let Some(q) = &m.qmagface {
+            for (name, r) in &q.protocols {
+                rows.push(row(&format!("{} + QMagFace", m.method), name, r, None));
+            }
         }
     }
     for (name, r) in &raw_pixels {
@@ -580,8 +869,7 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
 56×56, {} epochs on synthetic identities), not a reproduction of the paper's numbers or its \
 ranking of methods: at this budget the ranking mostly reflects how fast each loss converges. \
 The paper's protocol is in the comments of configs/{}.toml and configs/_base.toml.",
-            preset.train.epochs,
-            preset.name
+            preset.train.epochs, preset.name
         )
     } else {
         String::new()
@@ -720,8 +1008,14 @@ fn compare_preset(args: &ReproduceArgs, configs: &Path) -> Result<Preset> {
     let table = tree
         .as_table_mut()
         .context("the comparison base is not a TOML table")?;
-    table.insert("name".into(), format!("compare-{}", args.names.join("-")).into());
-    table.insert("paper".into(), "Head comparison (one seed, backbone and budget)".into());
+    table.insert(
+        "name".into(),
+        format!("compare-{}", args.names.join("-")).into(),
+    );
+    table.insert(
+        "paper".into(),
+        "Head comparison (one seed, backbone and budget)".into(),
+    );
     table.insert(
         "headline".into(),
         "each head's published number: cargo xtask reproduce --list".into(),

@@ -28,6 +28,7 @@ pub mod in_memory;
 pub mod loader;
 mod pickle;
 pub mod recordio;
+pub mod sampler;
 pub mod synthetic;
 pub mod transform;
 pub mod verification_bin;

@@ -19,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::dataset::FaceDataset;
+use crate::sampler::PkSampler;
 use crate::transform::{flip_coin, normalise_flip_into, resize_rgb};
 use crate::{Batch, Error, Result};
 
@@ -43,6 +44,11 @@ pub struct LoaderConfig {
     pub skip_corrupt: bool,
     /// Batches decoded ahead on a background thread (0: decode in the consumer's thread).
     pub prefetch: usize,
+    /// Identities per batch `P` of a P x K identity sampler (batch-hard triplet losses need
+    /// several images of each identity in a batch): each batch is `P` identities ×
+    /// `K = batch_size / P` images, see [`crate::sampler::PkSampler`]. `None` (default): the
+    /// dataset order, shuffled per epoch when `shuffle` is set.
+    pub identities_per_batch: Option<usize>,
 }
 
 impl Default for LoaderConfig {
@@ -56,6 +62,7 @@ impl Default for LoaderConfig {
             drop_last: true,
             skip_corrupt: false,
             prefetch: 2,
+            identities_per_batch: None,
         }
     }
 }
@@ -87,6 +94,8 @@ pub struct BatchLoader {
     config: LoaderConfig,
     device: Device,
     counters: Arc<Counters>,
+    /// The P x K sampler when `identities_per_batch` is set.
+    pk: Option<Arc<PkSampler>>,
 }
 
 impl std::fmt::Debug for BatchLoader {
@@ -102,7 +111,9 @@ impl BatchLoader {
     /// A loader producing CPU tensors.
     ///
     /// # Errors
-    /// `batch_size` or `image_size` of 0, `flip_prob` outside [0, 1].
+    /// `batch_size` or `image_size` of 0, `flip_prob` outside [0, 1]; with
+    /// `identities_per_batch`: a batch size that is not a multiple of it, fewer identities than
+    /// it, or a label that cannot be read.
     pub fn new(dataset: Arc<dyn FaceDataset>, config: LoaderConfig) -> Result<Self> {
         let bad = |key: &str, reason: &str| Error::Config {
             key: key.into(),
@@ -117,11 +128,35 @@ impl BatchLoader {
         if !(0.0..=1.0).contains(&config.flip_prob) {
             return Err(bad("flip_prob", "must be in [0, 1]"));
         }
+        let pk = match config.identities_per_batch {
+            None => None,
+            Some(p) => {
+                if p == 0 || !config.batch_size.is_multiple_of(p) {
+                    return Err(Error::Config {
+                        key: "identities_per_batch".into(),
+                        reason: format!(
+                            "must divide batch_size {} (K = batch_size / P images per identity), got {p}",
+                            config.batch_size
+                        ),
+                    });
+                }
+                let labels = (0..dataset.len())
+                    .map(|i| dataset.label(i))
+                    .collect::<Result<Vec<u32>>>()?;
+                Some(Arc::new(PkSampler::new(
+                    &labels,
+                    p,
+                    config.batch_size / p,
+                    config.seed,
+                )?))
+            }
+        };
         Ok(Self {
             dataset,
             config,
             device: Device::Cpu,
             counters: Arc::default(),
+            pk,
         })
     }
 
@@ -145,6 +180,9 @@ impl BatchLoader {
     /// Batches per epoch (with `skip_corrupt`, a batch whose images are all corrupt is left
     /// out, so an epoch may yield fewer).
     pub fn batches_per_epoch(&self) -> usize {
+        if let Some(pk) = &self.pk {
+            return pk.epoch(0).len();
+        }
         let (n, b) = (self.dataset.len(), self.config.batch_size);
         if self.config.drop_last {
             n / b
@@ -241,14 +279,18 @@ impl BatchLoader {
     /// The batches of `epoch`. With `prefetch > 0` a background thread decodes up to
     /// `prefetch` batches ahead; dropping the iterator stops it.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
-        let order = self.epoch_order(epoch);
-        let b = self.config.batch_size;
-        let n_batches = self.batches_per_epoch();
-        let chunks: Vec<Vec<usize>> = order
-            .chunks(b)
-            .take(n_batches)
-            .map(<[usize]>::to_vec)
-            .collect();
+        let chunks: Vec<Vec<usize>> = match &self.pk {
+            Some(pk) => pk.epoch(epoch as usize),
+            None => {
+                let order = self.epoch_order(epoch);
+                let n_batches = self.batches_per_epoch();
+                order
+                    .chunks(self.config.batch_size)
+                    .take(n_batches)
+                    .map(<[usize]>::to_vec)
+                    .collect()
+            }
+        };
         if self.config.prefetch == 0 {
             return EpochIter {
                 inner: Inner::Sync {

@@ -255,3 +255,39 @@ fn rejects_bad_config() {
         assert!(matches!(err, Error::Config { .. }), "{err:?}");
     }
 }
+
+/// `identities_per_batch = P`: every batch holds P identities × K = batch_size / P images,
+/// deterministically per (seed, epoch); a P that does not divide the batch is a config error.
+#[test]
+fn identity_sampler_gives_p_by_k_batches() {
+    let cfg = LoaderConfig {
+        batch_size: 6,
+        identities_per_batch: Some(3),
+        prefetch: 0,
+        ..config(5)
+    };
+    let loader = BatchLoader::new(Halves::new(40), cfg.clone()).unwrap();
+    assert!(loader.batches_per_epoch() > 0);
+    let mut seen = 0;
+    for batch in loader.epoch(0) {
+        let batch = batch.unwrap();
+        let labels: Vec<u32> = batch.labels.to_vec1().unwrap();
+        assert_eq!(labels.len(), 6);
+        let mut counts = std::collections::BTreeMap::new();
+        for l in labels {
+            *counts.entry(l).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 3, "{counts:?}");
+        assert!(counts.values().all(|&c| c == 2), "{counts:?}");
+        seen += 1;
+    }
+    assert_eq!(seen, loader.batches_per_epoch());
+    let again = BatchLoader::new(Halves::new(40), cfg.clone()).unwrap();
+    assert_eq!(run_epoch(&loader, 1).0, run_epoch(&again, 1).0);
+    let bad = LoaderConfig {
+        identities_per_batch: Some(4),
+        ..cfg
+    };
+    let err = BatchLoader::new(Halves::new(40), bad).unwrap_err();
+    assert!(err.to_string().contains("identities_per_batch"), "{err}");
+}

@@ -25,19 +25,35 @@
 //! ```
 //!
 //! Modules: [`common`] (normalisation, cosine, masks, stable cross-entropy), one module per
-//! head, [`vmf`] (Bessel functions and the vMF normaliser), [`registry`].
+//! head, [`qmagface`] (quality-aware MagFace comparison scores), [`vmf`] (Bessel functions
+//! and the vMF normaliser), [`registry`].
 
+pub mod adaface;
 pub mod arcface;
+pub mod center;
 pub mod common;
 pub mod cosface;
 pub mod curricularface;
+pub mod epl;
 mod error;
+pub mod gbcosface;
 mod head;
+pub mod kd;
+pub mod km;
 pub mod lh2face;
+pub mod lsoftmax;
+pub mod magface;
 pub mod normface;
 pub mod partial_fc;
+pub mod qmagface;
 pub mod registry;
+pub mod simplex;
 pub mod softmax;
+pub mod sphereface;
+pub mod subcenter;
+pub mod triplet;
+pub mod uniface;
+pub mod unitsface;
 pub mod vmf;
 
 pub use error::{Error, Result};

@@ -5,7 +5,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{arcface, cosface, curricularface, lh2face, normface, partial_fc, softmax};
+use crate::{
+    adaface, arcface, center, cosface, curricularface, epl, gbcosface, km, lh2face, lsoftmax,
+    magface, normface, partial_fc, simplex, softmax, sphereface, subcenter, triplet, uniface,
+    unitsface,
+};
 use crate::{Head, Result};
 
 /// Declares [`HeadConfig`], its names and [`build_head`] from one list of
@@ -82,10 +86,38 @@ heads! {
     ArcFace = "arcface" => arcface::ArcFace, arcface::ArcFaceConfig;
     /// ArcFace target + curriculum-weighted hard negatives (CurricularFace).
     CurricularFace = "curricularface" => curricularface::CurricularFace, curricularface::CurricularFaceConfig;
+    /// Quality-adaptive margin from the feature norm, EMA norm statistics (AdaFace).
+    AdaFace = "adaface" => adaface::AdaFace, adaface::AdaFaceConfig;
+    /// Norm-adaptive angular margin + magnitude regulariser (MagFace).
+    MagFace = "magface" => magface::MagFace, magface::MagFaceConfig;
+    /// ArcFace over the best of K sub-centres per class (sub-center ArcFace).
+    SubCenterArcFace = "subcenter_arcface" => subcenter::SubCenterArcFace, subcenter::SubCenterArcFaceConfig;
+    /// Multiplicative angular margin on un-normalised logits, λ-annealed (L-Softmax).
+    LSoftmax = "lsoftmax" => lsoftmax::LSoftmax, lsoftmax::LSoftmaxConfig;
+    /// Multiplicative angular margin, unit weights, λ-annealed (SphereFace / A-Softmax).
+    SphereFace = "sphereface" => sphereface::SphereFace, sphereface::SphereFaceConfig;
+    /// CosFace as two softplus terms around a global virtual positive cosine (GB-CosFace).
+    GbCosFace = "gbcosface" => gbcosface::GbCosFace, gbcosface::GbCosFaceConfig;
+    /// Empirical prototype bank rows stacked under a CosFace / ArcFace classifier (EPL).
+    Epl = "epl" => epl::Epl, epl::EplConfig;
+    /// Softmax cross-entropy re-weighted by (γp + 1)^(−2) (Knot Magnify).
+    Km = "km" => km::Km, km::KmConfig;
+    /// Center loss (Wen et al.) on top of a KM or softmax classifier ("KM + center").
+    Center = "center" => center::Center, center::CenterConfig;
     /// vMF similarity + uncertainty-aware margin + proxy losses (LH2Face).
     Lh2Face = "lh2face" => lh2face::Lh2Face, lh2face::Lh2FaceConfig;
     /// Any margin head over a per-step sample of the class centres (Partial FC).
     PartialFc = "partial_fc" => partial_fc::PartialFc, partial_fc::PartialFcConfig;
+    /// Unified-threshold BCE with a learnable bias (UniFace UCE).
+    UniFace = "uniface" => uniface::UniFace, uniface::UniFaceConfig;
+    /// Uniform-classification BCE, unified or per-class bias (arXiv 2403.07289).
+    UniformBce = "uniform_bce" => uniface::UniformBce, uniface::UniformBceConfig;
+    /// Sample-to-sample USS over a per-class memory + CosFace (UniTSFace).
+    UniTsFace = "unitsface" => unitsface::UniTsFace, unitsface::UniTsFaceConfig;
+    /// Fixed regular-simplex centres + squared-error pull (Deep Simplex Classifier).
+    Simplex = "simplex" => simplex::Simplex, simplex::SimplexConfig;
+    /// Angular softmax + batch-hard triplet (joint re-id objective).
+    TripletJoint = "triplet_joint" => triplet::TripletJoint, triplet::TripletJointConfig;
 }
 
 impl Default for HeadConfig {
@@ -117,8 +149,16 @@ mod tests {
                 VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
             )?;
             assert_eq!(head.name(), cfg.name());
+            if cfg.name() == "simplex" {
+                continue; // fixed centres, no `weight`
+            }
             let w = vm.data().lock().unwrap()["weight"].as_tensor().clone();
-            assert_eq!(w.dims(), [4, 8]);
+            // (C, D), or (C·K, D) for sub-center heads.
+            assert!(
+                w.dims()[1] == 8 && w.dims()[0].is_multiple_of(4),
+                "{:?}",
+                w.dims()
+            );
         }
         Ok(())
     }
