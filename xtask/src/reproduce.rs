@@ -1152,6 +1152,107 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// Overrides that shrink any preset to a few seconds: 12 identities, 1 epoch, 20 pairs.
+    fn tiny(extra: &[&str]) -> Vec<String> {
+        [
+            "train.epochs=1",
+            "train.batch_size=16",
+            "synthetic.train.num_identities=12",
+            "synthetic.train.images_per_identity=4",
+            "synthetic.test_identities=6",
+            "synthetic.test_images_per_identity=3",
+            "synthetic.pairs_per_subset=20",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn args(paper: &str, names: &[&str], sets: Vec<String>, out: &Path) -> ReproduceArgs {
+        ReproduceArgs {
+            paper: Some(paper.into()),
+            names: names.iter().map(|s| s.to_string()).collect(),
+            list: false,
+            config: None,
+            sets,
+            train_rec: None,
+            val_bin: vec![],
+            out: Some(out.to_path_buf()),
+        }
+    }
+
+    /// Every shipped preset runs end to end (on a tiny budget) and writes its report; the
+    /// paper-specific outputs appear: QMagFace rows, the sub-center cleaned list.
+    #[test]
+    fn every_preset_runs_and_reports() {
+        let root = crate::workspace_root();
+        let presets = list_presets(&root.join("configs"));
+        assert!(presets.len() >= 19, "{presets:?}");
+        for name in presets {
+            let out = std::env::temp_dir().join(format!("fr-preset-{name}-{}", std::process::id()));
+            let mut extra = vec![];
+            if name == "triplet-joint" {
+                extra.push("train.identities_per_batch=4");
+            }
+            if name == "epl" {
+                extra.push("heads.epl.start_vp_epoch=1");
+            }
+            run(&args(&name, &[], tiny(&extra), &out), &root)
+                .unwrap_or_else(|e| panic!("preset {name}: {e:#}"));
+            let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+            assert!(report.contains("Published headline"), "{name}");
+            if name == "qmagface" {
+                assert!(report.contains("| magface + QMagFace | all |"), "{report}");
+            }
+            if name == "subcenter-arcface" {
+                let list =
+                    std::fs::read_to_string(out.join("clean_list_subcenter_arcface.txt")).unwrap();
+                assert!(list.starts_with("# sub-center ArcFace drop step"), "{list}");
+                // 12 identities × 4 images; after 3 steps few samples are near a sub-centre.
+                assert!(list.contains(" of 48 training samples"), "{list}");
+            }
+            std::fs::remove_dir_all(&out).ok();
+        }
+    }
+
+    /// `compare` trains registry heads and preset heads side by side into one table; bad names
+    /// are rejected with the lists of both.
+    #[test]
+    fn compare_trains_several_heads_into_one_table() {
+        let root = crate::workspace_root();
+        let out = std::env::temp_dir().join(format!("fr-compare-{}", std::process::id()));
+        run(
+            &args("compare", &["cosface", "adaface"], tiny(&[]), &out),
+            &root,
+        )
+        .unwrap();
+        let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(report.contains("| cosface | all |") && report.contains("| adaface | all |"));
+        std::fs::remove_dir_all(&out).ok();
+        let err = run(&args("compare", &["arcface", "nope"], vec![], &out), &root)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nope") && err.contains("magface") && err.contains("lh2face"),
+            "{err}"
+        );
+        let err = run(&args("compare", &[], vec![], &out), &root)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("compare arcface"), "{err}");
+    }
+
+    #[test]
+    fn list_shows_every_preset_with_its_headline() {
+        let root = crate::workspace_root();
+        let table = list_table(&root.join("configs")).unwrap();
+        for name in list_presets(&root.join("configs")) {
+            assert!(table.contains(&format!("| {name} |")), "{name} missing");
+        }
+        assert!(table.contains("96.37") && !table.contains("| _base |"));
+    }
+
     #[test]
     fn unknown_preset_lists_the_available_ones() {
         let args = ReproduceArgs {
