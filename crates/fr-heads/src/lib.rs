@@ -1,6 +1,11 @@
-//! Face-recognition loss heads on candle: softmax, NormFace, CosFace / AM-Softmax, ArcFace
-//! (with the combined margin) and LH2Face (vMF similarity, uncertainty-aware margin, proxy
-//! losses), behind one [`Head`] trait and a serde-tagged [`HeadConfig`] registry.
+//! Face-recognition loss heads on candle, behind one [`Head`] trait and a serde-tagged
+//! [`HeadConfig`] registry: softmax, NormFace, CosFace / AM-Softmax, ArcFace (and the combined
+//! margin), sub-center ArcFace, L-Softmax, SphereFace, CurricularFace, AdaFace, MagFace,
+//! Knot Magnify, center loss, GB-CosFace, EPL, UniFace, the uniform-classification BCE,
+//! UniTSFace, the Deep Simplex Classifier, angular softmax + batch-hard triplet and LH2Face
+//! (vMF similarity, uncertainty-aware margin, proxy losses); [`partial_fc`] samples the class
+//! centres of any of them; [`qmagface`] scoring and [`kd`] losses are tools beside the heads.
+//! The table of heads, defaults and published numbers is `docs/heads.md` in the repository.
 //!
 //! A head takes embeddings `(B, D)` and u32 labels `(B,)` and returns the loss to
 //! back-propagate, the final logits and named statistics. Its class centres live in the
