@@ -4,6 +4,7 @@
 //!   accuracy ± std, VAL@FAR, plus TAR@FAR, AUC and EER.
 //! * [`roc`]: scikit-learn-compatible ROC curve, eval_ijbc.py TAR@FAR rule, AUC, EER.
 //! * [`embed`]: flip-added embeddings from any [`Embedder`].
+//! * [`ijb`]: IJB-B / IJB-C template aggregation, 1:1 TAR@FAR and open-set 1:N (TPIR@FPIR, CMC).
 //!
 //! ```
 //! use fr_eval::verification::{evaluate, VerificationConfig};
@@ -24,6 +25,7 @@
 pub mod embed;
 pub mod embedder;
 pub mod error;
+pub mod ijb;
 mod numeric;
 pub mod roc;
 pub mod verification;

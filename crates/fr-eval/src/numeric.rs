@@ -7,12 +7,17 @@ pub(crate) fn np_sum(a: &[f64]) -> f64 {
     pairwise(a)
 }
 
-fn pairwise(a: &[f64]) -> f64 {
+/// `numpy.sum` of a contiguous 1-D float32 array (accumulated in float32, as numpy does).
+pub(crate) fn np_sum_f32(a: &[f32]) -> f32 {
+    pairwise(a)
+}
+
+fn pairwise<T: Copy + Default + std::ops::Add<Output = T> + std::ops::AddAssign>(a: &[T]) -> T {
     let n = a.len();
     if n < 8 {
-        a.iter().fold(0.0, |acc, &x| acc + x)
+        a.iter().fold(T::default(), |acc, &x| acc + x)
     } else if n <= 128 {
-        let mut r = [0.0f64; 8];
+        let mut r = [T::default(); 8];
         r.copy_from_slice(&a[..8]);
         let full = n - n % 8;
         let mut i = 8;

@@ -87,3 +87,93 @@ fn order_of_pairs_does_not_matter() {
     let (rl, rs): (Vec<bool>, Vec<f64>) = labels.iter().zip(&scores).rev().unzip();
     assert_eq!(roc_curve(&rl, &rs).unwrap(), roc);
 }
+
+/// eval_ijbc.py's image flags, media pooling, template sum + normalisation and pair scores
+/// (tests/golden/ijbc_template_aggregation.json: 14 images, 5 templates with repeated media,
+/// insightface's default flags and all flags off).
+#[test]
+fn template_aggregation_matches_eval_ijbc() {
+    use fr_eval::ijb::{image_features, pair_scores, templates, IjbFlags};
+    use ndarray::Array2;
+    let v: Value =
+        serde_json::from_str(include_str!("golden/ijbc_template_aggregation.json")).unwrap();
+    let inp = &v["inputs"];
+    let rows: Vec<Vec<f64>> = inp["img_feats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    let (n, w) = (rows.len(), rows[0].len());
+    let feats =
+        Array2::from_shape_vec((n, w), rows.iter().flatten().map(|&x| x as f32).collect()).unwrap();
+    let ints = |k: &str| -> Vec<i64> {
+        inp[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    let faceness: Vec<f32> = floats(&inp["faceness_scores"])
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+    for (case, flags) in [
+        ("insightface_defaults", IjbFlags::default()),
+        (
+            "all_off",
+            IjbFlags {
+                flip: false,
+                keep_norm: false,
+                detector_score: false,
+            },
+        ),
+    ] {
+        let out = &v["outputs"][case];
+        assert_eq!(out["use_flip_test"].as_bool(), Some(flags.flip));
+        assert_eq!(out["use_norm_score"].as_bool(), Some(flags.keep_norm));
+        let img = image_features(feats.view(), &faceness, flags).unwrap();
+        let want_img: Vec<f64> = out["image_input_features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(floats)
+            .collect();
+        let worst_img = img
+            .iter()
+            .zip(&want_img)
+            .map(|(a, b)| (f64::from(*a) - b).abs() / b.abs().max(1.0))
+            .fold(0.0, f64::max);
+        assert!(worst_img < 1e-12, "{case}: image features {worst_img:e}");
+        let t = templates(img.view(), &ints("templates"), &ints("medias")).unwrap();
+        let want_ids: Vec<i64> = out["unique_templates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect();
+        assert_eq!(t.ids, want_ids);
+        let want_t: Vec<f64> = out["template_norm_feats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(floats)
+            .collect();
+        let worst_t = t
+            .features
+            .iter()
+            .zip(&want_t)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst_t < 1e-12, "{case}: template features {worst_t:e}");
+        let s = pair_scores(&t, &ints("pairs_p1"), &ints("pairs_p2")).unwrap();
+        let worst_s = s
+            .iter()
+            .zip(floats(&out["pair_scores"]))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst_s < 1e-12, "{case}: pair scores {worst_s:e}");
+        eprintln!("{case}: image {worst_img:.1e}, templates {worst_t:.1e}, scores {worst_s:.1e}");
+    }
+}
