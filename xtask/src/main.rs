@@ -4,9 +4,11 @@
 //!   one seed, backbone and budget; evaluate them side by side; write
 //!   `target/reproduce/lh2face/{report.md, metrics.json, roc.png}`.
 //! - `cargo xtask bench train|infer --model r18` — images/s and peak RSS of one IResNet.
+//! - `cargo xtask pack --from <folder or list> --out <dir>` — an insightface `train.rec`.
 
 mod bench;
 mod config_file;
+mod pack;
 mod preset;
 mod report;
 mod reproduce;
@@ -28,6 +30,8 @@ enum Command {
     Reproduce(reproduce::ReproduceArgs),
     /// Measure training or inference throughput and peak memory of one IResNet.
     Bench(bench::BenchArgs),
+    /// Pack an image folder or `path label` list into train.rec / train.idx / property.
+    Pack(pack::PackArgs),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -52,5 +56,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Reproduce(args) => reproduce::run(&args, &workspace_root()),
         Command::Bench(args) => bench::run(&args, &workspace_root()),
+        Command::Pack(args) => pack::run(&args),
     }
 }

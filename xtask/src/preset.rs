@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use fr_backbone::BackboneConfig;
 use fr_data::synthetic::SyntheticConfig;
 use fr_heads::HeadConfig;
+use fr_render::JointConfig;
 use fr_train::TrainerConfig;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +37,28 @@ pub struct Preset {
     /// Evaluation settings.
     #[serde(default)]
     pub eval: EvalSection,
+    /// LH2Face's reconstruction branch: which methods train with it, and how. Absent: none.
+    #[serde(default)]
+    pub render: Option<RenderSection>,
+}
+
+/// The `[render]` section: the methods trained with the joint objective
+/// `L_FR + λ_reco·L_reco + λ_canon·L_FR^canon + λ_view·L_view` (fr-render's
+/// [`JointConfig`] under `[render.joint]`, the branch itself under `[render.joint.branch]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenderSection {
+    /// The switch: `false` trains every method without the branch
+    /// (`--set render.enabled=false`). Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Methods (keys of `heads`) trained with the branch when `methods` runs them. Default
+    /// none.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Loss weights, sub-batch and the branch's configuration.
+    #[serde(default)]
+    pub joint: JointConfig,
 }
 
 /// Budget and optimiser shared by every method.
@@ -144,7 +167,31 @@ impl Preset {
         if self.eval.far.iter().any(|f| !(*f > 0.0 && *f < 1.0)) {
             bail!("config key `eval.far`: every FAR must be in (0, 1)");
         }
+        if let Some(r) = &self.render {
+            // A key of `heads` (so a typo is caught) that `methods` may leave out of this run.
+            for m in &r.methods {
+                if !self.heads.contains_key(m) {
+                    bail!("config key `render.methods`: `{m}` has no [heads.{m}] section");
+                }
+            }
+            if let Err(e) = r.joint.validate() {
+                match e {
+                    fr_render::Error::Config { key, reason } => {
+                        bail!("config key `render.joint.{key}`: {reason}")
+                    }
+                    e => bail!("config key `render.joint`: {e}"),
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The joint objective `method` trains with, if the branch is on for it.
+    pub fn render_for(&self, method: &str) -> Option<&JointConfig> {
+        self.render
+            .as_ref()
+            .filter(|r| r.enabled && r.methods.iter().any(|m| m == method))
+            .map(|r| &r.joint)
     }
 }
 
@@ -168,6 +215,47 @@ mod tests {
         assert_eq!(p.methods[0], "lh2face");
         assert!(p.methods.iter().any(|m| m == "arcface"));
         assert!(p.methods.iter().any(|m| m == "cosface"));
+        // The branch is on for LH2Face, off for its ablation twin, at the paper's weights.
+        let joint = p
+            .render_for("lh2face")
+            .expect("lh2face trains with the branch");
+        assert_eq!(
+            (joint.lambda_reco, joint.lambda_canon, joint.lambda_view),
+            (1.0, 0.5, 0.1)
+        );
+        assert_eq!(joint.branch.image_size, 64);
+        assert!(p.render_for("lh2face_no_render").is_none());
+        assert_eq!(p.heads["lh2face_no_render"], p.heads["lh2face"]);
+        assert!(p.render_for("arcface").is_none());
+        let off: Preset = crate::config_file::load(
+            &preset_path("lh2face"),
+            &["render.enabled=false".to_string()],
+        )
+        .unwrap();
+        assert!(off.render_for("lh2face").is_none());
+    }
+
+    #[test]
+    fn bad_render_keys_are_named() {
+        let load = |set: &str| {
+            let p: Result<Preset> =
+                crate::config_file::load(&preset_path("lh2face"), &[set.to_string()]);
+            p.and_then(|p| p.validate().map(|_| p))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let err = load("render.joint.lambda_cannon=1.0");
+        assert!(err.contains("lambda_cannon"), "{err}");
+        let err = load("render.joint.lambda_view=-1.0");
+        assert!(err.contains("render.joint.lambda_view"), "{err}");
+        let err = load("render.joint.branch.image_size=48");
+        assert!(err.contains("render.joint.branch.image_size"), "{err}");
+        let err = load(r#"render.methods=["magface"]"#);
+        assert!(
+            err.contains("render.methods") && err.contains("magface"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `cargo xtask reproduce <paper>`: train the paper's method and its baselines with one seed,
 //! backbone and budget, evaluate them on the same pairs, and write the report.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +12,7 @@ use candle_nn::ModuleT;
 use fr_backbone::{build_backbone, Backbone};
 use fr_data::loader::{BatchLoader, LoaderConfig};
 use fr_data::recordio::RecordIoDataset;
-use fr_data::synthetic::{SyntheticConfig, SyntheticFaces};
+use fr_data::synthetic::{DepthMap, SyntheticConfig, SyntheticFaces};
 use fr_data::transform::images_to_chw;
 use fr_data::verification_bin::load_bin_sized;
 use fr_data::{FaceDataset, InMemoryDataset, Quality};
@@ -19,7 +20,8 @@ use fr_eval::{
     embed_with_flip_progress, evaluate, Embedder, VerificationConfig, VerificationReport,
 };
 use fr_heads::build_head;
-use fr_train::{SeededVarMap, Trainer};
+use fr_render::{resize_bilinear, to_rgb8, JointConfig, ReconstructionBranch, RenderObjective};
+use fr_train::{not_running_stat, SeededVarMap, Trainer};
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, Array4, ArrayView4};
@@ -100,7 +102,71 @@ struct MethodResult {
     /// For sub-center heads: the drop step on the training set.
     #[serde(skip_serializing_if = "Option::is_none")]
     subcenter_drop: Option<DropSummary>,
+    /// For methods trained with the reconstruction branch: what it learnt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    render: Option<RenderResult>,
 }
+
+/// The reconstruction branch of one method after training.
+#[derive(Debug, Serialize)]
+struct RenderResult {
+    /// The joint objective it trained with.
+    joint: JointConfig,
+    /// Means over the last epoch's steps: `head_loss` (L_FR), `l_reco`, `l_canon`, `l_view`
+    /// (unweighted) and `render_loss` (the weighted sum of the branch's terms).
+    last_epoch: BTreeMap<String, f64>,
+    /// Canonical depth against the ground truth (synthetic data only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    depth_correlation: Option<DepthCorrelation>,
+    /// The picture grid: input, canonical face, canonical depth, re-rendered view.
+    grid: PathBuf,
+}
+
+/// Pearson correlation between the branch's canonical depth and the identity's ground-truth
+/// canonical depth, inside the ground-truth face mask, per held-out test image.
+#[derive(Debug, Serialize)]
+struct DepthCorrelation {
+    /// Test images the statistics are over.
+    images: usize,
+    /// The trained branch (eval mode).
+    trained: MeanStd,
+    /// The same branch before training (same seed, initial weights): the reference.
+    untrained: MeanStd,
+    /// A fixed head shape — the true canonical depth of training identity 0 — for every
+    /// image: what knowing "a face is an ellipsoid" alone scores.
+    template: MeanStd,
+}
+
+/// Mean and population standard deviation.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct MeanStd {
+    mean: f64,
+    std: f64,
+}
+
+impl MeanStd {
+    fn of(v: &[f64]) -> Self {
+        let n = v.len().max(1) as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        Self {
+            mean,
+            std: var.sqrt(),
+        }
+    }
+}
+
+/// Ground truth for the depth correlation: the held-out test identities (in the evaluation
+/// set's order) and the template shape.
+struct DepthTruth {
+    test: SyntheticFaces,
+    template: DepthMap,
+}
+
+/// Held-out test images in the branch's correlation statistic (the first ones, in set order).
+const DEPTH_IMAGES: usize = 256;
+/// Rows of the picture grid.
+const GRID_ROWS: usize = 8;
 
 /// QMagFace scoring of one method.
 #[derive(Debug, Serialize)]
@@ -191,13 +257,7 @@ fn to_array(images: &[RgbImage], size: u32) -> Result<Array4<f32>> {
 /// subset index into them.
 fn synthetic_eval(preset: &Preset, size: u32) -> Result<EvalSet> {
     let syn = &preset.synthetic;
-    let test = SyntheticFaces::new(SyntheticConfig {
-        num_identities: syn.test_identities,
-        images_per_identity: syn.test_images_per_identity,
-        // Far past the training identities: disjoint by construction.
-        first_identity: syn.train.first_identity + 1_000_000,
-        ..syn.train.clone()
-    })?;
+    let test = synthetic_test_faces(preset)?;
     let rendered = InMemoryDataset::from_dataset(&test, size)?;
     let subsets = [
         ("all", None),
@@ -217,6 +277,18 @@ fn synthetic_eval(preset: &Preset, size: u32) -> Result<EvalSet> {
         images: to_array(rendered.images(), size)?,
         protocols,
     })
+}
+
+/// The held-out test identities (the evaluation set, in its order).
+fn synthetic_test_faces(preset: &Preset) -> Result<SyntheticFaces> {
+    let syn = &preset.synthetic;
+    Ok(SyntheticFaces::new(SyntheticConfig {
+        num_identities: syn.test_identities,
+        images_per_identity: syn.test_images_per_identity,
+        // Far past the training identities: disjoint by construction.
+        first_identity: syn.train.first_identity + 1_000_000,
+        ..syn.train.clone()
+    })?)
 }
 
 /// Held-out validation identities (disjoint from training and test) with one pair protocol:
@@ -341,6 +413,8 @@ fn run_method(
     device: &Device,
     input_size: u32,
     out_dir: &Path,
+    depth_truth: Option<&DepthTruth>,
+    grid_path: &Path,
 ) -> Result<MethodResult> {
     let checkpoints = out_dir.join("checkpoints");
     let head_cfg = preset.heads[method].clone();
@@ -355,11 +429,28 @@ fn run_method(
         vb.pp("head"),
     )
     .with_context(|| format!("building head {method}"))?;
-    // Head parameters live under `head.`; the backbone decides for its own names.
+    // The reconstruction branch, in the same VarMap (optimised, clipped and checkpointed with
+    // everything else) under `render.`.
+    let joint = preset.render_for(method).cloned();
+    let objective = joint
+        .as_ref()
+        .map(|j| RenderObjective::new(j, vb.pp("render")))
+        .transpose()
+        .with_context(|| format!("building the reconstruction branch for {method}"))?;
+    // Head parameters live under `head.`, the branch's under `render.` (all but BatchNorm
+    // running statistics train); the backbone decides for its own names.
     let frozen: Vec<String> = {
         let data = seeded.varmap().data().lock().expect("fresh VarMap lock");
         data.keys()
-            .filter(|n| !n.starts_with("head.") && !backbone.is_trainable(n))
+            .filter(|n| {
+                if n.starts_with("head.") {
+                    false
+                } else if n.starts_with("render.") {
+                    !not_running_stat(n)
+                } else {
+                    !backbone.is_trainable(n)
+                }
+            })
             .cloned()
             .collect()
     };
@@ -372,6 +463,9 @@ fn run_method(
         trainer_cfg,
         move |n: &str| !frozen.iter().any(|f| f == n),
     )?;
+    if let Some(o) = objective {
+        trainer = trainer.with_auxiliary(Box::new(o))?;
+    }
     let batch_size = if train_set.len() < preset.train.batch_size
         && preset.train.identities_per_batch.is_none()
     {
@@ -416,9 +510,11 @@ fn run_method(
     let start = Instant::now();
     let mut images = 0usize;
     let mut epoch_loss = Vec::new();
+    let mut last_epoch_terms = BTreeMap::new();
     for epoch in 0..preset.train.epochs {
         trainer.set_epoch(epoch);
         let (mut sum, mut count) = (0.0, 0usize);
+        let mut terms: BTreeMap<String, f64> = BTreeMap::new();
         for batch in loader.epoch(epoch as u64) {
             let batch = batch?;
             images += batch.indices.len();
@@ -426,6 +522,13 @@ fn run_method(
             if !out.skipped {
                 sum += out.loss;
                 count += 1;
+                if joint.is_some() {
+                    for key in ["head_loss", "l_reco", "l_canon", "l_view", "render_loss"] {
+                        if let Some(v) = out.stats.get(key) {
+                            *terms.entry(key.to_string()).or_default() += v;
+                        }
+                    }
+                }
             }
             pb.set_message(format!(
                 "epoch {} loss {:.3} lr {:.4}",
@@ -450,6 +553,10 @@ fn run_method(
             "epoch done"
         );
         epoch_loss.push(mean);
+        last_epoch_terms = terms
+            .into_iter()
+            .map(|(k, v)| (k, v / count.max(1) as f64))
+            .collect();
     }
     pb.finish_and_clear();
     let train_seconds = start.elapsed().as_secs_f64();
@@ -481,6 +588,19 @@ fn run_method(
         )?),
         _ => None,
     };
+    let render = match joint {
+        None => None,
+        Some(joint) => Some(render_outputs(
+            &joint,
+            &seeded,
+            &sets[0],
+            depth_truth,
+            preset,
+            device,
+            last_epoch_terms,
+            grid_path,
+        )?),
+    };
     Ok(MethodResult {
         method: method.to_string(),
         head: head_cfg,
@@ -494,7 +614,203 @@ fn run_method(
         protocols,
         qmagface,
         subcenter_drop,
+        render,
     })
+}
+
+/// Images `indices` of `set` as branch input: back from the recognition normalisation to
+/// [0, 1], resized to the branch's size.
+fn branch_input(set: &EvalSet, indices: &[usize], size: usize, device: &Device) -> Result<Tensor> {
+    let picked = set.images.select(ndarray::Axis(0), indices);
+    let shape = picked.shape().to_vec();
+    let x = Tensor::from_vec(picked.iter().copied().collect::<Vec<f32>>(), shape, device)?;
+    Ok(resize_bilinear(&x.affine(0.5, 0.5)?, size)?)
+}
+
+/// Pearson correlation of `a` and `b` over the pixels where `mask` holds (0 when either is
+/// constant there).
+fn pearson(a: &[f32], b: &[f32], mask: &[bool]) -> f64 {
+    let pairs: Vec<(f64, f64)> = a
+        .iter()
+        .zip(b)
+        .zip(mask)
+        .filter(|(_, &m)| m)
+        .map(|((&x, &y), _)| (f64::from(x), f64::from(y)))
+        .collect();
+    let n = pairs.len().max(1) as f64;
+    let (mx, my) = pairs
+        .iter()
+        .fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x / n, sy + y / n));
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (x, y) in &pairs {
+        sxy += (x - mx) * (y - my);
+        sxx += (x - mx).powi(2);
+        syy += (y - my).powi(2);
+    }
+    if sxx > 0.0 && syy > 0.0 {
+        sxy / (sxx * syy).sqrt()
+    } else {
+        0.0
+    }
+}
+
+/// Per-image correlation of `branch`'s canonical depth (eval mode) with the ground truth,
+/// over the first `n` images of `set` (identity = index / images per identity).
+fn depth_correlations(
+    branch: &ReconstructionBranch,
+    set: &EvalSet,
+    truth: &DepthTruth,
+    n: usize,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let s = branch.config().image_size;
+    let per = truth.test.config().images_per_identity;
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(64) {
+        let idx: Vec<usize> = (start..(start + 64).min(n)).collect();
+        let x = branch_input(set, &idx, s, device)?;
+        let depth = fr_kernels::no_grad(|| branch.forward(&x, false))?.canonical_depth;
+        for (k, &i) in idx.iter().enumerate() {
+            let pred: Vec<f32> = depth.get(k)?.flatten_all()?.to_vec1()?;
+            let gt = truth.test.canonical_depth(i / per, s as u32)?;
+            out.push(pearson(&pred, &gt.depth, &gt.mask));
+        }
+    }
+    Ok(out)
+}
+
+/// After training a method with the branch: the last epoch's loss terms, the picture grid and
+/// (synthetic data) the depth correlation against the untrained branch and the template.
+#[allow(clippy::too_many_arguments)]
+fn render_outputs(
+    joint: &JointConfig,
+    seeded: &SeededVarMap,
+    set: &EvalSet,
+    truth: Option<&DepthTruth>,
+    preset: &Preset,
+    device: &Device,
+    last_epoch: BTreeMap<String, f64>,
+    grid_path: &Path,
+) -> Result<RenderResult> {
+    // The trained branch: its variables already exist in the map, so this returns them.
+    let trained = ReconstructionBranch::new(
+        &joint.branch,
+        seeded.var_builder(DType::F32, device).pp("render"),
+    )?;
+    let n_images = set.images.shape()[0];
+    let per = truth.map_or(1, |t| t.test.config().images_per_identity);
+    // One image of each of the first identities, at varying positions within the identity
+    // (so poses and qualities vary).
+    let rows: Vec<usize> = (0..GRID_ROWS)
+        .map(|k| k * per + k % per)
+        .filter(|&i| i < n_images)
+        .collect();
+    render_grid(&trained, set, &rows, device, grid_path)?;
+    let depth_correlation = match truth {
+        None => None,
+        Some(truth) => {
+            let n = n_images.min(DEPTH_IMAGES);
+            let untrained = ReconstructionBranch::new(
+                &joint.branch,
+                SeededVarMap::new(preset.seed)
+                    .var_builder(DType::F32, device)
+                    .pp("render"),
+            )?;
+            let s = joint.branch.image_size;
+            let fill = truth.template.depth.iter().copied().fold(0f32, f32::max);
+            let template: Vec<f32> = truth
+                .template
+                .depth
+                .iter()
+                .zip(&truth.template.mask)
+                .map(|(&d, &m)| if m { d } else { fill })
+                .collect();
+            let template_r: Vec<f64> = (0..n)
+                .map(|i| {
+                    let gt = truth.test.canonical_depth(i / per, s as u32)?;
+                    Ok(pearson(&template, &gt.depth, &gt.mask))
+                })
+                .collect::<Result<_>>()?;
+            let c = DepthCorrelation {
+                images: n,
+                trained: MeanStd::of(&depth_correlations(&trained, set, truth, n, device)?),
+                untrained: MeanStd::of(&depth_correlations(&untrained, set, truth, n, device)?),
+                template: MeanStd::of(&template_r),
+            };
+            info!(
+                trained = format!("{:.3}", c.trained.mean),
+                untrained = format!("{:.3}", c.untrained.mean),
+                template = format!("{:.3}", c.template.mean),
+                "canonical depth vs ground truth (Pearson)"
+            );
+            Some(c)
+        }
+    };
+    Ok(RenderResult {
+        joint: joint.clone(),
+        last_epoch,
+        depth_correlation,
+        grid: grid_path.to_path_buf(),
+    })
+}
+
+/// Write the grid: one row per image of `rows`, columns input, canonical face (albedo ×
+/// shading), canonical depth (grey, normalised per image, nearer = brighter) and the
+/// re-rendered view, each tile the branch's size scaled ×2.
+fn render_grid(
+    branch: &ReconstructionBranch,
+    set: &EvalSet,
+    rows: &[usize],
+    device: &Device,
+    path: &Path,
+) -> Result<()> {
+    let s = branch.config().image_size;
+    let tile = 2 * s as u32;
+    let mut grid = RgbImage::new(4 * tile, tile * rows.len().max(1) as u32);
+    if !rows.is_empty() {
+        let x = branch_input(set, rows, s, device)?;
+        let out = fr_kernels::no_grad(|| branch.forward(&x, false))?;
+        for r in 0..rows.len() {
+            let d = out.canonical_depth.get(r)?;
+            let (lo, hi) = (
+                d.min_all()?.to_scalar::<f32>()?,
+                d.max_all()?.to_scalar::<f32>()?,
+            );
+            let grey = d
+                .affine(
+                    -1.0 / f64::from((hi - lo).max(1e-6)),
+                    f64::from(hi / (hi - lo).max(1e-6)),
+                )?
+                .unsqueeze(0)?;
+            let tiles = [
+                x.get(r)?,
+                out.canonical_image.get(r)?,
+                grey,
+                out.reconstruction.get(r)?,
+            ];
+            for (c, t) in tiles.iter().enumerate() {
+                let img = image::imageops::resize(
+                    &to_rgb8(t)?,
+                    tile,
+                    tile,
+                    image::imageops::FilterType::Nearest,
+                );
+                image::imageops::replace(
+                    &mut grid,
+                    &img,
+                    i64::from(c as u32 * tile),
+                    i64::from(r as u32 * tile),
+                );
+            }
+        }
+    }
+    let mut bytes = Vec::new();
+    grid.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .with_context(|| format!("encoding {}", path.display()))?;
+    report::write_atomic(path, &bytes)
 }
 
 /// Embeddings (flip-summed, as for verification) of every image of `set`.
@@ -800,8 +1116,31 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
         _ => None,
     };
     let raw_pixels = evaluate_all(&mut PixelEmbedder, &sets, &preset, "raw pixels")?;
+    // Ground truth of the reconstruction branch's depth (synthetic data only).
+    let render_methods: Vec<&String> = preset
+        .methods
+        .iter()
+        .filter(|m| preset.render_for(m).is_some())
+        .collect();
+    let depth_truth = match (&args.train_rec, render_methods.is_empty()) {
+        (None, false) => Some(DepthTruth {
+            test: synthetic_test_faces(&preset)?,
+            template: SyntheticFaces::new(preset.synthetic.train.clone())?.canonical_depth(
+                0,
+                preset
+                    .render_for(render_methods[0])
+                    .map_or(64, |j| j.branch.image_size as u32),
+            )?,
+        }),
+        _ => None,
+    };
     let mut methods = Vec::new();
     for method in &preset.methods {
+        let grid = if render_methods.len() > 1 {
+            format!("render_grid_{method}.png")
+        } else {
+            "render_grid.png".to_string()
+        };
         methods.push(run_method(
             &preset,
             method,
@@ -811,6 +1150,8 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
             &device,
             size,
             &out_dir,
+            depth_truth.as_ref(),
+            &out_dir.join(grid),
         )?);
     }
 
@@ -874,16 +1215,25 @@ The paper's protocol is in the comments of configs/{}.toml and configs/_base.tom
     } else {
         String::new()
     };
-    let lh2face_note = if preset
+    let without_branch: Vec<&str> = preset
         .methods
         .iter()
-        .any(|m| matches!(preset.heads[m], fr_heads::HeadConfig::Lh2Face(_)))
-    {
-        " LH2Face is trained with its recognition loss L_FR only (the reconstruction branch needs \
-fr-render, see docs/lh2face.md)."
+        .filter(|m| {
+            matches!(preset.heads[*m], fr_heads::HeadConfig::Lh2Face(_))
+                && preset.render_for(m).is_none()
+        })
+        .map(String::as_str)
+        .collect();
+    let lh2face_note = if without_branch.is_empty() {
+        String::new()
     } else {
-        ""
+        format!(
+            " {} (LH2Face's head) trains with the recognition loss L_FR only, without the \
+reconstruction branch.",
+            without_branch.join(", ")
+        )
     };
+    let render_md = render_section(&methods, &preset);
     let md = format!(
         "# Reproduction: {}\n\n{}\n\nPublished headline (full scale): {}\n\nData: {}.{}\n\n\
 Every method is trained with the same seed ({}), backbone and budget ({} epochs, batch {}; {} \
@@ -891,7 +1241,7 @@ undecodable training images skipped). Accuracy: insightface {}-fold verification
 population std over folds; sets under {} pairs per fold are scored as one fold). TAR@FAR: ROC over \
 the same pairs, nearest point (eval_ijbc.py rule); with {} impostor pairs, FARs below {:.1e} are not \
 resolved (the value is the TAR at zero false accepts). `raw pixels`: the normalised image itself as \
-the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC](roc.png)\n",
+the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC](roc.png)\n{}",
         preset.name,
         preset.paper,
         preset.headline,
@@ -907,7 +1257,8 @@ the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC]
         1.0 / min_impostors.max(1) as f64,
         lh2face_note,
         total_seconds,
-        table
+        table,
+        render_md
     );
     report::write_atomic(&out_dir.join("report.md"), md.as_bytes())?;
     report::write_json(
@@ -928,6 +1279,116 @@ the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC]
         total_seconds
     );
     Ok(())
+}
+
+/// The report's section on the reconstruction branch: the ablation (every method with and
+/// without the branch, accuracy per protocol), the last epoch's loss terms, the depth
+/// correlation and the picture grid. Empty when no method trained with the branch.
+fn render_section(methods: &[MethodResult], preset: &Preset) -> String {
+    let rendered: Vec<&MethodResult> = methods.iter().filter(|m| m.render.is_some()).collect();
+    if rendered.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("\n## Reconstruction branch\n\n");
+    for m in &rendered {
+        let j = &m.render.as_ref().expect("filtered").joint;
+        md += &format!(
+            "`{}` trains with L_train = L_FR + {}·L_reco + {}·L_FR^canon + {}·L_view; the branch \
+(Unsup3D-style photo-geometric autoencoder, {}×{}) runs on the first {} images of every batch of {}. \
+L_FR^canon and L_view embed the canonical face and the re-rendered view with the backbone in \
+eval mode (BatchNorm running statistics untouched) and the head in eval mode (its running state \
+untouched); L_view = mean(1 − cos(sg(e_input), e_view)).\n\n",
+            m.method,
+            j.lambda_reco,
+            j.lambda_canon,
+            j.lambda_view,
+            j.branch.image_size,
+            j.branch.image_size,
+            j.batch.min(m.batch_size),
+            m.batch_size
+        );
+    }
+    // The ablation: accuracy per protocol, with and without the branch.
+    let names: Vec<&str> = methods[0]
+        .protocols
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    md += "Ablation (same seed, backbone and budget; accuracy %, mean over folds):\n\n| method | head | branch |";
+    for n in &names {
+        md += &format!(" {n} |");
+    }
+    md += " train time (s) |\n|---|---|---|";
+    for _ in &names {
+        md += "---|";
+    }
+    md += "---|\n";
+    for m in methods {
+        md += &format!(
+            "| {} | {} | {} |",
+            m.method,
+            m.head.name(),
+            if m.render.is_some() { "yes" } else { "no" }
+        );
+        for n in &names {
+            let acc = m
+                .protocols
+                .iter()
+                .find(|(p, _)| p == n)
+                .map(|(_, r)| format!("{:.2}", 100.0 * r.accuracy_mean))
+                .unwrap_or_else(|| "–".into());
+            md += &format!(" {acc} |");
+        }
+        md += &format!(" {:.1} |\n", m.train_seconds);
+    }
+    for m in &rendered {
+        let r = m.render.as_ref().expect("filtered");
+        let t = |k: &str| {
+            r.last_epoch
+                .get(k)
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| "–".into())
+        };
+        md += &format!(
+            "\n`{}`, means over the last epoch's steps: L_FR {}, L_reco {}, L_FR^canon {}, L_view {} \
+(unweighted; L_reco is Unsup3D's confidence-weighted Laplacian negative log-likelihood, which \
+can be negative).\n",
+            m.method,
+            t("head_loss"),
+            t("l_reco"),
+            t("l_canon"),
+            t("l_view")
+        );
+        if let Some(c) = &r.depth_correlation {
+            md += &format!(
+                "\nCanonical depth against the ground truth (the identity's frontal ellipsoid, \
+distance along the viewing ray; Pearson correlation inside the true face mask, mean ± std over \
+the first {} held-out test images): trained branch **{:.3} ± {:.3}**; the same branch before \
+training (seed {}) {:.3} ± {:.3}; a fixed template head (training identity 0's true depth for \
+every image) {:.3} ± {:.3}.\n",
+                c.images,
+                c.trained.mean,
+                c.trained.std,
+                preset.seed,
+                c.untrained.mean,
+                c.untrained.std,
+                c.template.mean,
+                c.template.std
+            );
+        }
+        let file = r
+            .grid
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        md += &format!(
+            "\n![reconstruction grid of {}]({file})\n\n`{file}`: one held-out test image per row; \
+columns: input, canonical face (albedo × shading), canonical depth (grey, normalised per image, \
+nearer = brighter), re-rendered view (the canonical face warped into the input view).\n",
+            m.method
+        );
+    }
+    md
 }
 
 /// The preset named by `args`: `configs/<paper>.toml` (or `--config`), or for `compare` the
@@ -1100,7 +1561,11 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
                 .unwrap();
         let methods = metrics["methods"].as_array().unwrap();
-        assert_eq!(methods.len(), 3);
+        assert_eq!(methods.len(), 4);
+        // The branch trains with lh2face only; on real data the grid is drawn, no depth truth.
+        assert!(methods[0]["render"]["depth_correlation"].is_null());
+        assert!(methods[1]["render"].is_null());
+        assert!(out.join("render_grid.png").is_file());
         for m in methods {
             let acc = m["protocols"][0][1]["accuracy_mean"].as_f64().unwrap();
             assert!((0.0..=1.0).contains(&acc), "accuracy {acc}");
@@ -1204,6 +1669,31 @@ mod tests {
             assert!(report.contains("Published headline"), "{name}");
             if name == "qmagface" {
                 assert!(report.contains("| magface + QMagFace | all |"), "{report}");
+            }
+            if name == "lh2face" {
+                assert!(report.contains("## Reconstruction branch"), "{report}");
+                assert!(
+                    report.contains("| lh2face_no_render | lh2face | no |"),
+                    "{report}"
+                );
+                assert!(report.contains("![reconstruction grid of lh2face](render_grid.png)"));
+                let grid = image::open(out.join("render_grid.png")).unwrap();
+                // 6 test identities: 6 rows of 4 tiles of 2 × 64 pixels.
+                assert_eq!((grid.width(), grid.height()), (4 * 128, 6 * 128));
+                let metrics: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(out.join("metrics.json")).unwrap(),
+                )
+                .unwrap();
+                let r = &metrics["methods"][0]["render"];
+                for k in ["trained", "untrained", "template"] {
+                    let v = r["depth_correlation"][k]["mean"].as_f64().unwrap();
+                    assert!((-1.0..=1.0).contains(&v), "{k} {v}");
+                }
+                assert!(r["last_epoch"]["l_reco"].as_f64().unwrap().is_finite());
+                // The template is a true ellipsoid: it correlates strongly with every truth.
+                assert!(r["depth_correlation"]["template"]["mean"].as_f64().unwrap() > 0.8);
+            } else {
+                assert!(!report.contains("Reconstruction branch"), "{name}");
             }
             if name == "subcenter-arcface" {
                 let list =

@@ -1,5 +1,7 @@
-//! Image folders (CASIA-WebFace, WebFace260M style): `root/<identity>/<image>.{jpg,jpeg,png}`,
-//! identities sorted by name → class index; or a FaceX-Zoo list file of `path label` lines.
+//! Image folders (CASIA-WebFace, WebFace260M style):
+//! `root/<identity>/<image>.{jpg,jpeg,png,pgm,ppm}`, identities sorted by name → class index;
+//! or a FaceX-Zoo list file of `path label` lines (`label` an integer class id). Images are
+//! decoded by content (JPEG, PNG or PNM magic), grey ones to R = G = B.
 
 use std::path::{Path, PathBuf};
 
@@ -19,9 +21,12 @@ pub struct ImageFolder {
 }
 
 fn is_image(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        matches!(
+            e.to_ascii_lowercase().as_str(),
+            "jpg" | "jpeg" | "png" | "pgm" | "ppm" | "pnm"
+        )
+    })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -49,7 +54,7 @@ fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
 
 impl ImageFolder {
     /// Scan `root`: every sub-folder is an identity (class index = rank of its name), every
-    /// `.jpg`/`.jpeg`/`.png` inside it an image (sorted by name).
+    /// `.jpg`/`.jpeg`/`.png`/`.pgm`/`.ppm`/`.pnm` inside it an image (sorted by name).
     ///
     /// # Errors
     /// An unreadable folder, or no images at all.
@@ -78,7 +83,7 @@ impl ImageFolder {
         if files.is_empty() {
             return Err(Error::Format {
                 path: root,
-                what: "no <identity>/<image>.{jpg,jpeg,png} files found".into(),
+                what: "no <identity>/<image>.{jpg,jpeg,png,pgm,ppm} files found".into(),
             });
         }
         tracing::info!(root = %root.display(), images = files.len(), classes = classes.len(), "opened image folder");
@@ -90,12 +95,32 @@ impl ImageFolder {
         })
     }
 
-    /// Read a list file of `path label` lines (paths relative to `root`), FaceX-Zoo style.
+    /// Read a list file of `path label` lines (paths relative to `root`), FaceX-Zoo style; the
+    /// class count is the largest label + 1.
     ///
     /// # Errors
-    /// An unreadable list or a line that is not `path label`.
+    /// An unreadable list, a line without a label, a label that is not an integer class id
+    /// (`3.0`, `-1`, `cat`): each names the list file and the line.
     pub fn from_list(root: impl AsRef<Path>, list: impl AsRef<Path>) -> Result<Self> {
-        let (root, list) = (root.as_ref().to_path_buf(), list.as_ref());
+        Self::read_list(root.as_ref(), list.as_ref(), None)
+    }
+
+    /// As [`Self::from_list`] with a known class count: a label `≥ num_classes` is an error
+    /// naming the file and line, and [`FaceDataset::num_classes`] is `num_classes` even when
+    /// the last classes have no image in the list.
+    ///
+    /// # Errors
+    /// As [`Self::from_list`], and a class id out of range.
+    pub fn from_list_with_classes(
+        root: impl AsRef<Path>,
+        list: impl AsRef<Path>,
+        num_classes: usize,
+    ) -> Result<Self> {
+        Self::read_list(root.as_ref(), list.as_ref(), Some(num_classes))
+    }
+
+    fn read_list(root: &Path, list: &Path, num_classes: Option<usize>) -> Result<Self> {
+        let root = root.to_path_buf();
         let text = std::fs::read_to_string(list).map_err(io(list))?;
         let mut files = Vec::new();
         let mut labels = Vec::new();
@@ -104,19 +129,30 @@ impl ImageFolder {
             if line.is_empty() {
                 continue;
             }
-            let parsed = line
-                .rsplit_once(char::is_whitespace)
-                .and_then(|(p, l)| Some((p.trim(), l.parse::<u32>().ok()?)));
-            let Some((p, label)) = parsed else {
-                return Err(Error::Format {
-                    path: list.to_path_buf(),
-                    what: format!("line {}: expected \"path label\", found {line:?}", n + 1),
-                });
+            let bad = |what: String| Error::Format {
+                path: list.to_path_buf(),
+                what: format!("line {}: {what}", n + 1),
             };
-            files.push(root.join(p));
+            let Some((p, l)) = line.rsplit_once(char::is_whitespace) else {
+                return Err(bad(format!("expected \"path label\", found {line:?}")));
+            };
+            let label = l.parse::<u32>().map_err(|_| {
+                bad(format!(
+                    "label {l:?} is not an integer class id (expected \"path label\", found {line:?})"
+                ))
+            })?;
+            if let Some(nc) = num_classes {
+                if label as usize >= nc {
+                    return Err(bad(format!(
+                        "class id {label} is not below the number of classes {nc}"
+                    )));
+                }
+            }
+            files.push(root.join(p.trim()));
             labels.push(label);
         }
-        let n_classes = labels.iter().max().map_or(0, |&m| m as usize + 1);
+        let n_classes =
+            num_classes.unwrap_or_else(|| labels.iter().max().map_or(0, |&m| m as usize + 1));
         Ok(Self {
             root,
             classes: (0..n_classes).map(|c| c.to_string()).collect(),

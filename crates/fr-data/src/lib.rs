@@ -2,7 +2,8 @@
 //!
 //! Sources: MXNet RecordIO (`.rec`/`.idx`, insightface and im2rec layouts), image folders,
 //! verification `.bin` pairs; every training source implements [`FaceDataset`] and
-//! [`BatchLoader`] turns it into normalised `(B, 3, H, W)` batches.
+//! [`BatchLoader`] turns it into normalised `(B, 3, H, W)` batches (optionally augmented,
+//! [`AugmentConfig`]). [`pack_records`] writes image folders as insightface RecordIO.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -20,19 +21,24 @@
 //! # Ok::<(), fr_data::Error>(())
 //! ```
 
+pub mod align;
+pub mod augment;
 pub mod batch;
 pub mod dataset;
 pub mod error;
+pub mod ijb;
 pub mod image_folder;
 pub mod in_memory;
 pub mod loader;
 mod pickle;
 pub mod recordio;
+pub mod recordio_writer;
 pub mod sampler;
 pub mod synthetic;
 pub mod transform;
 pub mod verification_bin;
 
+pub use augment::AugmentConfig;
 pub use batch::Batch;
 pub use dataset::{FaceDataset, Quality};
 pub use error::{Error, Result};
@@ -40,5 +46,6 @@ pub use image_folder::ImageFolder;
 pub use in_memory::InMemoryDataset;
 pub use loader::{BatchLoader, EpochIter, LoaderConfig, LoaderStats};
 pub use recordio::{RecordIoDataset, RecordIoReader, RecordIoWriter, RecordLayout};
+pub use recordio_writer::{pack_records, PackConfig, PackItem, PackSummary};
 pub use transform::{images_to_chw, images_to_tensor, normalise_flip_into, normalise_into};
 pub use verification_bin::{load_bin, VerificationSet};

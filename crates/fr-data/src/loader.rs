@@ -4,7 +4,8 @@
 //!
 //! Determinism: the order of epoch `e` is a Fisher–Yates shuffle seeded with `seed + e`, and the
 //! flip of image `i` in epoch `e` is a hash of `(seed, e, i)`, so a batch is the same whatever
-//! the thread count or scheduling. Reshuffling every epoch matters: a pre-shuffled `.rec` read in
+//! the thread count or scheduling; so are the optional augmentations ([`AugmentConfig`], applied
+//! after the resize and before the flip and normalisation). Reshuffling every epoch matters: a pre-shuffled `.rec` read in
 //! one fixed order gives a periodic training loss.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::augment::AugmentConfig;
 use crate::dataset::FaceDataset;
 use crate::sampler::PkSampler;
 use crate::transform::{flip_coin, normalise_flip_into, resize_rgb};
@@ -49,6 +51,10 @@ pub struct LoaderConfig {
     /// `K = batch_size / P` images, see [`crate::sampler::PkSampler`]. `None` (default): the
     /// dataset order, shuffled per epoch when `shuffle` is set.
     pub identities_per_batch: Option<usize>,
+    /// CVLface / AdaFace augmentations (crop with zero padding, low resolution, colour
+    /// jitter, grayscale), seeded per `(seed, epoch, index)`; all off by default.
+    #[serde(default)]
+    pub augment: AugmentConfig,
 }
 
 impl Default for LoaderConfig {
@@ -63,6 +69,7 @@ impl Default for LoaderConfig {
             skip_corrupt: false,
             prefetch: 2,
             identities_per_batch: None,
+            augment: AugmentConfig::default(),
         }
     }
 }
@@ -111,7 +118,8 @@ impl BatchLoader {
     /// A loader producing CPU tensors.
     ///
     /// # Errors
-    /// `batch_size` or `image_size` of 0, `flip_prob` outside [0, 1]; with
+    /// `batch_size` or `image_size` of 0, `flip_prob` outside [0, 1], an invalid `augment`
+    /// value (see [`AugmentConfig::validate`]); with
     /// `identities_per_batch`: a batch size that is not a multiple of it, fewer identities than
     /// it, or a label that cannot be read.
     pub fn new(dataset: Arc<dyn FaceDataset>, config: LoaderConfig) -> Result<Self> {
@@ -128,6 +136,7 @@ impl BatchLoader {
         if !(0.0..=1.0).contains(&config.flip_prob) {
             return Err(bad("flip_prob", "must be in [0, 1]"));
         }
+        config.augment.validate()?;
         let pk = match config.identities_per_batch {
             None => None,
             Some(p) => {
@@ -230,7 +239,13 @@ impl BatchLoader {
             .par_iter()
             .map(|&i| {
                 let (img, label) = ds.sample(i)?;
-                let img = resize_rgb(img, s as u32, s as u32);
+                let mut img = resize_rgb(img, s as u32, s as u32);
+                if !self.config.augment.is_identity() {
+                    img = self
+                        .config
+                        .augment
+                        .apply(img, self.config.seed, epoch, i as u64);
+                }
                 let flip = self.config.flip_prob > 0.0
                     && flip_coin(self.config.seed, epoch, i as u64, self.config.flip_prob);
                 let mut buf = vec![0f32; per];
@@ -292,13 +307,14 @@ impl BatchLoader {
             }
         };
         if self.config.prefetch == 0 {
-            return EpochIter {
-                inner: Inner::Sync {
+            return self.epoch_iter(
+                epoch,
+                Inner::Sync {
                     loader: self.clone(),
                     epoch,
                     chunks: chunks.into_iter(),
                 },
-            };
+            );
         }
         let (tx, rx) = sync_channel(self.config.prefetch);
         let loader = self.clone();
@@ -314,19 +330,31 @@ impl BatchLoader {
                     }
                 }
             });
-        match handle {
-            Ok(handle) => EpochIter {
-                inner: Inner::Prefetch {
-                    rx: Some(rx),
-                    handle: Some(handle),
-                },
+        let inner = match handle {
+            Ok(handle) => Inner::Prefetch {
+                rx: Some(rx),
+                handle: Some(handle),
             },
-            Err(source) => EpochIter {
-                inner: Inner::Failed(Some(Error::Io {
-                    path: "prefetch thread".into(),
-                    source,
-                })),
-            },
+            Err(source) => Inner::Failed(Some(Error::Io {
+                path: "prefetch thread".into(),
+                source,
+            })),
+        };
+        self.epoch_iter(epoch, inner)
+    }
+
+    fn skipped_so_far(&self) -> usize {
+        self.counters.skipped.lock().map_or(0, |s| s.len())
+    }
+
+    fn epoch_iter(&self, epoch: u64, inner: Inner) -> EpochIter {
+        EpochIter {
+            inner,
+            counters: self.counters.clone(),
+            epoch,
+            skipped_at_start: self.skipped_so_far(),
+            skip_corrupt: self.config.skip_corrupt,
+            finished: false,
         }
     }
 }
@@ -344,15 +372,27 @@ enum Inner {
     Failed(Option<Error>),
 }
 
-/// The batches of one epoch; see [`BatchLoader::epoch`]. Stops after the first error.
+/// The batches of one epoch; see [`BatchLoader::epoch`]. Stops after the first error. When
+/// the epoch ends with `skip_corrupt` set, it logs how many corrupt images it skipped.
 pub struct EpochIter {
     inner: Inner,
+    counters: Arc<Counters>,
+    epoch: u64,
+    /// The loader's skipped count when the epoch started.
+    skipped_at_start: usize,
+    skip_corrupt: bool,
+    finished: bool,
 }
 
-impl Iterator for EpochIter {
-    type Item = Result<Batch>;
+impl EpochIter {
+    /// Corrupt images skipped since this epoch started (`skip_corrupt`). While the
+    /// iteration runs it may count images of batches prefetched but not yet returned.
+    pub fn skipped(&self) -> usize {
+        let now = self.counters.skipped.lock().map_or(0, |s| s.len());
+        now.saturating_sub(self.skipped_at_start)
+    }
 
-    fn next(&mut self) -> Option<Self::Item> {
+    fn next_inner(&mut self) -> Option<Result<Batch>> {
         match &mut self.inner {
             Inner::Sync {
                 loader,
@@ -374,6 +414,30 @@ impl Iterator for EpochIter {
             Inner::Prefetch { rx, .. } => rx.as_ref()?.recv().ok(),
             Inner::Failed(e) => e.take().map(Err),
         }
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.next_inner();
+        if item.is_none() && !self.finished {
+            self.finished = true;
+            if self.skip_corrupt {
+                let skipped = self.skipped();
+                if skipped > 0 {
+                    tracing::warn!(
+                        epoch = self.epoch,
+                        skipped,
+                        "epoch finished: skipped {skipped} corrupt images"
+                    );
+                } else {
+                    tracing::info!(epoch = self.epoch, "epoch finished: no corrupt images");
+                }
+            }
+        }
+        item
     }
 }
 

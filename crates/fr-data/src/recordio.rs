@@ -224,6 +224,19 @@ impl RecordIoReader {
             what,
         })?;
         tracing::debug!(rec = %rec_path.display(), records = entries.len(), "opened RecordIO file");
+        let past_end: Vec<&(u64, u64)> = entries.iter().filter(|&&(_, o)| o >= file_len).collect();
+        if let Some(&&(key, offset)) = past_end.first() {
+            // Reading those records fails with an error naming them; warn once at open.
+            tracing::warn!(
+                idx = %idx_path.display(),
+                rec = %rec_path.display(),
+                records = past_end.len(),
+                first_key = key,
+                first_offset = offset,
+                rec_bytes = file_len,
+                "index offsets past the end of the .rec (truncated file?)"
+            );
+        }
         Ok(Self {
             rec_path,
             idx_path,
@@ -286,6 +299,19 @@ impl RecordIoReader {
 
     /// Read the chunk header at `pos`: `(cflag, length)`.
     fn chunk_header(&self, key: Option<u64>, start: u64, pos: u64) -> Result<(u32, u32)> {
+        if pos == start && pos >= self.file_len {
+            // The index points outside the data file: say which index did.
+            return Err(self.format_err(
+                key,
+                start,
+                format!(
+                    "offset from {} is past the end of the .rec ({} bytes): the .rec is \
+                     truncated or the index belongs to another file",
+                    self.idx_path.display(),
+                    self.file_len
+                ),
+            ));
+        }
         if pos + 8 > self.file_len {
             return Err(self.format_err(
                 key,
@@ -450,42 +476,26 @@ impl RecordIoWriter {
     /// Append record `key` with raw `payload` (see [`ImageRecord::pack`]).
     ///
     /// # Errors
-    /// A payload of 2^29 bytes or more, or a write error.
+    /// A payload of 2^29 bytes or more (dmlc's writer refuses those too), or a write error.
     pub fn write(&mut self, key: u64, payload: &[u8]) -> Result<()> {
         use std::io::Write;
-        if payload.len() > LEN_MASK as usize {
-            return Err(Error::Format {
-                path: self.rec_path.clone(),
-                what: format!(
-                    "record key {key}: payload of {} bytes is too long",
-                    payload.len()
-                ),
-            });
-        }
+        let out = encode_record(payload).map_err(|what| Error::Format {
+            path: self.rec_path.clone(),
+            what: format!("record key {key}: {what}"),
+        })?;
         let io = |source| Error::Io {
             path: self.rec_path.clone(),
             source,
         };
-        let magic = MAGIC.to_le_bytes();
-        let mut out = Vec::with_capacity(payload.len() + 16);
-        let chunk = |out: &mut Vec<u8>, cflag: u32, data: &[u8]| {
-            out.extend_from_slice(&magic);
-            out.extend_from_slice(&((cflag << 29) | data.len() as u32).to_le_bytes());
-            out.extend_from_slice(data);
-        };
-        let mut start = 0;
-        for i in (0..payload.len() / 4 * 4).step_by(4) {
-            if payload[i..i + 4] == magic {
-                chunk(&mut out, if start == 0 { 1 } else { 2 }, &payload[start..i]);
-                start = i + 4;
-            }
-        }
-        chunk(&mut out, if start == 0 { 0 } else { 3 }, &payload[start..]);
-        out.resize(out.len().div_ceil(4) * 4, 0);
         writeln!(self.idx, "{key}\t{}", self.pos).map_err(io)?;
         self.rec.write_all(&out).map_err(io)?;
         self.pos += out.len() as u64;
         Ok(())
+    }
+
+    /// Bytes written to the `.rec` so far (the offset of the next record).
+    pub fn position(&self) -> u64 {
+        self.pos
     }
 
     /// Flush both files.
@@ -500,6 +510,41 @@ impl RecordIoWriter {
             .and_then(|()| self.idx.flush())
             .map_err(|source| Error::Io { path, source })
     }
+}
+
+/// The bytes dmlc's `RecordIOWriter::WriteRecord` emits for one record: chunks split at every
+/// 4-aligned occurrence of the magic in `payload` (cflag 1/2/3; the magic itself is dropped and
+/// re-inserted by readers), or one cflag-0 chunk; zero padding to a 4-byte boundary.
+///
+/// # Errors
+/// A payload of 2^29 bytes or more: dmlc refuses those (its length field has 29 bits) rather
+/// than splitting them, so no reader could take them.
+pub fn encode_record(payload: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    if payload.len() > LEN_MASK as usize {
+        return Err(format!(
+            "payload of {} bytes is too long (RecordIO records must be under 2^29 bytes)",
+            payload.len()
+        ));
+    }
+    let magic = MAGIC.to_le_bytes();
+    let mut out = Vec::with_capacity(payload.len() + 16);
+    let chunk = |out: &mut Vec<u8>, cflag: u32, data: &[u8]| {
+        out.extend_from_slice(&magic);
+        out.extend_from_slice(&((cflag << 29) | data.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
+    };
+    let mut start = 0;
+    for i in (0..payload.len() / 4 * 4).step_by(4) {
+        if payload[i..i + 4] == magic {
+            chunk(&mut out, if start == 0 { 1 } else { 2 }, &payload[start..i]);
+            start = i + 4;
+        }
+    }
+    chunk(&mut out, if start == 0 { 0 } else { 3 }, &payload[start..]);
+    // Every split point is 4-aligned, so padding the whole output pads the last part as dmlc
+    // does (to the record length rounded up to 4).
+    out.resize(out.len().div_ceil(4) * 4, 0);
+    Ok(out)
 }
 
 fn parse_idx(text: &str) -> std::result::Result<Vec<(u64, u64)>, String> {
@@ -583,16 +628,31 @@ pub enum RecordLayout {
     Flat,
 }
 
-/// Decode a JPEG or PNG (sniffed by magic) to RGB. `Err` holds what is wrong.
-pub(crate) fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
-    let format = if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        image::ImageFormat::Jpeg
+/// The format of encoded image bytes, sniffed by magic: JPEG, PNG or PNM (PBM/PGM/PPM/PAM,
+/// `P1`..`P7` then whitespace); `None` for anything else.
+pub(crate) fn sniff_format(bytes: &[u8]) -> Option<image::ImageFormat> {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(image::ImageFormat::Jpeg)
     } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        image::ImageFormat::Png
+        Some(image::ImageFormat::Png)
+    } else if bytes.len() > 2
+        && bytes[0] == b'P'
+        && (b'1'..=b'7').contains(&bytes[1])
+        && bytes[2].is_ascii_whitespace()
+    {
+        Some(image::ImageFormat::Pnm)
     } else {
+        None
+    }
+}
+
+/// Decode a JPEG, PNG or PNM (sniffed by magic) to RGB; grey images get R = G = B. `Err` holds
+/// what is wrong.
+pub(crate) fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    let Some(format) = sniff_format(bytes) else {
         let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
         return Err(format!(
-            "not a JPEG or PNG ({} bytes starting {})",
+            "not a JPEG, PNG or PNM ({} bytes starting {})",
             bytes.len(),
             head.join(" ")
         ));
@@ -650,17 +710,28 @@ impl RecordIoDataset {
         };
         let dir = rec.parent().map(Path::to_path_buf).unwrap_or_default();
         let property = dir.join("property");
-        Self::open_files(&rec, &idx, property.is_file().then_some(property.as_path()))
+        let found = property.is_file().then_some(property.as_path());
+        Self::open_inner(rec, idx, found, Some(&property))
     }
 
     /// Open from explicit `.rec`, `.idx` and optional `property` paths.
     ///
     /// # Errors
-    /// As [`Self::open`].
+    /// As [`Self::open`]; a `property` path that cannot be read or parsed.
     pub fn open_files(
         rec: impl AsRef<Path>,
         idx: impl AsRef<Path>,
         property: Option<&Path>,
+    ) -> Result<Self> {
+        Self::open_inner(rec.as_ref(), idx.as_ref(), property, None)
+    }
+
+    /// `looked_for`: where `open` looked for a property file (for the error when it is needed).
+    fn open_inner(
+        rec: impl AsRef<Path>,
+        idx: impl AsRef<Path>,
+        property: Option<&Path>,
+        looked_for: Option<&Path>,
     ) -> Result<Self> {
         let reader = RecordIoReader::open(rec, idx)?;
         let property = property.map(RecordProperty::read).transpose()?;
@@ -706,9 +777,26 @@ impl RecordIoDataset {
                 },
             ) => (end_identity_key - first_identity_key) as usize,
             (None, RecordLayout::Flat) => {
+                // Without a property file the class count of an images-only pack is the
+                // largest label + 1: one header read per record.
+                tracing::info!(
+                    rec = %ds.reader.rec_path.display(),
+                    images = ds.count,
+                    "no property file: counting classes from the record labels"
+                );
                 let mut max = None;
                 for i in 0..ds.count {
-                    let l = ds.label(i)?;
+                    let l = ds.label(i).map_err(|e| Error::Format {
+                        path: ds.reader.rec_path.clone(),
+                        what: format!(
+                            "no property file ({}), so the class count comes from the labels, \
+                             and reading them failed: {e}",
+                            looked_for.map_or_else(
+                                || "none given".to_string(),
+                                |p| format!("{} does not exist", p.display())
+                            )
+                        ),
+                    })?;
                     max = max.max(Some(l));
                 }
                 max.map_or(0, |m| m as usize + 1)

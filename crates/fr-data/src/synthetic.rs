@@ -663,6 +663,59 @@ impl SyntheticFaces {
     }
 }
 
+/// Ground-truth geometry of one identity in its canonical view: frontal (no rotation), scale
+/// 1, no shift — the view an Unsup3D-style reconstruction calls canonical. Row-major,
+/// `size`×`size`, over the same field of view as the rendered images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DepthMap {
+    /// Side in pixels.
+    pub size: usize,
+    /// Per pixel, the distance along the (orthographic, +z-facing) viewing ray from the plane
+    /// `z = r_z` that touches the head's nearest point, to the head's front surface: 0 at the
+    /// nearest point, up to `r_z` at the silhouette (face-frame units, where the image spans
+    /// 1). Nearer is smaller, as for a camera distance. 0 outside the mask.
+    pub depth: Vec<f32>,
+    /// Whether the pixel's ray hits the head (the face region).
+    pub mask: Vec<bool>,
+}
+
+impl SyntheticFaces {
+    /// The canonical depth map of identity `class` (0-based within this set) at
+    /// `size`×`size`: the head is the ellipsoid `(x/r_x)² + (y/r_y)² + (z/r_z)² = 1` the
+    /// renderer ray-traces (facial features are texture only), seen frontally, so a pixel at
+    /// view coordinates `(x, y)` has depth `r_z − r_z·√(1 − (x/r_x)² − (y/r_y)²)`.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] for a class past the set's identities.
+    pub fn canonical_depth(&self, class: usize, size: u32) -> Result<DepthMap> {
+        let id = self.identities.get(class).ok_or(Error::OutOfRange {
+            index: class,
+            len: self.identities.len(),
+        })?;
+        let [rx, ry, rz] = id.radii;
+        let n = size as usize;
+        let s = size as f32;
+        let (mut depth, mut mask) = (vec![0f32; n * n], vec![false; n * n]);
+        for py in 0..n {
+            for px in 0..n {
+                // The renderer's pixel centres: view coordinates in [−0.5, 0.5], y down.
+                let x = (px as f32 + 0.5) / s - 0.5;
+                let y = (py as f32 + 0.5) / s - 0.5;
+                let q = 1.0 - (x / rx).powi(2) - (y / ry).powi(2);
+                if q >= 0.0 {
+                    depth[py * n + px] = rz - rz * q.sqrt();
+                    mask[py * n + px] = true;
+                }
+            }
+        }
+        Ok(DepthMap {
+            size: n,
+            depth,
+            mask,
+        })
+    }
+}
+
 impl FaceDataset for SyntheticFaces {
     fn len(&self) -> usize {
         self.config.num_identities * self.config.images_per_identity
@@ -781,6 +834,37 @@ mod tests {
             assert_eq!(same, a / 5 == b / 5);
             assert_ne!(a, b);
         }
+    }
+
+    #[test]
+    fn canonical_depth_is_the_frontal_ellipsoid() {
+        let set = small();
+        let n = 64;
+        let d = set.canonical_depth(2, n as u32).unwrap();
+        assert_eq!((d.size, d.depth.len(), d.mask.len()), (n, n * n, n * n));
+        let [rx, ry, rz] = set.identities[2].radii;
+        // The silhouette is the ellipse of radii (r_x, r_y): its area in pixels.
+        let area = d.mask.iter().filter(|&&m| m).count() as f32;
+        let want = PI * rx * ry * (n * n) as f32;
+        assert!((area / want - 1.0).abs() < 0.03, "{area} vs {want}");
+        // Nearest at the centre, farther towards the rim, mirror-symmetric, 0 outside.
+        let at = |x: usize, y: usize| d.depth[y * n + x];
+        assert!(at(32, 32) < 1e-3 && at(31, 31) < 1e-3);
+        assert!(at(32, 32) < at(40, 32) && at(40, 32) < at(48, 32));
+        for y in 0..n {
+            for x in 0..n {
+                assert_eq!(at(x, y), at(n - 1 - x, y));
+                let v = at(x, y);
+                assert!((0.0..=rz).contains(&v));
+                if !d.mask[y * n + x] {
+                    assert_eq!(v, 0.0);
+                }
+            }
+        }
+        // The mask agrees with the rendered silhouette: a pixel on the rim's inside is face.
+        assert!(d.mask[32 * n + 32 + ((rx * 0.9 * n as f32) as usize)]);
+        assert!(!d.mask[32 * n + 32 + ((rx * 1.1 * n as f32) as usize).min(n - 32 - 1)]);
+        assert!(set.canonical_depth(6, 8).is_err());
     }
 
     #[test]

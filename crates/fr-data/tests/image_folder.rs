@@ -72,3 +72,55 @@ fn empty_folder_is_an_error() {
     assert!(ImageFolder::open(&root).is_err());
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn pgm_images_and_list_file_label_errors() {
+    let root = temp_dir("pgm");
+    std::fs::create_dir_all(root.join("a")).unwrap();
+    // Binary PGM (P5) and ASCII PGM (P2).
+    let mut p5 = b"P5\n3 2\n255\n".to_vec();
+    p5.extend_from_slice(&[0, 100, 200, 50, 150, 250]);
+    std::fs::write(root.join("a/x.pgm"), p5).unwrap();
+    std::fs::write(root.join("a/y.PGM"), "P2\n2 1\n255\n7 9\n").unwrap();
+    let ds = ImageFolder::open(&root).unwrap();
+    assert_eq!(ds.len(), 2);
+    let img = ds.image(0).unwrap();
+    assert_eq!(img.dimensions(), (3, 2));
+    assert_eq!(img.get_pixel(1, 0).0, [100, 100, 100]);
+    assert_eq!(img.get_pixel(2, 1).0, [250, 250, 250]);
+    assert_eq!(ds.image(1).unwrap().get_pixel(1, 0).0, [9, 9, 9]);
+
+    // Labels must be integer class ids; errors name the list and the line.
+    let list = root.join("list.txt");
+    for (text, line, what) in [
+        ("a/x.pgm 0\na/y.PGM 1.0\n", 2, "not an integer class id"),
+        ("a/x.pgm -1\n", 1, "not an integer class id"),
+        ("\na/x.pgm person_3\n", 2, "not an integer class id"),
+        ("a/x.pgm\n", 1, "expected \"path label\""),
+    ] {
+        std::fs::write(&list, text).unwrap();
+        let err = ImageFolder::from_list(&root, &list)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("list.txt"), "{err}");
+        assert!(err.contains(&format!("line {line}:")), "{err}");
+        assert!(err.contains(what), "{err}");
+    }
+    // With a known class count, ids must be below it.
+    std::fs::write(&list, "a/x.pgm 0\na/y.PGM 3\n").unwrap();
+    let err = ImageFolder::from_list_with_classes(&root, &list, 3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("list.txt") && err.contains("line 2:"), "{err}");
+    assert!(
+        err.contains("class id 3") && err.contains("number of classes 3"),
+        "{err}"
+    );
+    let ds = ImageFolder::from_list_with_classes(&root, &list, 10).unwrap();
+    assert_eq!((ds.len(), ds.num_classes()), (2, 10));
+    assert_eq!(
+        ImageFolder::from_list(&root, &list).unwrap().num_classes(),
+        4
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -291,3 +291,53 @@ fn identity_sampler_gives_p_by_k_batches() {
     let err = BatchLoader::new(Halves::new(40), bad).unwrap_err();
     assert!(err.to_string().contains("identities_per_batch"), "{err}");
 }
+
+#[test]
+fn augmentations_are_off_by_default_and_applied_before_normalisation() {
+    use fr_data::AugmentConfig;
+    // Default behaviour unchanged: no augmentation, and configs without the key still parse.
+    assert!(LoaderConfig::default().augment.is_identity());
+    let parsed: LoaderConfig = serde_json::from_str(r#"{"batch_size": 8}"#).unwrap();
+    assert_eq!(
+        parsed,
+        LoaderConfig {
+            batch_size: 8,
+            ..LoaderConfig::default()
+        }
+    );
+    let plain = BatchLoader::new(Halves::new(16), config(5)).unwrap();
+    let (_, base, _) = run_epoch(&plain, 0);
+
+    // Grayscale with probability 1: the three planes of every image are equal.
+    let gray_cfg = LoaderConfig {
+        augment: AugmentConfig {
+            grayscale_prob: 1.0,
+            ..AugmentConfig::default()
+        },
+        ..config(5)
+    };
+    let gray = BatchLoader::new(Halves::new(16), gray_cfg.clone()).unwrap();
+    let (idx, data, labels) = run_epoch(&gray, 0);
+    let plane = 8 * 8;
+    for img in data.chunks(3 * plane) {
+        assert_eq!(&img[..plane], &img[plane..2 * plane]);
+        assert_eq!(&img[..plane], &img[2 * plane..]);
+    }
+    assert_ne!(data, base);
+    // Deterministic: the same epoch again gives the same batches.
+    let again = BatchLoader::new(Halves::new(16), gray_cfg).unwrap();
+    assert_eq!(run_epoch(&again, 0), (idx, data, labels));
+
+    // A bad value is refused by the loader, naming the key.
+    let bad = LoaderConfig {
+        augment: AugmentConfig {
+            crop_prob: 2.0,
+            ..AugmentConfig::default()
+        },
+        ..config(5)
+    };
+    let err = BatchLoader::new(Halves::new(4), bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("augment.crop_prob"), "{err}");
+}

@@ -399,3 +399,69 @@ fn key_0_image_record_is_not_a_header() {
     assert_eq!(ds.label(0).unwrap(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn idx_offset_past_the_end_names_index_rec_and_key() {
+    use fr_data::recordio::{ImageRecord, RecordIoWriter};
+    let dir = temp_dir("past-end");
+    let mut png = Vec::new();
+    image::RgbImage::new(4, 4)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let mut w = RecordIoWriter::create(dir.join("train.rec"), dir.join("train.idx")).unwrap();
+    w.write(1, &ImageRecord::new(0.0, 1, png.clone()).pack())
+        .unwrap();
+    w.write(2, &ImageRecord::new(1.0, 2, png).pack()).unwrap();
+    w.finish().unwrap();
+    // An index line pointing far past the end of the data file.
+    let mut idx = std::fs::read_to_string(dir.join("train.idx")).unwrap();
+    idx.push_str("3\t999999\n");
+    std::fs::write(dir.join("train.idx"), idx).unwrap();
+    std::fs::write(dir.join("property"), "3,4,4").unwrap();
+    let ds = RecordIoDataset::open(&dir).unwrap();
+    assert_eq!(ds.len(), 3);
+    ds.image(1).unwrap();
+    let msg = format_message(ds.image(2).unwrap_err());
+    assert!(msg.contains("train.rec"), "{msg}");
+    assert!(msg.contains("train.idx"), "{msg}");
+    assert!(msg.contains("key 3"), "{msg}");
+    assert!(msg.contains("byte offset 999999"), "{msg}");
+    assert!(msg.contains("past the end"), "{msg}");
+
+    // Without a property file the class count needs every label: the error says so and
+    // names the record.
+    std::fs::remove_file(dir.join("property")).unwrap();
+    let msg = format_message(RecordIoDataset::open(&dir).unwrap_err());
+    assert!(msg.contains("property"), "{msg}");
+    assert!(msg.contains("key 3"), "{msg}");
+    assert!(msg.contains("past the end"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn epoch_reports_the_corrupt_images_it_skipped() {
+    let ds = RecordIoDataset::open_files(
+        data("rec_damaged/corrupt_jpeg.rec"),
+        data("rec_damaged/corrupt_jpeg.idx"),
+        None,
+    )
+    .unwrap();
+    let loader = BatchLoader::new(
+        Arc::new(ds),
+        LoaderConfig {
+            batch_size: 2,
+            drop_last: false,
+            skip_corrupt: true,
+            ..LoaderConfig::default()
+        },
+    )
+    .unwrap();
+    for epoch in 0..2 {
+        let mut it = loader.epoch(epoch);
+        let images: usize = it.by_ref().map(|b| b.unwrap().indices.len()).sum();
+        assert_eq!(images, 5);
+        // Per epoch, not cumulative.
+        assert_eq!(it.skipped(), 1);
+    }
+    assert_eq!(loader.stats().skipped, 2);
+}

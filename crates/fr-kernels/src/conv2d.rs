@@ -180,8 +180,12 @@ fn shifted_span(g: &Geom, ky: usize, off_x: isize) -> (isize, usize, usize, usiz
     let oy_lo = ((-dy).max(0) as usize).min(g.ho);
     let oy_hi = ((g.h as isize - dy).clamp(0, g.ho as isize) as usize).max(oy_lo);
     let delta = dy * w + off_x;
-    let a = (oy_lo * g.w).max((-delta).max(0) as usize);
-    let b = (oy_hi * g.w).min((g.hw() as isize - delta).max(0) as usize);
+    // `a..b`: output positions (row stride w) whose source `pos + delta` lies in the plane.
+    // Both stay within the valid output rows, so a map narrower than the kernel's reach (a
+    // 1-pixel-wide plane with a 3x3 kernel) gives an empty span instead of running past it.
+    let end = oy_hi * g.w;
+    let a = (oy_lo * g.w).max((-delta).max(0) as usize).min(end);
+    let b = end.min((g.hw() as isize - delta).max(0) as usize);
     (delta, a, b.max(a), oy_lo, oy_hi)
 }
 
@@ -206,8 +210,10 @@ fn im2col<T: Elem>(g: &Geom, x: &[T], img0: usize, nb: usize, cols: &mut [T]) {
                         let dst = &mut dst_row[j * hwo..][..hwo];
                         dst[..a].fill(T::zero());
                         dst[b..].fill(T::zero());
-                        let start = (a as isize + delta) as usize;
-                        dst[a..b].copy_from_slice(&plane[start..start + (b - a)]);
+                        if b > a {
+                            let start = (a as isize + delta) as usize;
+                            dst[a..b].copy_from_slice(&plane[start..start + (b - a)]);
+                        }
                         if lo > 0 || hi < g.w {
                             for r in dst[oy_lo * g.w..oy_hi * g.w].chunks_exact_mut(g.w) {
                                 r[..lo].fill(T::zero());
@@ -270,9 +276,11 @@ fn col2im<T: Elem>(g: &Geom, cols: &mut [T], nb: usize, dx: &mut [T]) {
                             }
                         }
                         let plane = &mut dx[(j * g.cin + ci) * g.hw()..][..g.hw()];
-                        let start = (a as isize + delta) as usize;
-                        for (o, v) in plane[start..start + (b - a)].iter_mut().zip(&src[a..b]) {
-                            *o += *v;
+                        if b > a {
+                            let start = (a as isize + delta) as usize;
+                            for (o, v) in plane[start..start + (b - a)].iter_mut().zip(&src[a..b]) {
+                                *o += *v;
+                            }
                         }
                     }
                     continue;

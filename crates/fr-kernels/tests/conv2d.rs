@@ -33,6 +33,10 @@ const CASES: &[Case] = &[
     (2, 4, 6, 6, 8, 3, 1, 1, 4),   // grouped, 2 outputs per group
     (2, 3, 15, 15, 4, 7, 2, 3, 1), // candle #1212: 7x7/2 pad 3 on an odd size, (H + 2p − k) % s ≠ 0
     (1, 2, 3, 3, 2, 2, 1, 0, 1),   // candle #3735: 2x2 kernel on 3x3 (strided kernel below)
+    (2, 3, 1, 1, 4, 3, 1, 1, 1),   // 1x1 map, 3x3 "same" kernel (the kernel reaches past the plane)
+    (2, 3, 2, 2, 4, 3, 1, 1, 1),   // 2x2 map, 3x3 "same"
+    (1, 2, 1, 5, 3, 3, 1, 1, 1),   // one-row map
+    (2, 2, 2, 2, 3, 5, 1, 2, 1),   // 5x5 "same" on 2x2
 ];
 
 fn params(c: &Case) -> ConvParams {

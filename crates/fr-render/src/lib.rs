@@ -29,12 +29,15 @@
 //! Modules: [`camera`] (intrinsics, view transform), [`sample`] (differentiable
 //! `grid_sample`, flips), [`renderer`] (normals, shading, the warp into the view), [`nets`],
 //! [`loss`] (L_reco and [`ReconstructionOutput`]), [`config`], the [`ReconstructionBranch`]
-//! that ties them together and [`to_rgb8`] for pictures.
+//! that ties them together, [`joint`] (LH2Face's joint objective `λ_reco·L_reco +
+//! λ_canon·L_FR^canon + λ_view·L_view` as an auxiliary loss of fr-train's `Trainer`) and
+//! [`to_rgb8`] for pictures.
 
 mod branch;
 pub mod camera;
 pub mod config;
 mod error;
+pub mod joint;
 pub mod loss;
 pub mod nets;
 pub mod renderer;
@@ -46,7 +49,8 @@ mod visual;
 pub use branch::ReconstructionBranch;
 pub use config::RenderConfig;
 pub use error::{Error, Result};
+pub use joint::{JointConfig, JointLosses, RenderObjective};
 pub use loss::{photometric_loss, ReconstructionLoss, ReconstructionOutput};
 pub use renderer::{Renderer, Rendering};
-pub use sample::{flip_horizontal, grid_sample};
+pub use sample::{flip_horizontal, grid_sample, resize_bilinear};
 pub use visual::to_rgb8;

@@ -358,6 +358,45 @@ pub fn pixels_to_grid(u: &Tensor, v: &Tensor, width: usize, height: usize) -> Re
     Ok(Tensor::stack(&[x, y], D::Minus1)?)
 }
 
+/// Bilinear resize of `image` `(B, C, H, W)` to `(B, C, size, size)`, differentiable in the
+/// image: pixel centres are aligned (PyTorch's `interpolate(mode="bilinear",
+/// align_corners=False)` without antialiasing; output pixel `i` samples input coordinate
+/// `(i + 0.5)·H/size − 0.5`, clamped to the border). Used to move images between the
+/// recognition input size (56 or 112) and the branch's size (64). Returns the input when the
+/// size already matches.
+///
+/// # Errors
+/// [`Error::Shape`] for another rank or dtype, an image smaller than 2×2, or `size` 0.
+pub fn resize_bilinear(image: &Tensor, size: usize) -> Result<Tensor> {
+    check_float("image", image, 4)?;
+    let (b, _, h, w) = image.dims4()?;
+    if size == 0 || h < 2 || w < 2 {
+        return Err(Error::shape(
+            "image",
+            format!("(B, C, H ≥ 2, W ≥ 2) and a target size ≥ 1 (got {size})"),
+            image,
+        ));
+    }
+    if h == size && w == size {
+        return Ok(image.clone());
+    }
+    let coords = |n: usize| -> Vec<f64> {
+        (0..size)
+            .map(|i| ((i as f64 + 0.5) * n as f64 / size as f64 - 0.5).clamp(0.0, n as f64 - 1.0))
+            .collect()
+    };
+    let dev = image.device();
+    let u = Tensor::from_vec(coords(w), (1, 1, size), dev)?
+        .to_dtype(image.dtype())?
+        .broadcast_as((b, size, size))?
+        .contiguous()?;
+    let v = Tensor::from_vec(coords(h), (1, size, 1), dev)?
+        .to_dtype(image.dtype())?
+        .broadcast_as((b, size, size))?
+        .contiguous()?;
+    sample_pixels(image, &u, &v)
+}
+
 /// Mirror a map left–right along its last dimension (`(…, W)`), through `index_select`
 /// (whose backward is correct): depth `(B, H, W)` or albedo `(B, C, H, W)`.
 ///
@@ -528,6 +567,37 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn resize_aligns_pixel_centres_and_is_differentiable() -> Result<()> {
+        // A horizontal ramp 0..W−1 resized 4 → 8: output pixel i samples (i + 0.5)/2 − 0.5,
+        // clamped to [0, 3]; rows are constant.
+        let ramp = Tensor::arange(0f64, 4., &Device::Cpu)?
+            .reshape((1, 1, 1, 4))?
+            .broadcast_as((1, 1, 4, 4))?
+            .contiguous()?;
+        let up: Vec<f64> = resize_bilinear(&ramp, 8)?
+            .get(0)?
+            .get(0)?
+            .get(3)?
+            .to_vec1()?;
+        let want = [0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0];
+        for (a, b) in up.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{up:?}");
+        }
+        // Down and up again keeps a constant image; same size is the identity.
+        let c = Tensor::full(0.3f64, (2, 3, 7, 7), &Device::Cpu)?;
+        let back = resize_bilinear(&resize_bilinear(&c, 5)?, 7)?;
+        assert!((back - &c)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+        let img = rand_tensor(&[2, 2, 6, 6], 12)?;
+        let same: Vec<f64> = resize_bilinear(&img, 6)?.flatten_all()?.to_vec1()?;
+        assert_eq!(same, img.flatten_all()?.to_vec1::<f64>()?);
+        let w = rand_tensor(&[2, 2, 5, 5], 13)?;
+        let worst = fd_check(&img, |x| Ok(resize_bilinear(x, 5)?.mul(&w)?.sum_all()?))?;
+        assert!(worst < 1e-8, "{worst}");
+        assert!(resize_bilinear(&img, 0).is_err());
         Ok(())
     }
 

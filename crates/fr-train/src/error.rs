@@ -53,6 +53,15 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// An auxiliary loss ([`crate::AuxiliaryLoss`]) failed.
+    #[error("auxiliary loss `{name}`: {source}")]
+    Auxiliary {
+        /// The auxiliary loss's name.
+        name: String,
+        /// Its own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {

@@ -1,7 +1,8 @@
 //! fr-train: the training loop of fr — optimisers with PyTorch semantics (SGD with momentum,
 //! Nesterov and weight decay; AdamW), learning-rate schedules, global gradient-norm clipping,
 //! seeded (order-independent) parameter initialisation, crash-safe checkpoints and a
-//! [`Trainer`] that runs one step of backbone → head → clip → update.
+//! [`Trainer`] that runs one step of backbone → head (+ an optional [`AuxiliaryLoss`]) → clip →
+//! update.
 //!
 //! Using the pieces alone, on any candle model:
 //!
@@ -23,6 +24,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod auxiliary;
 pub mod checkpoint;
 pub mod clip;
 pub mod error;
@@ -31,6 +33,7 @@ pub mod schedule;
 pub mod seeded;
 pub mod trainer;
 
+pub use auxiliary::{AuxiliaryBatch, AuxiliaryLoss, AuxiliaryOutput};
 pub use checkpoint::{
     latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, TrainState,
 };

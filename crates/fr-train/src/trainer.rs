@@ -2,6 +2,9 @@
 //! backbone `forward_t(images, train = true)` → head loss → backward → clip the global
 //! gradient norm (5 by default) → optimiser step with the scheduled learning rate.
 //!
+//! With an [`AuxiliaryLoss`] ([`Trainer::with_auxiliary`]) its loss is added to the head's
+//! before the backward pass; without one the step is exactly the above.
+//!
 //! A step whose loss or gradient norm is non-finite is skipped: no parameter moves, the
 //! running statistics (variables named `*running_*`) and the head's state are restored to
 //! their values before the step, the skip is counted and logged, and the step counter still
@@ -16,6 +19,7 @@ use fr_data::Batch;
 use fr_heads::{Head, StepContext};
 use serde::{Deserialize, Serialize};
 
+use crate::auxiliary::{AuxiliaryBatch, AuxiliaryLoss};
 use crate::checkpoint::{load_checkpoint, prune_checkpoints, save_checkpoint, TrainState};
 use crate::clip::{grad_norm, scale_grads};
 use crate::optim::{AnyOptimizer, OptimizerConfig};
@@ -78,7 +82,8 @@ pub fn not_running_stat(name: &str) -> bool {
 pub struct StepOutcome {
     /// Index of this step, 0-based.
     pub step: u64,
-    /// The loss (non-finite when the step was skipped for it).
+    /// The loss that was back-propagated: the head's, plus the auxiliary loss when one is set
+    /// (non-finite when the step was skipped for it).
     pub loss: f64,
     /// Learning rate used (or that would have been used).
     pub lr: f64,
@@ -86,7 +91,8 @@ pub struct StepOutcome {
     pub grad_norm: Option<f64>,
     /// Whether the step was skipped (non-finite loss or gradient).
     pub skipped: bool,
-    /// The head's statistics.
+    /// The head's statistics; with an auxiliary loss also its statistics and `head_loss`
+    /// (the head's loss alone).
     pub stats: BTreeMap<String, f64>,
 }
 
@@ -101,6 +107,9 @@ pub struct Trainer {
     optimizer: AnyOptimizer,
     config: TrainerConfig,
     state: TrainState,
+    auxiliary: Option<Box<dyn AuxiliaryLoss>>,
+    /// Variables in the VarMap at construction (an auxiliary must not add any later).
+    known_vars: usize,
 }
 
 impl Trainer {
@@ -119,7 +128,7 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         let (mut params, mut buffers) = (Vec::new(), Vec::new());
-        {
+        let known_vars = {
             let data = varmap
                 .data()
                 .lock()
@@ -131,7 +140,8 @@ impl Trainer {
                     buffers.push((name.clone(), var.clone()));
                 }
             }
-        }
+            data.len()
+        };
         if params.is_empty() {
             return Err(Error::config(
                 "trainable",
@@ -159,7 +169,42 @@ impl Trainer {
             optimizer,
             config,
             state,
+            auxiliary: None,
+            known_vars,
         })
+    }
+
+    /// Add `auxiliary`'s loss to every step. Its variables must already be in the VarMap
+    /// given to [`Trainer::new`] (created there before the trainer, so that the trainable rule
+    /// saw them).
+    ///
+    /// # Errors
+    /// [`Error::Config`] (`auxiliary`) when the VarMap gained variables after
+    /// [`Trainer::new`]: they would be silently left out of the optimiser.
+    pub fn with_auxiliary(mut self, auxiliary: Box<dyn AuxiliaryLoss>) -> Result<Self> {
+        let now = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::config("varmap", "VarMap lock poisoned"))?
+            .len();
+        if now != self.known_vars {
+            return Err(Error::config(
+                "auxiliary",
+                format!(
+                    "`{}` created {} variables after Trainer::new; build it in the VarMap first",
+                    auxiliary.name(),
+                    now.saturating_sub(self.known_vars)
+                ),
+            ));
+        }
+        self.auxiliary = Some(auxiliary);
+        Ok(self)
+    }
+
+    /// Whether an auxiliary loss is set.
+    pub fn has_auxiliary(&self) -> bool {
+        self.auxiliary.is_some()
     }
 
     /// One step on a loader batch; see [`Trainer::step_tensors`].
@@ -201,14 +246,40 @@ impl Trainer {
             .head
             .forward(&embeddings, labels, &ctx)
             .map_err(|e| self.head_error(e))?;
-        let loss = self.scalar_loss(&out.loss)?;
+        let mut stats = out.stats;
+        let total = match self.auxiliary.as_mut() {
+            None => out.loss,
+            Some(aux) => {
+                let batch = AuxiliaryBatch {
+                    images,
+                    labels,
+                    embeddings: &embeddings,
+                    ctx: &ctx,
+                };
+                let name = aux.name();
+                let extra = aux
+                    .loss(&batch, self.backbone.as_ref(), self.head.as_mut())
+                    .map_err(|source| Error::Auxiliary {
+                        name: name.to_string(),
+                        source,
+                    })?;
+                stats.insert("head_loss".into(), self.scalar_loss(&out.loss)?);
+                stats.extend(extra.stats);
+                let extra = extra
+                    .loss
+                    .to_dtype(out.loss.dtype())?
+                    .reshape(out.loss.shape())?;
+                (out.loss + extra)?
+            }
+        };
+        let loss = self.scalar_loss(&total)?;
         let mut outcome = StepOutcome {
             step,
             loss,
             lr,
             grad_norm: None,
             skipped: true,
-            stats: out.stats,
+            stats,
         };
         if !loss.is_finite() {
             tracing::warn!(step, loss, "non-finite loss: step skipped");
@@ -216,7 +287,7 @@ impl Trainer {
             return Ok(outcome);
         }
 
-        let mut grads = out.loss.backward()?;
+        let mut grads = total.backward()?;
         let norm = grad_norm(&grads, &self.vars)?;
         outcome.grad_norm = Some(norm);
         if !norm.is_finite() {

@@ -8,7 +8,8 @@ use candle_nn::{Init, Linear, VarBuilder, VarMap};
 use fr_data::Batch;
 use fr_heads::{Head, HeadOutput, StepContext};
 use fr_train::{
-    not_running_stat, LrSchedule, OptimizerConfig, SeededVarMap, SgdConfig, Trainer, TrainerConfig,
+    not_running_stat, AuxiliaryBatch, AuxiliaryLoss, AuxiliaryOutput, LrSchedule, OptimizerConfig,
+    SeededVarMap, SgdConfig, Trainer, TrainerConfig,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -103,8 +104,14 @@ fn config() -> TrainerConfig {
 }
 
 fn trainer(seed: u64, config: TrainerConfig) -> Trainer {
+    trainer_with(seed, config, |_| ())
+}
+
+/// As [`trainer`], after `extra` has created more variables in the same map.
+fn trainer_with(seed: u64, config: TrainerConfig, extra: impl FnOnce(&VarBuilder)) -> Trainer {
     let params = SeededVarMap::new(seed);
     let vb: VarBuilder = params.var_builder(DType::F32, &Device::Cpu);
+    extra(&vb);
     let fc = candle_nn::linear(IN, EMB, vb.pp("fc")).unwrap();
     vb.get_with_hints(EMB, "running_mean", Init::Const(0.0))
         .unwrap();
@@ -354,4 +361,122 @@ fn every_registered_head_resumes_exactly() {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// An auxiliary objective: `scale · ‖w − mean embedding‖²` over its own variable `aux.w`, plus
+/// the head's loss on the detached embeddings called in eval mode (to check that the head's
+/// state is left to the real batch).
+struct PullToMean {
+    w: Tensor,
+    scale: f64,
+}
+
+impl AuxiliaryLoss for PullToMean {
+    fn name(&self) -> &'static str {
+        "pull_to_mean"
+    }
+
+    fn loss(
+        &mut self,
+        batch: &AuxiliaryBatch<'_>,
+        backbone: &dyn ModuleT,
+        head: &mut dyn Head,
+    ) -> Result<AuxiliaryOutput, Box<dyn std::error::Error + Send + Sync>> {
+        let again = backbone.forward_t(batch.images, false)?;
+        assert_eq!(again.dims(), batch.embeddings.dims());
+        let mean = batch.embeddings.mean(0)?;
+        let pull = (&self.w - mean)?
+            .sqr()?
+            .sum_all()?
+            .affine(self.scale, 0.0)?;
+        let ctx = StepContext {
+            train: false,
+            ..*batch.ctx
+        };
+        let eval_loss = head.forward(&again.detach(), batch.labels, &ctx)?.loss;
+        let stats = [("pull".to_string(), f64::from(pull.to_scalar::<f32>()?))].into();
+        Ok(AuxiliaryOutput {
+            loss: (pull + eval_loss.affine(0.0, 0.0)?)?,
+            stats,
+        })
+    }
+}
+
+fn with_pull(seed: u64, scale: f64) -> Trainer {
+    let mut w = None;
+    let t = trainer_with(seed, config(), |vb| {
+        w = Some(vb.get_with_hints(EMB, "aux.w", Init::Const(0.0)).unwrap());
+    });
+    t.with_auxiliary(Box::new(PullToMean {
+        w: w.unwrap(),
+        scale,
+    }))
+    .unwrap()
+}
+
+#[test]
+fn auxiliary_loss_is_added_and_its_variables_are_optimised() {
+    let mut t = with_pull(7, 1.0);
+    assert!(t.has_auxiliary());
+    assert!(t.trainable_names().any(|n| n == "aux.w"));
+    let mut plain = trainer(7, config());
+    let out = t.step(&batch(0), 10).unwrap();
+    let reference = plain.step(&batch(0), 10).unwrap();
+    assert!(!out.skipped);
+    // Same head loss as without the auxiliary (same weights at step 0), plus the pull.
+    assert_eq!(out.stats["head_loss"].to_bits(), reference.loss.to_bits());
+    assert!((out.loss - reference.loss - out.stats["pull"]).abs() < 1e-6);
+    assert!(out.stats["pull"] > 0.0);
+    // The head saw the eval-mode call too, but its state follows the real batch only.
+    let ema = |t: &Trainer| t.head().state().unwrap()[0].1.to_scalar::<f32>().unwrap();
+    assert_eq!(ema(&t).to_bits(), ema(&plain).to_bits());
+    // The auxiliary's variable moved towards the mean embedding.
+    let w: Vec<f32> = snapshot(t.varmap())["aux.w"].clone();
+    assert!(w.iter().any(|&x| x != 0.0), "{w:?}");
+    let later: Vec<f64> = run(&mut t, 1..30, 30);
+    assert!(later.iter().all(|l| l.is_finite()));
+}
+
+#[test]
+fn auxiliary_training_is_bit_identical_for_a_seed() {
+    let go = || {
+        let mut t = with_pull(7, 0.5);
+        run(&mut t, 0..5, 5)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(go(), go());
+}
+
+#[test]
+fn auxiliary_with_variables_created_late_is_rejected() {
+    let t = trainer(1, config());
+    // Variables added to the trainer's map after Trainer::new would never be optimised.
+    let late = SeededVarMap::with_varmap(t.varmap().clone(), 1)
+        .var_builder(DType::F32, &Device::Cpu)
+        .get_with_hints(EMB, "aux.w", Init::Const(0.0))
+        .unwrap();
+    let err = t
+        .with_auxiliary(Box::new(PullToMean {
+            w: late,
+            scale: 1.0,
+        }))
+        .err()
+        .expect("late variables must be rejected")
+        .to_string();
+    assert!(
+        err.contains("auxiliary") && err.contains("pull_to_mean"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_finite_auxiliary_loss_skips_the_step() {
+    let mut t = with_pull(7, f64::NAN);
+    let before = snapshot(t.varmap());
+    let out = t.step(&batch(0), 10).unwrap();
+    assert!(out.skipped && out.loss.is_nan());
+    assert_eq!(snapshot(t.varmap()), before);
+    assert_eq!(t.state().skipped_steps, 1);
 }
