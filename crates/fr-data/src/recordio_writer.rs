@@ -303,7 +303,7 @@ pub fn pack_records(
     let mut next_key = if config.shuffle {
         0
     } else {
-        // A placeholder of the header's exact size; its labels are written at the end.
+        // Reserve the header record at offset 0 (its exact size); its labels are written at the end.
         writer.write(0, &header_payload(0, 0))?;
         1
     };
@@ -385,7 +385,7 @@ pub fn pack_records(
         }
         let end_identity_key = next_key;
         writer.finish()?;
-        // Fill in the header record at offset 0 (same length as the placeholder).
+        // Fill in the header record at offset 0 (same length as the reserved one).
         let chunk = encode_record(&header_payload(first_identity_key, end_identity_key))
             .expect("a 32-byte payload");
         let rec_tmp = temps.temp(0);
