@@ -4,10 +4,14 @@
 //!   one seed, backbone and budget; evaluate them side by side; write
 //!   `target/reproduce/lh2face/{report.md, metrics.json, roc.png}`.
 //! - `cargo xtask bench train|infer --model r18` — images/s and peak RSS of one IResNet.
+//! - `cargo xtask eval --config configs/<preset>.toml --checkpoint <run|step dir|weights>
+//!   [--bin ...] [--ijb DIR --ijb-subset C] [--pairs-folder DIR --pairs FILE] [--qmagface]` —
+//!   evaluate a checkpoint; write `report.md`, `metrics.json`, `roc.png`, `det.png`.
 //! - `cargo xtask pack --from <folder or list> --out <dir>` — an insightface `train.rec`.
 
 mod bench;
 mod config_file;
+mod eval;
 mod pack;
 mod preset;
 mod report;
@@ -30,6 +34,8 @@ enum Command {
     Reproduce(reproduce::ReproduceArgs),
     /// Measure training or inference throughput and peak memory of one IResNet.
     Bench(bench::BenchArgs),
+    /// Evaluate a checkpoint on .bin sets, an image folder + pairs file, IJB-B/C.
+    Eval(eval::EvalArgs),
     /// Pack an image folder or `path label` list into train.rec / train.idx / property.
     Pack(pack::PackArgs),
 }
@@ -56,6 +62,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Reproduce(args) => reproduce::run(&args, &workspace_root()),
         Command::Bench(args) => bench::run(&args, &workspace_root()),
+        Command::Eval(args) => eval::run(&args, &workspace_root()),
         Command::Pack(args) => pack::run(&args),
     }
 }

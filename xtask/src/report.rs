@@ -91,16 +91,23 @@ pub fn markdown_table(rows: &[Row], fars: &[f64]) -> String {
 
 const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
-/// Draw ROC curves (TAR against log-scale FAR) into a PNG.
+/// Draw ROC curves (TAR against log-scale FAR from 1e-4) into a PNG.
 ///
 /// # Errors
 /// Drawing or writing the file fails.
 pub fn plot_roc(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
+    plot_roc_from(path, title, curves, 1e-4)
+}
+
+/// [`plot_roc`] with the FAR axis starting at `lo` (e.g. 1e-6 for IJB-C).
+///
+/// # Errors
+/// Drawing or writing the file fails.
+pub fn plot_roc_from(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<()> {
     // ab_glyph needs the font registered once per process; a second registration is harmless.
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let root = BitMapBackend::new(path, (900, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let lo = 1e-4f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 24))
         .margin(15)
@@ -135,6 +142,60 @@ pub fn plot_roc(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Draw DET curves (FNMR = 1 − TAR against FMR = FAR, both log-scale, FMR from `lo`) into a
+/// PNG. Points with FNMR below 1e-4 are drawn at 1e-4.
+///
+/// # Errors
+/// Drawing or writing the file fails.
+pub fn plot_det(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<()> {
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let root = BitMapBackend::new(path, (900, 650)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let floor = 1e-4f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d((lo..1.0f64).log_scale(), (floor..1.0f64).log_scale())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("FMR (false match rate)")
+        .y_desc("FNMR (false non-match rate)")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, c) in curves.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba();
+        let pts: Vec<(f64, f64)> = c
+            .fpr
+            .iter()
+            .zip(&c.tpr)
+            .filter(|(f, _)| **f >= lo)
+            .map(|(f, t)| (*f, (1.0 - *t).clamp(floor, 1.0)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(c.label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
         .label_font(("sans-serif", 16))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)

@@ -186,35 +186,165 @@ pub fn templates(
 
 /// Score of each template pair `(p1[i], p2[i])`: the dot product of their normalised features.
 ///
+/// Vectorised and cache-blocked, so that IJB-C's 15.6 M pairs of 512-d f64 templates score in
+/// about a second on two cores: template ids become `u32` rows, the pairs are counting-sorted by
+/// the (row block, row block) tile they fall in, with blocks sized so that a tile's two blocks
+/// stay in the last-level cache, and the tiles are scored in parallel, eight independent f64
+/// accumulators per dot product. Scores are f64 from f64 features, as the reference's
+/// `np.sum(feat1 * feat2, -1)` on its float64 template features (the summation order differs,
+/// so scores agree to about 1e-15, not bit for bit). Memory: about 28 bytes per pair besides the
+/// output.
+///
 /// # Errors
 /// Length mismatch, or a template id absent from `templates` (named with its pair index).
 pub fn pair_scores(templates: &Templates, p1: &[i64], p2: &[i64]) -> Result<Vec<f64>> {
     check_len("p1", p1.len(), "p2", p2.len())?;
-    let lookup = |id: i64, index: usize| {
-        templates
-            .row_of(id)
-            .ok_or_else(|| EvalError::InvalidParameter {
-                name: "template pairs",
-                reason: format!("pair {index}: template {id} has no image"),
+    let rows = TemplateRows::new(&templates.ids);
+    let to_rows = |ids: &[i64]| -> Result<Vec<u32>> {
+        ids.par_iter()
+            .with_min_len(1 << 16)
+            .enumerate()
+            .map(|(i, &id)| {
+                rows.get(id).ok_or_else(|| EvalError::InvalidParameter {
+                    name: "template pairs",
+                    reason: format!("pair {i}: template {id} has no image"),
+                })
             })
+            .collect()
     };
-    let idx: Vec<(usize, usize)> = p1
-        .iter()
-        .zip(p2)
-        .enumerate()
-        .map(|(i, (&a, &b))| Ok((lookup(a, i)?, lookup(b, i)?)))
-        .collect::<Result<_>>()?;
+    let (r1, r2) = rayon::join(|| to_rows(p1), || to_rows(p2));
     let f = &templates.features;
-    let d = f.ncols();
     let flat = f.as_slice().expect("standard layout");
-    Ok(idx
-        .par_iter()
-        .with_min_len(4096)
-        .map(|&(a, b)| {
-            let (x, y) = (&flat[a * d..(a + 1) * d], &flat[b * d..(b + 1) * d]);
-            x.iter().zip(y).map(|(p, q)| p * q).sum()
-        })
-        .collect())
+    Ok(tiled_dots(flat, f.ncols(), &r1?, &r2?))
+}
+
+/// Template id → feature row: a direct table over the id range when it is small (IJB ids are
+/// below a few hundred thousand), else a binary search over the sorted ids.
+enum TemplateRows<'a> {
+    Table { min: i64, rows: Vec<u32> },
+    Sorted(&'a [i64]),
+}
+
+impl<'a> TemplateRows<'a> {
+    const NONE: u32 = u32::MAX;
+
+    fn new(ids: &'a [i64]) -> Self {
+        let (Some(&min), Some(&max)) = (ids.first(), ids.last()) else {
+            return Self::Sorted(ids);
+        };
+        let span = max.checked_sub(min).and_then(|s| usize::try_from(s).ok());
+        match span {
+            Some(span) if span < (1 << 26) && ids.len() < Self::NONE as usize => {
+                let mut rows = vec![Self::NONE; span + 1];
+                for (r, &id) in ids.iter().enumerate() {
+                    rows[(id - min) as usize] = r as u32;
+                }
+                Self::Table { min, rows }
+            }
+            _ => Self::Sorted(ids),
+        }
+    }
+
+    fn get(&self, id: i64) -> Option<u32> {
+        match self {
+            Self::Table { min, rows } => id
+                .checked_sub(*min)
+                .and_then(|k| usize::try_from(k).ok())
+                .and_then(|k| rows.get(k).copied())
+                .filter(|&r| r != Self::NONE),
+            Self::Sorted(ids) => ids.binary_search(&id).ok().map(|r| r as u32),
+        }
+    }
+}
+
+/// Bytes of feature rows one tile touches (two row blocks): a quarter of a typical server
+/// last-level cache, so that two tiles scored at once still fit.
+const TILE_BYTES: usize = 8 << 20;
+
+/// `x · y` with eight independent accumulators (vectorises; f64 throughout).
+#[inline]
+fn dot(x: &[f64], y: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for k in 0..8 {
+            acc[k] += a[k] * b[k];
+        }
+    }
+    let mut tail = 0.0;
+    for (a, b) in xr.iter().zip(yr) {
+        tail += a * b;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Dot products of rows `r1[i]` and `r2[i]` of the row-major `(rows, d)` matrix `flat`.
+fn tiled_dots(flat: &[f64], d: usize, r1: &[u32], r2: &[u32]) -> Vec<f64> {
+    let n = r1.len();
+    let row = |r: u32| &flat[r as usize * d..(r as usize + 1) * d];
+    let n_rows = flat.len() / d.max(1);
+    let block = (TILE_BYTES / (2 * 8 * d.max(1))).max(1);
+    let nb = n_rows.div_ceil(block).max(1);
+    if nb == 1 || n < 1 << 16 || n > u32::MAX as usize {
+        return r1
+            .par_iter()
+            .zip(r2)
+            .with_min_len(4096)
+            .map(|(&a, &b)| dot(row(a), row(b)))
+            .collect();
+    }
+    // Counting sort of the pairs by tile; the dot product is symmetric, so (i, j) and (j, i)
+    // share a tile.
+    let tile = |a: u32, b: u32| {
+        let (x, y) = (a as usize / block, b as usize / block);
+        x.min(y) * nb + x.max(y)
+    };
+    let mut start = vec![0usize; nb * nb + 1];
+    for (&a, &b) in r1.iter().zip(r2) {
+        start[tile(a, b) + 1] += 1;
+    }
+    for t in 0..nb * nb {
+        start[t + 1] += start[t];
+    }
+    let mut next = start.clone();
+    let mut order = vec![0u32; n];
+    let mut sorted = vec![(0u32, 0u32); n];
+    for (i, (&a, &b)) in r1.iter().zip(r2).enumerate() {
+        let t = tile(a, b);
+        let k = next[t];
+        next[t] += 1;
+        order[k] = i as u32;
+        sorted[k] = (a, b);
+    }
+    // Score tile by tile (each tile a contiguous run of `sorted`), in parallel.
+    let mut sorted_scores = vec![0f64; n];
+    type Piece<'p> = (&'p [(u32, u32)], &'p mut [f64]);
+    let mut chunks: Vec<Piece<'_>> = Vec::new();
+    let (mut rest_p, mut rest_s) = (sorted.as_slice(), sorted_scores.as_mut_slice());
+    for t in 0..nb * nb {
+        // Large tiles in pieces, so that both threads can work on one tile.
+        let mut len = start[t + 1] - start[t];
+        while len > 0 {
+            let piece = len.min(1 << 15);
+            let (p, rp) = rest_p.split_at(piece);
+            let (s, rs) = rest_s.split_at_mut(piece);
+            chunks.push((p, s));
+            (rest_p, rest_s) = (rp, rs);
+            len -= piece;
+        }
+    }
+    chunks.into_par_iter().for_each(|(pairs, out)| {
+        for (o, &(a, b)) in out.iter_mut().zip(pairs) {
+            *o = dot(row(a), row(b));
+        }
+    });
+    drop(sorted);
+    let mut scores = vec![0f64; n];
+    for (&i, &s) in order.iter().zip(&sorted_scores) {
+        scores[i as usize] = s;
+    }
+    scores
 }
 
 /// TAR at one FAR, two ways.
@@ -508,6 +638,40 @@ mod tests {
         assert_eq!(pair_scores(&t, &[1, 1], &[1, 2]).unwrap(), vec![1.0, 0.0]);
         let err = pair_scores(&t, &[1], &[9]).unwrap_err().to_string();
         assert!(err.contains("template 9"), "{err}");
+    }
+
+    /// The cache-blocked path (enough pairs and rows for several tiles) gives the plain dot
+    /// products in the original pair order.
+    #[test]
+    fn tiled_pair_scores_match_plain_dots() {
+        let (t, d, n) = (2500usize, 512usize, 70_000usize);
+        let mut state = 99u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        let feats = Array2::from_shape_fn((t, d), |_| (next() % 2001) as f64 / 1000.0 - 1.0);
+        let ids: Vec<i64> = (0..t as i64).map(|i| 10 + 3 * i).collect();
+        let templates = Templates {
+            ids: ids.clone(),
+            features: feats.clone(),
+        };
+        let p1: Vec<i64> = (0..n).map(|_| ids[next() as usize % t]).collect();
+        let p2: Vec<i64> = (0..n).map(|_| ids[next() as usize % t]).collect();
+        let got = pair_scores(&templates, &p1, &p2).unwrap();
+        for i in (0..n).step_by(97) {
+            let (a, b) = ((p1[i] - 10) as usize / 3, (p2[i] - 10) as usize / 3);
+            let want = feats.row(a).dot(&feats.row(b));
+            assert!(
+                (got[i] - want).abs() < 1e-9,
+                "pair {i}: {} vs {want}",
+                got[i]
+            );
+        }
+        let err = pair_scores(&templates, &p1[..3], &[10, 11, 13]).unwrap_err();
+        assert!(err.to_string().contains("pair 1: template 11"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! * [`roc`]: scikit-learn-compatible ROC curve, eval_ijbc.py TAR@FAR rule, AUC, EER.
 //! * [`embed`]: flip-added embeddings from any [`Embedder`].
 //! * [`ijb`]: IJB-B / IJB-C template aggregation, 1:1 TAR@FAR and open-set 1:N (TPIR@FPIR, CMC).
+//! * [`uniform`]: uniform classification accuracy (one global threshold for all samples).
 //!
 //! ```
 //! use fr_eval::verification::{evaluate, VerificationConfig};
@@ -28,12 +29,14 @@ pub mod error;
 pub mod ijb;
 mod numeric;
 pub mod roc;
+pub mod uniform;
 pub mod verification;
 
 pub use embed::{embed_with_flip, embed_with_flip_progress};
 pub use embedder::Embedder;
 pub use error::{EvalError, Result};
 pub use roc::{auc, eer, roc_curve, tar_at_far, Roc, TarAtFar};
+pub use uniform::{uniform_accuracy, UniformAccuracy};
 pub use verification::{
     evaluate, evaluate_scores, pair_scores, PairScoreVectors, PairScores, VerificationConfig,
     VerificationReport,
