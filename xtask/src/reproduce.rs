@@ -332,18 +332,23 @@ fn bin_eval(paths: &[PathBuf], size: u32) -> Result<Vec<EvalSet>> {
         .collect()
 }
 
+/// One verification report per protocol, by protocol name.
+type Reports = Vec<(String, VerificationReport)>;
+
+/// Embeds every set once and runs its protocols; returns the reports and each set's
+/// embeddings (for further scorings such as QMagFace).
 fn evaluate_all<E: Embedder>(
     embedder: &mut E,
     sets: &[EvalSet],
     preset: &Preset,
     label: &str,
-) -> Result<Vec<(String, VerificationReport)>> {
+) -> Result<(Reports, Vec<Array2<f32>>)> {
     let vcfg = VerificationConfig {
         n_folds: preset.eval.folds,
         far_targets: preset.eval.far.clone(),
         ..VerificationConfig::default()
     };
-    let mut out = Vec::new();
+    let (mut out, mut embeddings) = (Vec::new(), Vec::new());
     for set in sets {
         let n = set.images.shape()[0] as u64;
         let pb = progress_bar(n, "eval");
@@ -360,18 +365,7 @@ fn evaluate_all<E: Embedder>(
             // Pair i = rows 2i and 2i+1, as the verification protocol expects.
             let rows: Vec<usize> = p.pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
             let paired = emb.select(ndarray::Axis(0), &rows);
-            // k-fold needs both classes in every fold: a tiny set (a fixture, a smoke test) is
-            // scored as one fold, train = test, and the report says so.
-            let mut vcfg = vcfg.clone();
-            if p.issame.len() < MIN_PAIRS_PER_FOLD * vcfg.n_folds {
-                warn!(
-                    protocol = %p.name,
-                    pairs = p.issame.len(),
-                    "too few pairs for {}-fold verification: scoring as one fold",
-                    vcfg.n_folds
-                );
-                vcfg.n_folds = 1;
-            }
+            let vcfg = folds_for(&vcfg, p);
             let report = evaluate(paired.view(), &p.issame, &vcfg)
                 .with_context(|| format!("evaluating {label} on {}", p.name))?;
             info!(
@@ -382,8 +376,25 @@ fn evaluate_all<E: Embedder>(
             );
             out.push((p.name.clone(), report));
         }
+        embeddings.push(emb);
     }
-    Ok(out)
+    Ok((out, embeddings))
+}
+
+/// `vcfg` for protocol `p`: k-fold needs both classes in every fold, so a tiny set (a fixture,
+/// a smoke test) is scored as one fold, train = test, and the report says so.
+fn folds_for(vcfg: &VerificationConfig, p: &Protocol) -> VerificationConfig {
+    let mut vcfg = vcfg.clone();
+    if p.issame.len() < MIN_PAIRS_PER_FOLD * vcfg.n_folds {
+        warn!(
+            protocol = %p.name,
+            pairs = p.issame.len(),
+            "too few pairs for {}-fold verification: scoring as one fold",
+            vcfg.n_folds
+        );
+        vcfg.n_folds = 1;
+    }
+    vcfg
 }
 
 fn row(method: &str, subset: &str, r: &VerificationReport, train: Option<(f64, f64)>) -> Row {
@@ -572,10 +583,17 @@ fn run_method(
         model: trainer.backbone(),
         device: device.clone(),
     };
-    let protocols = evaluate_all(&mut embedder, sets, preset, method)?;
+    let (protocols, set_embeddings) = evaluate_all(&mut embedder, sets, preset, method)?;
     let qmagface = match preset.eval.scoring {
         Scoring::Cosine => None,
-        Scoring::Qmagface => Some(qmagface_eval(&mut embedder, sets, fit_set, preset, method)?),
+        Scoring::Qmagface => Some(qmagface_eval(
+            &mut embedder,
+            sets,
+            &set_embeddings,
+            fit_set,
+            preset,
+            method,
+        )?),
     };
     let subcenter_drop = match &head_cfg {
         fr_heads::HeadConfig::SubCenterArcFace(c) => Some(subcenter_drop(
@@ -851,10 +869,12 @@ fn cos_and_quality(emb: &Array2<f32>, protocol: &Protocol) -> (Vec<f64>, Vec<f64
 }
 
 /// QMagFace: fit ω on the validation pairs (or take the published ω without them), then
-/// score every protocol with `cos + ω(cos)·min(q1, q2)`.
+/// score every protocol of `sets` (embedded as `set_embeddings`) with
+/// `cos + ω(cos)·min(q1, q2)`.
 fn qmagface_eval<E: Embedder>(
     embedder: &mut E,
     sets: &[EvalSet],
+    set_embeddings: &[Array2<f32>],
     fit_set: Option<&EvalSet>,
     preset: &Preset,
     method: &str,
@@ -914,19 +934,15 @@ fn qmagface_eval<E: Embedder>(
         ..VerificationConfig::default()
     };
     let mut protocols = Vec::new();
-    for set in sets {
-        let emb = embed_set(embedder, set, preset)?;
+    for (set, emb) in sets.iter().zip(set_embeddings) {
         for p in &set.protocols {
-            let (cos, q) = cos_and_quality(&emb, p);
+            let (cos, q) = cos_and_quality(emb, p);
             let scores: Vec<f64> = cos
                 .iter()
                 .zip(&q)
                 .map(|(&c, &q)| weight.score(c, q, q))
                 .collect();
-            let mut vcfg = vcfg.clone();
-            if p.issame.len() < MIN_PAIRS_PER_FOLD * vcfg.n_folds {
-                vcfg.n_folds = 1;
-            }
+            let vcfg = folds_for(&vcfg, p);
             let report =
                 fr_eval::evaluate_scores(fr_eval::PairScores::Cosine(&scores), &p.issame, &vcfg)
                     .with_context(|| format!("QMagFace scoring of {method} on {}", p.name))?;
@@ -1115,7 +1131,7 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
         (Scoring::Qmagface, None) => Some(synthetic_validation(&preset, size)?),
         _ => None,
     };
-    let raw_pixels = evaluate_all(&mut PixelEmbedder, &sets, &preset, "raw pixels")?;
+    let (raw_pixels, _) = evaluate_all(&mut PixelEmbedder, &sets, &preset, "raw pixels")?;
     // Ground truth of the reconstruction branch's depth (synthetic data only).
     let render_methods: Vec<&String> = preset
         .methods
