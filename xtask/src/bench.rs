@@ -1,10 +1,13 @@
 //! `cargo xtask bench train|infer`: IResNet throughput (images/s) and peak memory on this
 //! machine, one model per process so that peak RSS belongs to that model alone.
+//! `cargo xtask bench loader`: images/s of the RecordIO batch loader (see [`loader`]).
 //!
 //! Prints one Markdown row per run; benchmarks/README.md collects them beside the PyTorch
 //! numbers of the same model, batch and thread count.
 
-use std::path::Path;
+mod loader;
+
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -25,6 +28,9 @@ pub enum Mode {
     Train,
     /// Eval-mode forward only (embedding extraction).
     Infer,
+    /// The batch loader over a generated `.rec` of 112x112 JPEGs: read, decode, flip,
+    /// normalise (`--data`, `--images`; `--steps`/`--warmup` count epochs).
+    Loader,
 }
 
 /// Command-line options of `bench`.
@@ -52,6 +58,12 @@ pub struct BenchArgs {
     /// reference path) for an A/B comparison.
     #[arg(long, default_value = "auto")]
     pub kernels: String,
+    /// `loader`: folder of the benchmark's train.rec (generated there when missing).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// `loader`: images of the generated train.rec.
+    #[arg(long, default_value_t = 20_000)]
+    pub images: usize,
 }
 
 fn model_config(name: &str, input_size: Option<usize>, root: &Path) -> Result<IResNetConfig> {
@@ -91,6 +103,9 @@ fn peak_rss_mib() -> Option<f64> {
 pub fn run(args: &BenchArgs, root: &Path) -> Result<()> {
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be at least 1");
+    }
+    if args.mode == Mode::Loader {
+        return loader::run(args);
     }
     let kernels: fr_kernels::Kernels = serde_json::from_value(serde_json::json!(args.kernels))
         .with_context(|| format!("--kernels {}: expected auto, fused or candle", args.kernels))?;
@@ -148,6 +163,7 @@ pub fn run(args: &BenchArgs, root: &Path) -> Result<()> {
             }
             start.elapsed()
         }
+        Mode::Loader => unreachable!("handled above"),
     };
     let ips = (args.batch * args.steps) as f64 / elapsed.as_secs_f64().max(1e-9);
     let rss = peak_rss_mib()

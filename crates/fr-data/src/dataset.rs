@@ -1,6 +1,7 @@
 //! What every training source (RecordIO, synthetic identities, image folders) looks like to the loader.
 
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::Result;
 
@@ -44,6 +45,12 @@ pub trait FaceDataset: Send + Sync {
     /// As [`FaceDataset::image`] and [`FaceDataset::label`].
     fn sample(&self, index: usize) -> Result<(RgbImage, u32)> {
         Ok((self.image(index)?, self.label(index)?))
+    }
+    /// Images and labels of a batch, in the order of `indices`, decoded in parallel on the
+    /// rayon pool. Sources whose reads gain from seeing the whole batch override it (RecordIO
+    /// reads the batch's records in file order). The loader calls this once per batch.
+    fn samples(&self, indices: &[usize]) -> Vec<Result<(RgbImage, u32)>> {
+        indices.par_iter().map(|&i| self.sample(i)).collect()
     }
     /// Quality level of image `index`, if known.
     fn quality(&self, _index: usize) -> Option<Quality> {

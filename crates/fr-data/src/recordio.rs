@@ -16,12 +16,15 @@
 //! im2rec's (layout B): images only, keys from the `.idx`. Key 0 counts as a header only when
 //! `flag ≥ 2` and its payload is empty; without key 0 the `.idx` keys are used.
 //!
-//! Reads are positioned (`pread`), so one reader serves many rayon workers at once.
+//! Reads are positioned (`pread`), so one reader serves many rayon workers at once; the loader
+//! reads a batch's records in file order, nearby ones in one read
+//! ([`RecordIoDataset`]'s [`FaceDataset::samples`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::dataset::FaceDataset;
 use crate::{Error, Result};
@@ -160,6 +163,51 @@ fn parse_header(payload: &[u8]) -> std::result::Result<(IrHeader, Vec<f32>, usiz
             .collect()
     };
     Ok((header, labels, end))
+}
+
+/// Reassemble the record whose first chunk starts at byte 0 of `bytes` (the chunk format of
+/// the module documentation). `Ok(Some((payload, consumed)))`: the payload (multi-part records
+/// joined) and the bytes its chunks take, padding included; `Ok(None)`: `bytes` ends before the
+/// record does; `Err`: what is malformed (bad magic, unexpected cflag). Allocates no more than
+/// `bytes.len()`, whatever the length fields claim.
+///
+/// # Errors
+/// A bad magic or an inconsistent multi-part sequence.
+pub fn parse_record(bytes: &[u8]) -> std::result::Result<Option<(Vec<u8>, usize)>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    let mut part = 0usize;
+    loop {
+        let Some(head) = bytes.get(pos..pos + 8) else {
+            return Ok(None);
+        };
+        let magic = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        if magic != MAGIC {
+            return Err(format!(
+                "bad magic 0x{magic:08x} at byte {pos} (expected 0x{MAGIC:08x})"
+            ));
+        }
+        let lrec = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+        let (cflag, len) = (lrec >> 29, (lrec & LEN_MASK) as usize);
+        match (part, cflag) {
+            (0, 0) | (0, 1) => {}
+            (p, 2) | (p, 3) if p > 0 => out.extend_from_slice(&MAGIC.to_le_bytes()),
+            _ => {
+                return Err(format!(
+                    "chunk {part} at byte {pos} has unexpected cflag {cflag}"
+                ))
+            }
+        }
+        let Some(data) = bytes.get(pos + 8..pos + 8 + len) else {
+            return Ok(None);
+        };
+        out.extend_from_slice(data);
+        pos += 8 + len.div_ceil(4) * 4;
+        part += 1;
+        if cflag == 0 || cflag == 3 {
+            return Ok(Some((out, pos.min(bytes.len()))));
+        }
+    }
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -396,6 +444,19 @@ impl RecordIoReader {
         self.read_raw_inner(Some(key), offset)
     }
 
+    /// Mean bytes per record: the `.rec` size over the index length (at least 64).
+    fn mean_record_len(&self) -> u64 {
+        (self.file_len / self.entries.len().max(1) as u64).max(64)
+    }
+
+    /// Bytes `[start, end)` of the `.rec`, `end` clamped to the file's end.
+    fn read_span(&self, start: u64, end: u64) -> Result<Vec<u8>> {
+        let end = end.min(self.file_len).max(start);
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.read_at(&mut buf, start)?;
+        Ok(buf)
+    }
+
     /// Record `key` parsed as an image record.
     ///
     /// # Errors
@@ -547,7 +608,12 @@ pub fn encode_record(payload: &[u8]) -> std::result::Result<Vec<u8>, String> {
     Ok(out)
 }
 
-fn parse_idx(text: &str) -> std::result::Result<Vec<(u64, u64)>, String> {
+/// Parse the text of a `.idx` (lines `key<TAB>offset`, blank lines ignored) into `(key,
+/// offset)` pairs sorted by key. `Err` holds what is wrong (a malformed line, a duplicate key).
+///
+/// # Errors
+/// A line without two unsigned integers, or a key given twice.
+pub fn parse_idx(text: &str) -> std::result::Result<Vec<(u64, u64)>, String> {
     let mut entries = Vec::with_capacity(text.len() / 12);
     for (line_no, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -646,9 +712,13 @@ pub(crate) fn sniff_format(bytes: &[u8]) -> Option<image::ImageFormat> {
     }
 }
 
+/// Bytes a decoded image may take: the `image` crate's default allocation limit.
+const MAX_DECODED_BYTES: u64 = 512 << 20;
+
 /// Decode a JPEG, PNG or PNM (sniffed by magic) to RGB; grey images get R = G = B. `Err` holds
-/// what is wrong.
-pub(crate) fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+/// what is wrong. Never panics on malformed input, and refuses images whose decoded size
+/// would pass 512 MiB before allocating them.
+pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     let Some(format) = sniff_format(bytes) else {
         let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
         return Err(format!(
@@ -664,9 +734,53 @@ pub(crate) fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, String> 
             bytes.len()
         ));
     }
+    if format == image::ImageFormat::Jpeg {
+        if let Some(r) = decode_jpeg_rgb(bytes) {
+            return r;
+        }
+    }
     image::load_from_memory_with_format(bytes, format)
-        .map(|img| img.to_rgb8())
+        .map(image::DynamicImage::into_rgb8)
         .map_err(|e| format!("undecodable {format:?} image: {e}"))
+}
+
+/// The colour JPEGs (YCbCr or RGB, nearly all of them) decoded straight to RGB with zune-jpeg,
+/// the decoder and options the `image` crate uses, so the pixels are the same; without its
+/// copy of the input, second header parse and copy of the output. `None`: another colour
+/// space (grey, CMYK), left to the `image` crate.
+fn decode_jpeg_rgb(bytes: &[u8]) -> Option<std::result::Result<RgbImage, String>> {
+    use zune_core::colorspace::ColorSpace;
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(bytes),
+        options,
+    );
+    let bad = |e: zune_jpeg::errors::DecodeErrors| format!("undecodable Jpeg image: {e}");
+    if let Err(e) = decoder.decode_headers() {
+        return Some(Err(bad(e)));
+    }
+    if !matches!(
+        decoder.input_colorspace(),
+        Some(ColorSpace::YCbCr | ColorSpace::RGB)
+    ) {
+        return None;
+    }
+    let (w, h) = decoder.dimensions()?;
+    if (w as u64) * (h as u64) * 3 > MAX_DECODED_BYTES {
+        return Some(Err(format!(
+            "undecodable Jpeg image: {w}x{h} pixels exceed the {} MiB decode limit",
+            MAX_DECODED_BYTES >> 20
+        )));
+    }
+    let (w32, h32) = (u32::try_from(w).ok()?, u32::try_from(h).ok()?);
+    Some(decoder.decode().map_err(bad).and_then(|raw| {
+        RgbImage::from_raw(w32, h32, raw)
+            .ok_or_else(|| format!("undecodable Jpeg image: short {w}x{h} output"))
+    }))
 }
 
 /// `true` when an end-of-image marker (FF D9) ends the stream, allowing trailing padding.
@@ -854,6 +968,22 @@ impl RecordIoDataset {
         self.reader.read_record(key)
     }
 
+    /// Label and decoded image of the record payload `raw` of `key` (at `offset`).
+    fn sample_from_raw(&self, key: u64, offset: u64, raw: &[u8]) -> Result<(RgbImage, u32)> {
+        let (_, labels, image_start) =
+            parse_header(raw).map_err(|what| self.reader.format_err(Some(key), offset, what))?;
+        let label = self.label_of(key, offset, &labels)?;
+        let image = &raw[image_start..];
+        if image.is_empty() {
+            return Err(self
+                .reader
+                .format_err(Some(key), offset, "record holds no image"));
+        }
+        let img =
+            decode_rgb(image).map_err(|what| self.reader.format_err(Some(key), offset, what))?;
+        Ok((img, label))
+    }
+
     fn label_of(&self, key: u64, offset: u64, labels: &[f32]) -> Result<u32> {
         let l = labels.first().copied().unwrap_or(f32::NAN);
         if !(l.is_finite() && l >= 0.0 && l.fract() == 0.0 && l < 16_777_216.0) {
@@ -939,15 +1069,73 @@ impl FaceDataset for RecordIoDataset {
 
     fn sample(&self, index: usize) -> Result<(RgbImage, u32)> {
         let (key, offset) = self.entry(index)?;
-        let rec = self.reader.read_record(key)?;
-        let label = self.label_of(key, offset, &rec.labels)?;
-        if rec.image.is_empty() {
-            return Err(self
-                .reader
-                .format_err(Some(key), offset, "record holds no image"));
+        let raw = self.reader.read_raw(key)?;
+        self.sample_from_raw(key, offset, &raw)
+    }
+
+    /// The records of a batch in file order: the batch's offsets sorted, records closer than
+    /// 64 KiB grouped into spans of at most 4 MiB, each span read with one positioned read
+    /// and decoded by one rayon worker (so reads interleave with decoding and memory stays
+    /// bounded by the batch); the results come back in the order of `indices`. A record that
+    /// does not parse from its span is read again alone, which reports its error exactly as
+    /// [`FaceDataset::sample`] does.
+    fn samples(&self, indices: &[usize]) -> Vec<Result<(RgbImage, u32)>> {
+        let mut out: Vec<Option<Result<(RgbImage, u32)>>> = std::iter::repeat_with(|| None)
+            .take(indices.len())
+            .collect();
+        // (offset, position in `indices`, key)
+        let mut sorted = Vec::with_capacity(indices.len());
+        for (pos, &i) in indices.iter().enumerate() {
+            match self.entry(i) {
+                Ok((key, offset)) => sorted.push((offset, pos, key)),
+                Err(e) => out[pos] = Some(Err(e)),
+            }
         }
-        let img = decode_rgb(&rec.image)
-            .map_err(|what| self.reader.format_err(Some(key), offset, what))?;
-        Ok((img, label))
+        sorted.sort_unstable();
+        let mut spans = Vec::new();
+        let mut start = 0;
+        for j in 1..=sorted.len() {
+            if j == sorted.len()
+                || sorted[j].0 - sorted[j - 1].0 > SPAN_GAP
+                || sorted[j].0 - sorted[start].0 > SPAN_MAX
+            {
+                spans.push(&sorted[start..j]);
+                start = j;
+            }
+        }
+        // The last record of a span has no next offset in the batch: read a little past it.
+        let tail = 2 * self.reader.mean_record_len() + 64;
+        let done: Vec<(usize, Result<(RgbImage, u32)>)> = spans
+            .par_iter()
+            .flat_map_iter(|span| {
+                let first = span[0].0;
+                let last = span[span.len() - 1].0;
+                let buf = self.reader.read_span(first, last.saturating_add(tail)).ok();
+                span.iter()
+                    .map(|&(offset, pos, key)| {
+                        let raw = buf.as_deref().and_then(|b| {
+                            let rel = usize::try_from(offset - first).ok()?;
+                            parse_record(b.get(rel..)?).ok().flatten()
+                        });
+                        let r = match raw {
+                            Some((raw, _)) => self.sample_from_raw(key, offset, &raw),
+                            None => self.sample(indices[pos]),
+                        };
+                        (pos, r)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (pos, r) in done {
+            out[pos] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.expect("every position is read or failed"))
+            .collect()
     }
 }
+
+/// Batch records closer than this are read through in one span rather than seeked past.
+const SPAN_GAP: u64 = 64 << 10;
+/// The longest span one read covers (memory per worker).
+const SPAN_MAX: u64 = 4 << 20;

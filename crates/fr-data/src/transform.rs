@@ -65,22 +65,45 @@ pub fn normalise_flip_into(img: &RgbImage, flip: bool, out: &mut [f32]) -> Resul
             ),
         });
     }
+    if plane == 0 {
+        return Ok(());
+    }
     let (r, rest) = out.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
-    let raw = img.as_raw();
-    // (x − 255·mean) / (255·std): exact at 0 and 255, so the range is exactly [−1, 1].
-    let (m, d) = (255.0 * MEAN, 255.0 * STD);
-    for y in 0..h {
-        for x in 0..w {
-            let sx = if flip { w - 1 - x } else { x };
-            let s = 3 * (y * w + sx);
-            let o = y * w + x;
-            r[o] = (f32::from(raw[s]) - m) / d;
-            g[o] = (f32::from(raw[s + 1]) - m) / d;
-            b[o] = (f32::from(raw[s + 2]) - m) / d;
+    let lut = normalise_table();
+    let rows = img
+        .as_raw()
+        .chunks_exact(3 * w)
+        .zip(r.chunks_exact_mut(w))
+        .zip(g.chunks_exact_mut(w))
+        .zip(b.chunks_exact_mut(w));
+    let put = |p: &[u8], (r, (g, b)): (&mut f32, (&mut f32, &mut f32))| {
+        (*r, *g, *b) = (lut[p[0] as usize], lut[p[1] as usize], lut[p[2] as usize]);
+    };
+    for (((src, r), g), b) in rows {
+        let dst = r.iter_mut().zip(g.iter_mut().zip(b.iter_mut()));
+        if flip {
+            // Output column x takes source column w − 1 − x.
+            src.chunks_exact(3)
+                .rev()
+                .zip(dst)
+                .for_each(|(p, o)| put(p, o));
+        } else {
+            src.chunks_exact(3).zip(dst).for_each(|(p, o)| put(p, o));
         }
     }
     Ok(())
+}
+
+/// `(x − 255·mean) / (255·std)` for every byte `x`: exact at 0 and 255, so the range is
+/// exactly [−1, 1]. A table lookup per sample is several times faster than the division and
+/// gives the same floats.
+fn normalise_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let (m, d) = (255.0 * MEAN, 255.0 * STD);
+        std::array::from_fn(|x| (x as f32 - m) / d)
+    })
 }
 
 /// `(N, 3, size, size)` normalised f32, row-major, for a slice of images (resized where they

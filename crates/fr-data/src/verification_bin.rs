@@ -57,40 +57,54 @@ pub fn read_bin_encoded(path: impl AsRef<Path>) -> Result<(Vec<Vec<u8>>, Vec<boo
         path: path.to_path_buf(),
         source,
     })?;
-    let fmt = |what: String| Error::Format {
+    parse_bin_encoded(&data).map_err(|what| Error::Format {
         path: path.to_path_buf(),
         what,
-    };
-    let value = pickle::load(&data).map_err(fmt)?;
+    })
+}
+
+/// [`read_bin_encoded`] on the bytes of a `.bin`; `Err` holds what is wrong. Never panics on
+/// malformed input, and allocates no more than the input's size for the byte strings it
+/// reads, whatever their length fields claim.
+///
+/// # Errors
+/// As [`read_bin_encoded`].
+pub fn parse_bin_encoded(data: &[u8]) -> std::result::Result<(Vec<Vec<u8>>, Vec<bool>), String> {
+    let value = pickle::load(data)?;
     let top = value
         .items()
-        .map_err(|e| fmt(format!("top level: {e}; expected (bins, issame_list)")))?;
+        .map_err(|e| format!("top level: {e}; expected (bins, issame_list)"))?;
     if top.len() != 2 {
-        return Err(fmt(format!(
+        return Err(format!(
             "top level has {} items, expected (bins, issame_list)",
             top.len()
-        )));
+        ));
     }
-    let bins = top[0]
+    let shared = top[0]
         .items()
-        .map_err(|e| fmt(format!("bins: {e}")))?
+        .map_err(|e| format!("bins: {e}"))?
         .iter()
         .enumerate()
-        .map(|(i, b)| {
-            b.bytes()
-                .map(|b| b.to_vec())
-                .map_err(|e| fmt(format!("image {i}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let issame = top[1]
-        .truths()
-        .map_err(|e| fmt(format!("issame_list: {e}")))?;
+        .map(|(i, b)| b.bytes().map_err(|e| format!("image {i}: {e}")))
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    // Every image of a real file is its own byte string in the pickle; one string referenced
+    // many times (the memo) would multiply the memory of the copies below.
+    let total: usize = shared.iter().map(|b| b.len()).sum();
+    if total > data.len() {
+        return Err(format!(
+            "the images total {total} bytes, more than the {} bytes of the file: repeated \
+             references to one byte string are not a verification set",
+            data.len()
+        ));
+    }
+    let bins: Vec<Vec<u8>> = shared.iter().map(|b| b.to_vec()).collect();
+    let issame = top[1].truths().map_err(|e| format!("issame_list: {e}"))?;
     if bins.len() != 2 * issame.len() {
-        return Err(fmt(format!(
+        return Err(format!(
             "{} images for {} pairs, expected twice as many images as pairs",
             bins.len(),
             issame.len()
-        )));
+        ));
     }
     Ok((bins, issame))
 }
