@@ -262,21 +262,7 @@ impl Head for AdaFace {
     }
 
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
-        let read = |key: &str| -> Result<f64> {
-            match state.get(key) {
-                Some(t) if t.elem_count() == 1 => {
-                    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
-                }
-                Some(t) => Err(Error::State {
-                    key: key.into(),
-                    reason: format!("expected a scalar, got shape {:?}", t.dims()),
-                }),
-                None => Err(Error::State {
-                    key: key.into(),
-                    reason: "missing from the checkpoint".into(),
-                }),
-            }
-        };
+        let read = |key: &str| common::state_scalar(state, key);
         let (mean, std) = (read(MEAN_KEY)?, read(STD_KEY)?);
         self.batch_mean = mean;
         self.batch_std = std;

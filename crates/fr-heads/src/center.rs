@@ -35,7 +35,7 @@ use crate::common::{self, as_dtype_of};
 use crate::epl::replace_rows;
 use crate::km::{Km, KmConfig};
 use crate::softmax::{Softmax, SoftmaxConfig};
-use crate::{Error, Head, HeadOutput, Result, StepContext};
+use crate::{Head, HeadOutput, Result, StepContext};
 
 /// Checkpoint key of the centres.
 const CENTRES_KEY: &str = "centres";
@@ -214,23 +214,11 @@ impl Head for Center {
     }
 
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
-        let want = [self.num_classes, self.embedding_size];
-        match state.get(CENTRES_KEY) {
-            Some(t) if t.dims() == want => {
-                self.centres = t
-                    .to_dtype(self.centres.dtype())?
-                    .to_device(self.centres.device())?;
-                Ok(())
-            }
-            Some(t) => Err(Error::State {
-                key: CENTRES_KEY.into(),
-                reason: format!("expected shape {want:?}, got {:?}", t.dims()),
-            }),
-            None => Err(Error::State {
-                key: CENTRES_KEY.into(),
-                reason: "missing from the checkpoint".into(),
-            }),
-        }
+        let t = common::state_tensor(state, CENTRES_KEY, &[self.num_classes, self.embedding_size])?;
+        self.centres = t
+            .to_dtype(self.centres.dtype())?
+            .to_device(self.centres.device())?;
+        Ok(())
     }
 }
 
@@ -238,6 +226,7 @@ impl Head for Center {
 mod tests {
     use super::*;
     use crate::common::tests::fd_check;
+    use crate::Error;
     use candle_nn::{VarBuilder, VarMap};
 
     fn head(cfg: CenterConfig, vm: &VarMap) -> Result<Center> {

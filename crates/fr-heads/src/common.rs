@@ -242,6 +242,48 @@ pub fn log1p_sum_exp_masked(a: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(s.log()?.add(&m)?.squeeze(0)?)
 }
 
+/// The checkpointed state entry `key` of a head, which must have shape `dims`.
+///
+/// # Errors
+/// [`Error::State`] naming `key` when it is missing or of another shape.
+pub fn state_tensor<'a>(
+    state: &'a std::collections::BTreeMap<String, Tensor>,
+    key: &str,
+    dims: &[usize],
+) -> Result<&'a Tensor> {
+    match state.get(key) {
+        Some(t) if t.dims() == dims => Ok(t),
+        Some(t) => Err(Error::State {
+            key: key.into(),
+            reason: format!("expected shape {dims:?}, got {:?}", t.dims()),
+        }),
+        None => Err(Error::State {
+            key: key.into(),
+            reason: "missing from the checkpoint".into(),
+        }),
+    }
+}
+
+/// A scalar state entry `key` (any shape holding one element) as f64.
+///
+/// # Errors
+/// [`Error::State`] naming `key` when it is missing or not a single value.
+pub fn state_scalar(state: &std::collections::BTreeMap<String, Tensor>, key: &str) -> Result<f64> {
+    match state.get(key) {
+        Some(t) if t.elem_count() == 1 => {
+            Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
+        }
+        Some(t) => Err(Error::State {
+            key: key.into(),
+            reason: format!("expected a scalar, got shape {:?}", t.dims()),
+        }),
+        None => Err(Error::State {
+            key: key.into(),
+            reason: "missing from the checkpoint".into(),
+        }),
+    }
+}
+
 /// A scalar tensor's value as f64.
 pub fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arcface::ArcFaceConfig;
 use crate::common::{self, as_dtype_of, DEFAULT_COS_EPS};
-use crate::{Error, Head, HeadOutput, Result, StepContext};
+use crate::{Head, HeadOutput, Result, StepContext};
 
 /// Checkpoint key of the curriculum parameter.
 const T_KEY: &str = "t";
@@ -162,20 +162,8 @@ impl Head for CurricularFace {
     }
 
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
-        match state.get(T_KEY) {
-            Some(t) if t.elem_count() == 1 => {
-                self.t = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
-                Ok(())
-            }
-            Some(t) => Err(Error::State {
-                key: T_KEY.into(),
-                reason: format!("expected a scalar, got shape {:?}", t.dims()),
-            }),
-            None => Err(Error::State {
-                key: T_KEY.into(),
-                reason: "missing from the checkpoint".into(),
-            }),
-        }
+        self.t = common::state_scalar(state, T_KEY)?;
+        Ok(())
     }
 }
 

@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arcface::{ArcFaceConfig, Fallback, MarginMode};
 use crate::common::{self, as_dtype_of, DEFAULT_COS_EPS, NORM_EPS};
-use crate::{Error, Head, HeadOutput, Result, StepContext};
+use crate::{Head, HeadOutput, Result, StepContext};
 
 /// Checkpoint key of the prototype bank.
 const BANK_KEY: &str = "bank";
@@ -398,23 +398,11 @@ impl Head for Epl {
     }
 
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
-        let want = [self.num_classes, self.embedding_size];
-        match state.get(BANK_KEY) {
-            Some(t) if t.dims() == want => {
-                self.bank = t
-                    .to_dtype(self.bank.dtype())?
-                    .to_device(self.bank.device())?;
-                Ok(())
-            }
-            Some(t) => Err(Error::State {
-                key: BANK_KEY.into(),
-                reason: format!("expected shape {want:?}, got {:?}", t.dims()),
-            }),
-            None => Err(Error::State {
-                key: BANK_KEY.into(),
-                reason: "missing from the checkpoint".into(),
-            }),
-        }
+        let t = common::state_tensor(state, BANK_KEY, &[self.num_classes, self.embedding_size])?;
+        self.bank = t
+            .to_dtype(self.bank.dtype())?
+            .to_device(self.bank.device())?;
+        Ok(())
     }
 }
 
@@ -422,6 +410,7 @@ impl Head for Epl {
 mod tests {
     use super::*;
     use crate::common::tests::fd_check;
+    use crate::Error;
     use candle_nn::{VarBuilder, VarMap};
 
     fn head(vm: &VarMap, cfg: EplConfig) -> Result<Epl> {

@@ -222,21 +222,7 @@ impl Head for GbCosFace {
     }
 
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
-        let read = |key: &str| -> Result<f64> {
-            match state.get(key) {
-                Some(t) if t.elem_count() == 1 => {
-                    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
-                }
-                Some(t) => Err(Error::State {
-                    key: key.into(),
-                    reason: format!("expected a scalar, got shape {:?}", t.dims()),
-                }),
-                None => Err(Error::State {
-                    key: key.into(),
-                    reason: "missing from the checkpoint".into(),
-                }),
-            }
-        };
+        let read = |key: &str| common::state_scalar(state, key);
         let (p, init) = (read(P_KEY)?, read(INIT_KEY)?);
         self.p = (init != 0.0).then_some(p);
         Ok(())

@@ -35,7 +35,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{self, as_dtype_of};
@@ -357,17 +357,11 @@ impl Head for Lh2Face {
     }
 
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
-        self.norm_mean = match state.get(NORM_MEAN_KEY) {
-            None => None,
-            Some(t) if t.elem_count() == 1 => {
-                Some(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
-            }
-            Some(t) => {
-                return Err(Error::State {
-                    key: NORM_MEAN_KEY.into(),
-                    reason: format!("expected a scalar, got shape {:?}", t.dims()),
-                })
-            }
+        // Absent when no EMA has been taken yet.
+        self.norm_mean = if state.contains_key(NORM_MEAN_KEY) {
+            Some(common::state_scalar(state, NORM_MEAN_KEY)?)
+        } else {
+            None
         };
         Ok(())
     }
@@ -377,6 +371,7 @@ impl Head for Lh2Face {
 mod tests {
     use super::*;
     use crate::common::tests::fd_check;
+    use candle_core::DType;
     use candle_core::{Device, Var};
     use candle_nn::{VarBuilder, VarMap};
 

@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{self, as_dtype_of, DEFAULT_COS_EPS};
 use crate::cosface::{CosFace, CosFaceConfig};
-use crate::{Error, Head, HeadOutput, Result, StepContext};
+use crate::{Head, HeadOutput, Result, StepContext};
 
 /// Checkpoint key of the memory `(C, D)`.
 pub const MEMORY_KEY: &str = "memory";
@@ -336,19 +336,7 @@ impl Head for UniTsFace {
     }
 
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
-        let get = |key: &str, dims: &[usize]| -> Result<Tensor> {
-            let t = state.get(key).ok_or_else(|| Error::State {
-                key: key.into(),
-                reason: "missing from the checkpoint".into(),
-            })?;
-            if t.dims() != dims {
-                return Err(Error::State {
-                    key: key.into(),
-                    reason: format!("expected shape {dims:?}, got {:?}", t.dims()),
-                });
-            }
-            Ok(t.clone())
-        };
+        let get = |key: &str, dims: &[usize]| common::state_tensor(state, key, dims).cloned();
         let memory = get(MEMORY_KEY, &[self.num_classes, self.embedding_size])?;
         let filled = get(FILLED_KEY, &[self.num_classes])?;
         let init = get(BIAS_INIT_KEY, &[])?;
@@ -381,6 +369,7 @@ fn masked_pair_bce(z: &Tensor, pos: &Tensor, valid: &Tensor, clamp: Option<f64>)
 mod tests {
     use super::*;
     use crate::common::tests::fd_check;
+    use crate::Error;
     use candle_nn::{VarBuilder, VarMap};
 
     fn head(vm: &VarMap, cfg: &UniTsFaceConfig) -> Result<UniTsFace> {
