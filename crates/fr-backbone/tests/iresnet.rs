@@ -306,7 +306,10 @@ fn fused_kernels_equal_the_candle_reference_path() {
     );
     for ((name, a), (name_ref, b)) in fused.iter().zip(&reference) {
         assert_eq!(name, name_ref);
-        let scale = b.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        // Relative to the tensor's largest entry, floored at 1e-4: some gradients are zero up to
+        // rounding (the fc bias feeds the features BatchNorm, which cancels it), and their
+        // ~1e-13 rounding noise depends on the reduction order of the threads.
+        let scale = b.iter().fold(1e-4f64, |m, v| m.max(v.abs()));
         let worst = a
             .iter()
             .zip(b)
