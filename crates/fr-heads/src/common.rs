@@ -187,6 +187,19 @@ pub fn ce_output(
     extra: &[(&str, f64)],
 ) -> Result<crate::HeadOutput> {
     let loss = cross_entropy(&logits, mask, p_floor)?;
+    head_output(loss, logits, extra)
+}
+
+/// A head's output from its scalar `loss` `()` and final `logits`, with statistics `loss` plus
+/// the `extra` (name, value) pairs.
+///
+/// # Errors
+/// Candle errors.
+pub fn head_output(
+    loss: Tensor,
+    logits: Tensor,
+    extra: &[(&str, f64)],
+) -> Result<crate::HeadOutput> {
     let mut stats = std::collections::BTreeMap::new();
     stats.insert("loss".to_string(), scalar(&loss)?);
     for (name, value) in extra {

@@ -383,14 +383,7 @@ impl Head for Epl {
             ));
         }
         let loss = per_row.mean_all()?;
-        let mut map: BTreeMap<String, f64> =
-            stats.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        map.insert("loss".into(), common::scalar(&loss)?);
-        Ok(HeadOutput {
-            loss,
-            logits,
-            stats: map,
-        })
+        common::head_output(loss, logits, &stats)
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

@@ -173,19 +173,11 @@ impl Head for Km {
         };
         let loss = (&weight * &ce)?.mean_all()?;
         let stats = [
-            ("loss", common::scalar(&loss)?),
             ("ce", common::scalar(&ce.mean_all()?)?),
             ("p_target_mean", common::scalar(&p.mean_all()?)?),
             ("km_weight_mean", common::scalar(&weight.mean_all()?)?),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        Ok(HeadOutput {
-            loss,
-            logits,
-            stats,
-        })
+        ];
+        common::head_output(loss, logits, &stats)
     }
 }
 

@@ -210,21 +210,13 @@ impl Head for MagFace {
         let loss = (&loss_id + (&loss_g * cfg.lambda_g)?)?;
 
         let stats = [
-            ("loss", common::scalar(&loss)?),
             ("loss_id", common::scalar(&loss_id)?),
             ("loss_g", common::scalar(&loss_g)?),
             ("norm_mean", common::scalar(&a.mean_all()?)?),
             ("margin_mean", common::scalar(&m.mean_all()?)?),
             ("cos_target_mean", common::scalar(&c.mean_all()?)?),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        Ok(HeadOutput {
-            loss,
-            logits,
-            stats,
-        })
+        ];
+        common::head_output(loss, logits, &stats)
     }
 }
 
