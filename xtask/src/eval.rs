@@ -1,7 +1,15 @@
-//! `cargo xtask eval`: evaluate a trained checkpoint (or a weights file) on verification `.bin`
-//! sets, an image folder with a pairs file, IJB-B / IJB-C, and (with class centres and a
-//! labelled folder) uniform classification accuracy; write `report.md`, `metrics.json`,
-//! `roc.png` and `det.png`.
+//! `cargo xtask eval`: evaluate a trained checkpoint (or a weights file, or a Hugging Face Hub
+//! repository) on verification `.bin` sets, an image folder with a pairs file, IJB-B / IJB-C,
+//! and (with class centres and a labelled folder) uniform classification accuracy; write
+//! `report.md`, `metrics.json`, `roc.png` and `det.png`.
+//!
+//! Weights are opened by `fr_backbone::pretrained`: `.pth` natively, the key layouts of
+//! insightface, DDP, CVLface and AdaFace, and `hf://owner/name[@revision][/file]` through the
+//! Hub cache (`--offline` or `HF_HUB_OFFLINE=1`: cache only). When the weights have a model card
+//! (`config.json` beside them: fr checkpoints, and what was uploaded from them) its backbone,
+//! input size, colour order and normalisation are used, with `--set backbone.*` applied on top;
+//! otherwise the preset's `[backbone]` (and RGB in [−1, 1], or a CVLface repository's
+//! `color_space`).
 //!
 //! Embeddings (image and horizontally flipped image, `(N, 2D)` f32) are cached on disk, keyed by
 //! the weights file (path, size, modification time), the dataset file or folder (path, size,
@@ -32,7 +40,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ModuleT;
-use fr_backbone::{build_backbone, Backbone};
+use fr_backbone::hub::HubOptions;
+use fr_backbone::pretrained::{ConfigOrigin, LoadOptions, Pretrained, Source, HUB_SCHEME};
+use fr_backbone::{Backbone, BackboneConfig, ColourOrder, Normalisation};
 use fr_data::ijb::{read_template_subject_list, IjbLayout, IjbLooseCrops, IjbMeta, IjbSubset};
 use fr_data::image_folder::ImageFolder;
 use fr_data::transform::images_to_chw;
@@ -70,9 +80,18 @@ pub struct EvalArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// A run directory (`latest` + `step-N/`), one step directory, a reproduce output folder
-    /// (with `--method`), or a weights file (`.safetensors`, `.pth`).
+    /// (with `--method`), a weights file (`.safetensors`, `.pth`), or a Hugging Face Hub
+    /// repository `hf://owner/name[@revision][/file]`. A model card (`config.json`) beside the
+    /// weights sets the backbone (then `--set backbone.*` edits it), input size and colour order.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// Hub checkpoints: the local Hub cache only, never the network (also `HF_HUB_OFFLINE=1`).
+    #[arg(long)]
+    pub offline: bool,
+    /// Hub cache folder (default: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
+    /// `~/.cache/huggingface/hub`).
+    #[arg(long, value_name = "DIR")]
+    pub hub_cache: Option<PathBuf>,
     /// The method (sub-folder of the run's `checkpoints/`) to evaluate; also the label in the
     /// report (default: the checkpoint's folder or file name).
     #[arg(long)]
@@ -180,16 +199,74 @@ weights file{}",
     )
 }
 
+/// How the model's input differs from fr-data's (RGB, `(p/255 − MEAN)/STD`): channel order
+/// and per-channel affine map, from the model card.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct InputTransform {
+    bgr: bool,
+    /// Per model channel: `y = x·scale + shift`.
+    scale: [f32; 3],
+    shift: [f32; 3],
+}
+
+impl InputTransform {
+    /// fr-data gives `x = (p/255 − MEAN)/STD`; the model wants `(p/255 − m)/s` =
+    /// `x·STD/s + (MEAN − m)/s`, channels reversed for BGR.
+    fn new(colour: ColourOrder, norm: Normalisation) -> Self {
+        use fr_data::transform::{MEAN, STD};
+        Self {
+            bgr: colour == ColourOrder::Bgr,
+            scale: std::array::from_fn(|c| STD / norm.std[c]),
+            shift: std::array::from_fn(|c| (MEAN - norm.mean[c]) / norm.std[c]),
+        }
+    }
+
+    fn is_identity(&self) -> bool {
+        !self.bgr && self.scale == [1.0; 3] && self.shift == [0.0; 3]
+    }
+
+    /// For cache keys and the report.
+    fn describe(&self) -> String {
+        format!(
+            "{} scale {:?} shift {:?}",
+            if self.bgr { "BGR" } else { "RGB" },
+            self.scale,
+            self.shift
+        )
+    }
+
+    fn apply(&self, images: ArrayView4<f32>) -> Array4<f32> {
+        let mut out = Array4::<f32>::zeros(images.raw_dim());
+        for c in 0..3 {
+            let src = if self.bgr { 2 - c } else { c };
+            let (scale, shift) = (self.scale[c], self.shift[c]);
+            out.slice_mut(s![.., c, .., ..])
+                .zip_mut_with(&images.slice(s![.., src, .., ..]), |o, &x| {
+                    *o = x * scale + shift
+                });
+        }
+        out
+    }
+}
+
 /// Runs a backbone in eval mode over host batches.
 struct ModelEmbedder {
     model: Box<dyn Backbone>,
     device: Device,
+    input: InputTransform,
 }
 
 impl Embedder for ModelEmbedder {
     type Error = candle_core::Error;
 
     fn embed(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>, Self::Error> {
+        let transformed;
+        let images = if self.input.is_identity() {
+            images.view()
+        } else {
+            transformed = self.input.apply(images);
+            transformed.view()
+        };
         let shape = images.shape().to_vec();
         let data: Vec<f32> = images.iter().copied().collect();
         let x = Tensor::from_vec(data, shape, &self.device)?;
@@ -852,9 +929,16 @@ struct PairSetResult {
 #[derive(Debug, Serialize)]
 struct Metrics<'a> {
     label: &'a str,
+    /// `--checkpoint` as given (`hf://owner/name@revision` for the Hub).
+    source: &'a str,
+    /// The local weights file read.
     weights: PathBuf,
-    backbone: &'a fr_backbone::BackboneConfig,
+    backbone: &'a BackboneConfig,
+    /// Where the backbone configuration came from: `model card` or `preset`.
+    backbone_from: &'a str,
     input_size: u32,
+    /// Input channel order and normalisation map relative to fr-data's.
+    input: String,
     /// QMagFace's ω when `--qmagface`: (α, β), published values.
     #[serde(skip_serializing_if = "Option::is_none")]
     qmagface_omega: Option<(f64, f64)>,
@@ -1009,6 +1093,56 @@ fn load_preset(args: &EvalArgs, root: &Path) -> Result<Preset> {
     Ok(preset)
 }
 
+/// The backbone configuration: the model card's with `--set backbone.*` applied on top, else
+/// the preset's (which already has the overrides).
+fn backbone_config(
+    pretrained: &Pretrained,
+    preset: &Preset,
+    sets: &[String],
+) -> Result<(BackboneConfig, ConfigOrigin)> {
+    let (cfg, from) = pretrained.config(Some(&preset.backbone))?;
+    if from != ConfigOrigin::Card {
+        return Ok((cfg, from));
+    }
+    let overrides: Vec<String> = sets
+        .iter()
+        .filter_map(|s| s.strip_prefix("backbone."))
+        .map(str::to_string)
+        .collect();
+    if overrides.is_empty() {
+        return Ok((cfg, from));
+    }
+    let tree = toml::Value::try_from(&cfg).context("the model card's backbone as TOML")?;
+    let cfg = crate::config_file::finish(
+        tree,
+        &overrides,
+        &format!("model card of {}", pretrained.origin),
+    )?;
+    Ok((cfg, from))
+}
+
+/// A weights mismatch under the preset's backbone: add the architecture the shapes describe,
+/// as the `--set` flags that select it.
+fn with_shape_hint(e: fr_backbone::Error, p: &Pretrained, from: ConfigOrigin) -> anyhow::Error {
+    let hint = match (&e, from, p.inferred()) {
+        (fr_backbone::Error::Weights { .. }, ConfigOrigin::Given, Some(i)) => format!(
+            "\nthe weights are an IResNet with layers {:?}, widths {:?}, embedding {} and a \
+{f}×{f} last feature map; evaluate them with --set 'backbone.layers={:?}' \
+--set 'backbone.widths={:?}' --set backbone.embedding_size={} --set backbone.input_size={}",
+            i.config.layers,
+            i.config.widths,
+            i.config.embedding_size,
+            i.config.layers,
+            i.config.widths,
+            i.config.embedding_size,
+            i.config.input_size,
+            f = i.final_size
+        ),
+        _ => String::new(),
+    };
+    anyhow::anyhow!("{e}{hint}")
+}
+
 /// Entry point of `cargo xtask eval`.
 ///
 /// # Errors
@@ -1021,8 +1155,31 @@ pub fn run(args: &EvalArgs, root: &Path) -> Result<()> {
         bail!("nothing to evaluate: pass --bin FILE..., --ijb DIR, --pairs-folder DIR --pairs FILE, or --labelled DIR");
     }
     let preset = load_preset(args, root)?;
-    let weights = resolve_weights(&args.checkpoint, args.method.as_deref())?;
-    let label = args.method.clone().unwrap_or_else(|| {
+    let checkpoint = args.checkpoint.to_string_lossy().into_owned();
+    let load_options = LoadOptions {
+        hub: HubOptions {
+            offline: args.offline,
+            cache_dir: args.hub_cache.clone(),
+            ..HubOptions::default()
+        },
+        ..LoadOptions::default()
+    };
+    let (pretrained, label_default) = if checkpoint.starts_with(HUB_SCHEME) {
+        if args.method.is_some() {
+            bail!(
+                "--method selects a run in a reproduce folder; it does not apply to {checkpoint}"
+            );
+        }
+        let source = Source::parse(&checkpoint)?;
+        let name = match &source {
+            Source::Hub { repo, .. } => repo.rsplit('/').next().unwrap_or(repo).to_string(),
+            Source::Path(_) => unreachable!("an hf:// source"),
+        };
+        let p = Pretrained::load(&source, &load_options)
+            .with_context(|| format!("--checkpoint {checkpoint}"))?;
+        (p, name)
+    } else {
+        let weights = resolve_weights(&args.checkpoint, args.method.as_deref())?;
         let p = if weights
             .file_name()
             .is_some_and(|f| f == fr_train::checkpoint::MODEL_FILE)
@@ -1031,10 +1188,14 @@ pub fn run(args: &EvalArgs, root: &Path) -> Result<()> {
         } else {
             weights.as_path()
         };
-        p.file_stem()
+        let name = p
+            .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
+            .unwrap_or_else(|| "model".into());
+        (Pretrained::from_path(&weights, &load_options)?, name)
+    };
+    let weights = pretrained.weights_file.clone();
+    let label = args.method.clone().unwrap_or(label_default);
     let out_dir = args
         .out
         .clone()
@@ -1049,24 +1210,49 @@ pub fn run(args: &EvalArgs, root: &Path) -> Result<()> {
     let device = Device::cuda_if_available(0)?;
     #[cfg(not(feature = "cuda"))]
     let device = Device::Cpu;
-    let vb = match weights.extension().and_then(|e| e.to_str()) {
-        Some("safetensors") => {
-            fr_backbone::weights::load_safetensors(&weights, DType::F32, &device)?
-        }
-        _ => fr_backbone::weights::load_pth(&weights, DType::F32, &device)?,
+    let (backbone, backbone_from) = backbone_config(&pretrained, &preset, &args.sets)?;
+    let (model, report) = pretrained
+        .build(&backbone, DType::F32, &device)
+        .map_err(|e| with_shape_hint(e, &pretrained, backbone_from))
+        .with_context(|| {
+            format!(
+                "building the {} backbone from {}",
+                match backbone_from {
+                    ConfigOrigin::Card => "model card's",
+                    _ => "preset's",
+                },
+                pretrained.origin
+            )
+        })?;
+    if !report.unused.is_empty() {
+        tracing::debug!(
+            keys = report.unused.len(),
+            "weights the backbone does not use (head, …)"
+        );
+    }
+    let size = match &backbone {
+        BackboneConfig::Iresnet(c) => c.input_size as u32,
     };
-    let model = build_backbone(&preset.backbone, vb)
-        .with_context(|| format!("building the preset's backbone from {}", weights.display()))?;
-    let size = match &preset.backbone {
-        fr_backbone::BackboneConfig::Iresnet(c) => c.input_size as u32,
+    let input = InputTransform::new(pretrained.colour_order, pretrained.normalisation);
+    let backbone_from = match backbone_from {
+        ConfigOrigin::Card => "model card",
+        _ => "preset",
     };
-    info!(weights = %weights.display(), label, size, "model loaded");
+    info!(source = %pretrained.origin, weights = %weights.display(), label, size, backbone_from, "model loaded");
+    let mut weights_key = fingerprint(&weights)?;
+    if !input.is_identity() {
+        weights_key += &format!("|input {}", input.describe());
+    }
     let mut ctx = Ctx {
-        embedder: ModelEmbedder { model, device },
+        embedder: ModelEmbedder {
+            model,
+            device,
+            input,
+        },
         size,
         batch: args.batch_size.unwrap_or(preset.eval.batch_size).max(1),
         cache_dir,
-        weights_key: fingerprint(&weights)?,
+        weights_key,
         embedded: Vec::new(),
     };
 
@@ -1121,10 +1307,16 @@ pub fn run(args: &EvalArgs, root: &Path) -> Result<()> {
         }
     }
     let mut md = format!(
-        "# Evaluation: {label}\n\nWeights: `{}` (preset `{}`, backbone input {size}×{size}). \
-Embeddings: image + horizontally flipped image, batch {}.\n",
-        weights.display(),
+        "# Evaluation: {label}\n\nWeights: `{}`{} (preset `{}`; backbone from the {backbone_from}, \
+input {size}×{size}{}). Embeddings: image + horizontally flipped image, batch {}.\n",
+        pretrained.origin,
+        if pretrained.origin == weights.display().to_string() {
+            String::new()
+        } else {
+            format!(" (`{}`)", weights.display())
+        },
         preset.name,
+        if ctx.embedder.input.bgr { ", BGR" } else { "" },
         ctx.batch
     );
     if !rows.is_empty() {
@@ -1210,9 +1402,12 @@ threshold for every sample): **{:.2} %** (threshold {}); per-sample (arg-max) ac
         &out_dir.join("metrics.json"),
         &Metrics {
             label: &label,
+            source: &pretrained.origin,
             weights: weights.clone(),
-            backbone: &preset.backbone,
+            backbone: &backbone,
+            backbone_from,
             input_size: size,
+            input: ctx.embedder.input.describe(),
             qmagface_omega: args.qmagface.then(|| {
                 let w = QualityWeight::default();
                 (w.alpha, w.beta)
@@ -1235,6 +1430,7 @@ threshold for every sample): **{:.2} %** (threshold {}); per-sample (arg-max) ac
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fr_backbone::build_backbone;
     use fr_data::synthetic::{SyntheticConfig, SyntheticFaces};
 
     fn temp(name: &str) -> PathBuf {
@@ -1337,6 +1533,8 @@ mod tests {
             config: root.join("configs/lh2face.toml"),
             sets: vec![],
             checkpoint: weights.to_path_buf(),
+            offline: false,
+            hub_cache: None,
             method: None,
             bin: vec![root.join("crates/fr-data/tests/data/bin/pairs_py2_str.bin")],
             ijb: Some(ijb.parent().unwrap().join("IJBC")),
@@ -1512,6 +1710,113 @@ mod tests {
         );
         assert_eq!(pairs, [(0, 1), (0, 2), (3, 4)]);
         assert_eq!(labels, [true, false, false]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// fr-data's input to a BGR model with ImageNet-style normalisation: channels reversed,
+    /// then `(p/255 − m)/s` per model channel.
+    #[test]
+    fn input_transform_reorders_and_renormalises() {
+        let norm = Normalisation {
+            mean: [0.4, 0.5, 0.6],
+            std: [0.2, 0.25, 0.5],
+        };
+        let t = InputTransform::new(ColourOrder::Bgr, norm);
+        assert!(!t.is_identity());
+        assert!(InputTransform::new(ColourOrder::Rgb, Normalisation::default()).is_identity());
+        // One pixel with RGB values p = (51, 102, 204): fr-data's x = (p/255 − 0.5)/0.5.
+        let p = [51.0f32, 102.0, 204.0];
+        let x = Array4::from_shape_fn((1, 3, 1, 1), |(_, c, _, _)| (p[c] / 255.0 - 0.5) / 0.5);
+        let y = t.apply(x.view());
+        for c in 0..3 {
+            let want = (p[2 - c] / 255.0 - norm.mean[c]) / norm.std[c];
+            assert!((y[[0, c, 0, 0]] - want).abs() < 1e-6, "channel {c}");
+        }
+    }
+
+    /// A model uploaded with its card, evaluated by repository id from a Hub cache used
+    /// offline: the card's backbone wins over the preset's, `--set backbone.*` edits it, and
+    /// the card's colour order reaches the input. Without a card, a preset that does not fit
+    /// gets the architecture of the weights as `--set` flags in the error.
+    #[test]
+    fn hub_checkpoint_with_model_card() {
+        let root = crate::workspace_root();
+        let dir = temp("hub");
+        let preset: Preset =
+            crate::config_file::load(&root.join("configs/lh2face.toml"), &[]).unwrap();
+        let BackboneConfig::Iresnet(c) = &preset.backbone;
+        let card_cfg = BackboneConfig::Iresnet(c.clone().with_embedding_size(24));
+        let seeded = fr_train::SeededVarMap::new(5);
+        build_backbone(&card_cfg, seeded.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        let plain = dir.join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        seeded.varmap().save(plain.join("w.safetensors")).unwrap();
+        let mut card = fr_backbone::ModelCard::new(card_cfg);
+        card.colour_order = ColourOrder::Bgr;
+        // The layout hf-hub and huggingface_hub share: refs/main → snapshots/<commit>/.
+        let commit = "89abcdef0123456789abcdef0123456789abcdef";
+        let repo = dir.join("hub/models--fr-test--eval-tiny");
+        let snapshot = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), commit).unwrap();
+        std::fs::copy(
+            plain.join("w.safetensors"),
+            snapshot.join("model.safetensors"),
+        )
+        .unwrap();
+        std::fs::write(snapshot.join("config.json"), card.to_json()).unwrap();
+
+        let mut a = EvalArgs {
+            config: root.join("configs/lh2face.toml"),
+            sets: vec!["backbone.kernels=\"candle\"".into()],
+            checkpoint: PathBuf::from("hf://fr-test/eval-tiny"),
+            offline: true,
+            hub_cache: Some(dir.join("hub")),
+            method: None,
+            bin: vec![root.join("crates/fr-data/tests/data/bin/pairs_py2_str.bin")],
+            ijb: None,
+            ijb_subset: IjbSubset::C,
+            pairs_folder: None,
+            pairs: None,
+            labelled: None,
+            qmagface: false,
+            out: Some(dir.join("out")),
+            cache: Some(dir.join("cache")),
+            batch_size: Some(12),
+        };
+        run(&a, &root).unwrap();
+        let m = metrics(&dir);
+        assert_eq!(m["source"], "hf://fr-test/eval-tiny@main");
+        assert_eq!(m["label"], "eval-tiny");
+        assert_eq!(m["backbone_from"], "model card");
+        assert_eq!(m["backbone"]["embedding_size"], 24);
+        assert_eq!(m["backbone"]["kernels"], "candle");
+        assert!(
+            m["input"].as_str().unwrap().starts_with("BGR"),
+            "{}",
+            m["input"]
+        );
+        let acc = m["pair_sets"][0]["cosine"]["accuracy_mean"]
+            .as_f64()
+            .unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+
+        // Not in the cache: the error names the repository and where it looked.
+        a.checkpoint = PathBuf::from("hf://fr-test/not-cached");
+        let err = format!("{:#}", run(&a, &root).unwrap_err());
+        assert!(
+            err.contains("fr-test/not-cached") && err.contains("models--fr-test--not-cached"),
+            "{err}"
+        );
+        // The same weights without a card: the preset does not fit, the error says what does.
+        a.checkpoint = plain.join("w.safetensors");
+        a.sets.clear();
+        let err = format!("{:#}", run(&a, &root).unwrap_err());
+        assert!(
+            err.contains("fc.weight") && err.contains("--set backbone.embedding_size=24"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -6,8 +6,11 @@
 //! - `cargo xtask bench train|infer --model r18` — images/s and peak RSS of one IResNet.
 //! - `cargo xtask eval --config configs/<preset>.toml --checkpoint <run|step dir|weights>
 //!   [--bin ...] [--ijb DIR --ijb-subset C] [--pairs-folder DIR --pairs FILE] [--qmagface]` —
-//!   evaluate a checkpoint; write `report.md`, `metrics.json`, `roc.png`, `det.png`.
+//!   evaluate a checkpoint (or a Hub repository, `--checkpoint hf://owner/name`); write
+//!   `report.md`, `metrics.json`, `roc.png`, `det.png`.
 //! - `cargo xtask pack --from <folder or list> --out <dir>` — an insightface `train.rec`.
+//! - `cargo xtask weights convert <in.pth> <out.safetensors>` / `weights info <file | dir |
+//!   hf://owner/name>` — pretrained weights (insightface `.pth` read natively, Hub repositories).
 
 mod bench;
 mod config_file;
@@ -16,6 +19,7 @@ mod pack;
 mod preset;
 mod report;
 mod reproduce;
+mod weights;
 
 use std::path::PathBuf;
 
@@ -38,6 +42,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Pack an image folder or `path label` list into train.rec / train.idx / property.
     Pack(pack::PackArgs),
+    /// Convert PyTorch checkpoints to safetensors; describe weights files and Hub repositories.
+    Weights(weights::WeightsArgs),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -64,5 +70,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&args, &workspace_root()),
         Command::Eval(args) => eval::run(&args, &workspace_root()),
         Command::Pack(args) => pack::run(&args),
+        Command::Weights(args) => weights::run(&args),
     }
 }

@@ -426,6 +426,7 @@ fn run_method(
     out_dir: &Path,
     depth_truth: Option<&DepthTruth>,
     grid_path: &Path,
+    data_desc: &str,
 ) -> Result<MethodResult> {
     let checkpoints = out_dir.join("checkpoints");
     let head_cfg = preset.heads[method].clone();
@@ -477,6 +478,21 @@ fn run_method(
     if let Some(o) = objective {
         trainer = trainer.with_auxiliary(Box::new(o))?;
     }
+    // The model card written beside every checkpoint (config.json), so that a step folder
+    // loads by path or, uploaded, by Hub repository id.
+    trainer = trainer.with_model_card(
+        fr_backbone::ModelCard::new(preset.backbone.clone())
+            .with_head(
+                method,
+                serde_json::to_value(&head_cfg).ok(),
+                Some(train_set.num_classes()),
+            )
+            .with_training_set(
+                data_desc,
+                Some(train_set.num_classes()),
+                Some(train_set.len()),
+            ),
+    );
     let batch_size = if train_set.len() < preset.train.batch_size
         && preset.train.identities_per_batch.is_none()
     {
@@ -1168,6 +1184,7 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
             &out_dir,
             depth_truth.as_ref(),
             &out_dir.join(grid),
+            &data_desc,
         )?);
     }
 

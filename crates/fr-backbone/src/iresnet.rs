@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// BatchNorm epsilon used everywhere in the reference.
-const BN_EPS: f64 = 1e-5;
+pub(crate) const BN_EPS: f64 = 1e-5;
 /// insightface initialises every convolution with N(0, 0.1²).
 const CONV_INIT: Init = Init::Randn {
     mean: 0.0,

@@ -22,16 +22,30 @@
 //!
 //! From a config file, [`BackboneConfig`] (`type = "iresnet"`, …) and [`build_backbone`] give a
 //! `Box<dyn Backbone>`.
+//!
+//! Pretrained weights from a file, a checkpoint folder or a Hugging Face Hub repository
+//! (`hf://owner/name`, cached, offline with `HF_HUB_OFFLINE=1`): [`pretrained`], with the key
+//! maps of the public layouts in [`keymap`] and the model card (`config.json`) in
+//! [`model_card`]. The Hub client is the default cargo feature `hub`.
 
 pub mod error;
+pub mod hub;
 pub mod iresnet;
+pub mod keymap;
+pub mod model_card;
+pub mod pretrained;
 pub mod registry;
 pub mod weights;
 
-pub use error::{Error, Result};
+pub use error::{Error, Misshapen, Result};
+pub use hub::{HubOptions, HubRepo};
 pub use iresnet::{IBasicBlock, IResNet, IResNetConfig};
+pub use keymap::{infer_iresnet_config, KeyLayout, KeyMap};
+pub use model_card::{ColourOrder, ModelCard, Normalisation, MODEL_CARD_FILE};
+pub use pretrained::{ConfigOrigin, LoadOptions, Pretrained, Source};
 pub use registry::{build_backbone, Backbone, BackboneConfig};
 pub use weights::{
-    load_pth, load_safetensors, read_pth, read_safetensors, var_builder_from_tensors,
-    varmap_from_safetensors, varmap_from_tensors, LoadReport,
+    backbone_from_tensors, load_pth, load_safetensors, read_pth, read_safetensors, read_weights,
+    var_builder_from_tensors, varmap_from_safetensors, varmap_from_tensors, LoadReport,
+    WeightsFormat,
 };

@@ -2,72 +2,18 @@
 //! name and reproduce PyTorch's eval-mode output.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarMap};
 use fr_backbone::{
     load_pth, load_safetensors, read_safetensors, varmap_from_safetensors, varmap_from_tensors,
-    Error, IResNet, IResNetConfig,
+    Error, IResNet,
 };
 use fr_train::SeededVarMap;
 
-fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
-}
+mod common;
 
-fn fixture() -> serde_json::Value {
-    let text = std::fs::read_to_string(data("iresnet_tiny.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-/// The architecture the fixture's `architecture` field describes.
-fn tiny_config() -> IResNetConfig {
-    let arch = fixture()["architecture"].as_str().unwrap().to_string();
-    assert!(arch.contains("layers [1,2,1,1], widths [8,16,16,32], input 3x112x112, embedding 16"));
-    IResNetConfig {
-        layers: [1, 2, 1, 1],
-        widths: [8, 16, 16, 32],
-        embedding_size: 16,
-        input_size: 112,
-        dropout: 0.0,
-        kernels: Default::default(),
-    }
-}
-
-/// `sin(37 * linspace(-1, 1, 2*3*112*112))` in f32, with torch's two-sided linspace.
-fn fixture_input() -> Tensor {
-    let n = 2 * 3 * 112 * 112;
-    let step = 2.0f32 / (n - 1) as f32;
-    let values: Vec<f32> = (0..n)
-        .map(|i| {
-            let t = if i < n / 2 {
-                -1.0 + step * i as f32
-            } else {
-                1.0 - step * (n - 1 - i) as f32
-            };
-            (37.0f32 * t).sin()
-        })
-        .collect();
-    Tensor::from_vec(values, (2, 3, 112, 112), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff_to_pytorch(out: &Tensor) -> f32 {
-    let expected: Vec<Vec<f32>> =
-        serde_json::from_value(fixture()["output_eval_mode"].clone()).unwrap();
-    let got = out.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
-    assert_eq!(got.len(), expected.len());
-    let mut max = 0f32;
-    for (g, e) in got.iter().zip(&expected) {
-        assert_eq!(g.len(), e.len());
-        for (a, b) in g.iter().zip(e) {
-            max = max.max((a - b).abs());
-        }
-    }
-    max
-}
+use common::{data, fixture, fixture_input, max_abs_diff_to_pytorch, tiny_config};
 
 #[test]
 fn safetensors_reproduces_pytorch_eval_output() {
@@ -141,30 +87,50 @@ fn missing_or_misshapen_weights_are_named() {
         .to_vec1::<f32>()
         .unwrap();
 
+    // Every offending key in one error: two missing, one wrong shape, one unexpected.
     let mut tensors = read_safetensors(&path).unwrap();
     tensors.remove("layer2.1.prelu.weight");
-    match varmap_from_tensors(&varmap, &tensors, Some(&path), "") {
-        Err(Error::MissingWeight { key, file }) => {
-            assert_eq!(key, "layer2.1.prelu.weight");
-            assert_eq!(file.as_deref(), Some(path.as_path()));
-        }
-        other => panic!("expected MissingWeight, got {other:?}"),
-    }
-    let mut tensors = read_safetensors(&path).unwrap();
+    tensors.remove("bn1.running_mean");
     tensors.insert(
         "fc.bias".into(),
         Tensor::zeros(17, DType::F32, &Device::Cpu).unwrap(),
     );
-    match varmap_from_tensors(&varmap, &tensors, Some(&path), "") {
-        Err(Error::ShapeMismatch {
-            key, expected, got, ..
-        }) => {
+    tensors.insert(
+        "fc.bias_typo".into(),
+        Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = varmap_from_tensors(&varmap, &tensors, Some(&path), "").unwrap_err();
+    let msg = err.to_string();
+    match err {
+        Error::Weights {
+            file,
+            missing,
+            misshapen,
+            unexpected,
+        } => {
+            assert_eq!(missing, ["bn1.running_mean", "layer2.1.prelu.weight"]);
+            assert_eq!(misshapen.len(), 1);
             assert_eq!(
-                (key.as_str(), expected, got),
-                ("fc.bias", vec![16], vec![17])
+                (
+                    misshapen[0].key.as_str(),
+                    &misshapen[0].expected,
+                    &misshapen[0].got
+                ),
+                ("fc.bias", &vec![16], &vec![17])
             );
+            assert_eq!(unexpected, ["fc.bias_typo"]);
+            assert_eq!(file.as_deref(), Some(path.as_path()));
         }
-        other => panic!("expected ShapeMismatch, got {other:?}"),
+        other => panic!("expected Weights, got {other:?}"),
+    }
+    for needle in [
+        "bn1.running_mean",
+        "layer2.1.prelu.weight",
+        "fc.bias (weights [17], model [16])",
+        "fc.bias_typo",
+        "iresnet_tiny.safetensors",
+    ] {
+        assert!(msg.contains(needle), "{needle} not in {msg}");
     }
     // A failed load leaves the VarMap as it was.
     let after = varmap.data().lock().unwrap()["conv1.weight"]

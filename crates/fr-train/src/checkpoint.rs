@@ -8,7 +8,15 @@
 //! <dir>/step-00001200/optimizer.safetensors  optimiser state by "{param}.{buffer}"
 //! <dir>/step-00001200/head.safetensors       the head's non-trainable state
 //! <dir>/step-00001200/state.json             epoch, step, schedule, seed, metrics
+//! <dir>/step-00001200/config.json            the model card (fr_backbone::ModelCard)
 //! ```
+//!
+//! The model card says how to rebuild and feed the backbone (configuration, embedding and
+//! input size, colour order, normalisation), and records the head, the training set and the
+//! latest metrics, so that a step directory can be uploaded to the Hugging Face Hub as it is
+//! and loaded back with `fr_backbone::pretrained` (`hf://owner/name`). It is the caller's
+//! [`TrainState::model_card`] (see `Trainer::with_model_card`) with `step`, `epoch` and the
+//! last value of every metric series filled in; without one, a card with only those.
 //!
 //! A save writes and fsyncs everything in a hidden staging directory, renames it into place,
 //! then replaces `latest` through a fsynced temporary file and a rename. A crash at any point
@@ -22,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
+use fr_backbone::ModelCard;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::OptimizerConfig;
@@ -38,6 +47,8 @@ pub const HEAD_FILE: &str = "head.safetensors";
 pub const STATE_FILE: &str = "state.json";
 /// Pointer to the newest complete save.
 pub const LATEST_FILE: &str = "latest";
+/// The model card ([`fr_backbone::ModelCard`]).
+pub const MODEL_CARD_FILE: &str = fr_backbone::model_card::MODEL_CARD_FILE;
 
 const FORMAT_VERSION: u32 = 1;
 
@@ -71,6 +82,26 @@ pub struct TrainState {
     /// Head state tensors, saved to `head.safetensors`.
     #[serde(skip)]
     pub head_state: Vec<(String, Tensor)>,
+    /// The model card, saved to `config.json` (with `step`, `epoch` and the latest metrics
+    /// filled in by [`save_checkpoint`]); read back by [`load_checkpoint`] when present.
+    #[serde(skip)]
+    pub model_card: Option<ModelCard>,
+}
+
+impl TrainState {
+    /// The card [`save_checkpoint`] writes: [`TrainState::model_card`] (or an empty card) with
+    /// this state's step, epoch and the last value of each metric series.
+    pub fn card_to_save(&self) -> ModelCard {
+        let mut card = self.model_card.clone().unwrap_or_default();
+        card.step = Some(self.step);
+        card.epoch = Some(self.epoch);
+        for (name, series) in &self.metrics {
+            if let Some(&(_, v)) = series.last() {
+                card.set_metric(name.clone(), v);
+            }
+        }
+        card
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -118,6 +149,10 @@ pub fn save_checkpoint(dir: &Path, varmap: &VarMap, state: &TrainState) -> Resul
     })
     .map_err(|e| Error::checkpoint(stage.join(STATE_FILE), e.to_string()))?;
     write_synced(&stage.join(STATE_FILE), &json)?;
+    write_synced(
+        &stage.join(MODEL_CARD_FILE),
+        &state.card_to_save().to_json(),
+    )?;
     sync_dir(&stage)?;
 
     let target = dir.join(&name);
@@ -229,6 +264,10 @@ pub fn load_checkpoint(dir: &Path, varmap: &VarMap) -> Result<TrainState> {
 
     state.optimizer_state = sorted(read_tensors(&save.join(OPTIMIZER_FILE), &device)?);
     state.head_state = sorted(read_tensors(&save.join(HEAD_FILE), &device)?);
+    // Saves made before model cards existed have none.
+    let card_path = save.join(MODEL_CARD_FILE);
+    state.model_card =
+        ModelCard::read(&card_path).map_err(|e| Error::checkpoint(&card_path, e.to_string()))?;
     tracing::info!(path = %save.display(), step = state.step, "checkpoint loaded");
     Ok(state)
 }
@@ -403,6 +442,52 @@ mod tests {
         assert_eq!(st.head_state[0].1.to_vec1::<f32>().unwrap(), vec![7.0]);
         // A save directory loads directly too.
         assert_eq!(load_checkpoint(&saved, &model(0.0)).unwrap().step, 10);
+        // Without a card from the caller, the card holds the position and the last metrics.
+        let card = st.model_card.expect("config.json written");
+        assert_eq!((card.step, card.epoch), (Some(10), Some(1)));
+        assert_eq!(card.metrics["loss"], 1.25);
+        assert_eq!(card.backbone, None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn model_card_is_written_with_the_save() {
+        use fr_backbone::{BackboneConfig, IResNetConfig};
+        let dir = tmpdir("card");
+        let mut st = state(3);
+        st.model_card = Some(
+            ModelCard::new(BackboneConfig::Iresnet(IResNetConfig::r18()))
+                .with_head("arcface", None, Some(10))
+                .with_training_set("synthetic", Some(10), Some(40)),
+        );
+        st.metrics.insert("acc".into(), vec![(1, 0.25), (3, 0.75)]);
+        let saved = save_checkpoint(&dir, &model(1.0), &st).unwrap();
+        let card = ModelCard::read(saved.join(MODEL_CARD_FILE))
+            .unwrap()
+            .unwrap();
+        assert_eq!(card.embedding_size, Some(512));
+        assert_eq!(card.head.as_ref().unwrap().name, "arcface");
+        assert_eq!(card.training_set.as_ref().unwrap().images, Some(40));
+        assert_eq!((card.step, card.metrics["loss"]), (Some(3), 1.25));
+        assert_eq!(card.metrics["acc"], 0.75);
+        // No staging leftovers: the card went in with the rest, atomically.
+        let names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        assert_eq!(
+            load_checkpoint(&dir, &model(0.0)).unwrap().model_card,
+            Some(card)
+        );
+        // A malformed card fails the load, naming it.
+        fs::write(
+            saved.join(MODEL_CARD_FILE),
+            b"{\"format\": \"fr-model-card\", \"step\": -1}",
+        )
+        .unwrap();
+        let err = load_checkpoint(&dir, &model(0.0)).unwrap_err().to_string();
+        assert!(err.contains("config.json"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
 

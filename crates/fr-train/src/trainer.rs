@@ -202,6 +202,15 @@ impl Trainer {
         Ok(self)
     }
 
+    /// Write `card` (the backbone configuration, input size, colour order, normalisation, head,
+    /// training set) as `config.json` with every checkpoint [`Trainer::save`] makes; the step,
+    /// epoch and latest metrics are filled in at each save, and the head's name when the card
+    /// has no head. Without a card, checkpoints get one with only those.
+    pub fn with_model_card(mut self, card: fr_backbone::ModelCard) -> Self {
+        self.state.model_card = Some(card);
+        self
+    }
+
     /// Whether an auxiliary loss is set.
     pub fn has_auxiliary(&self) -> bool {
         self.auxiliary.is_some()
@@ -321,6 +330,14 @@ impl Trainer {
         let mut state = self.state.clone();
         state.optimizer_state = self.optimizer.state()?;
         state.head_state = self.head.state().map_err(|e| self.head_error(e))?;
+        let card = state.model_card.get_or_insert_with(Default::default);
+        if card.head.is_none() {
+            card.head = Some(fr_backbone::model_card::HeadInfo {
+                name: self.head.name().to_string(),
+                config: None,
+                classes: None,
+            });
+        }
         let path = save_checkpoint(dir, &self.varmap, &state)?;
         if self.config.keep_checkpoints > 0 {
             prune_checkpoints(dir, self.config.keep_checkpoints)?;
@@ -351,6 +368,11 @@ impl Trainer {
             .map_err(|e| self.head_error(e))?;
         state.schedule = Some(self.config.schedule.clone());
         state.optimizer = Some(self.config.optimizer.clone());
+        // The card given to this trainer describes the model being trained; the saved one is
+        // only a fallback.
+        if self.state.model_card.is_some() {
+            state.model_card = self.state.model_card.take();
+        }
         self.state = state;
         Ok(())
     }

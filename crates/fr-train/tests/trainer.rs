@@ -275,17 +275,28 @@ fn resume_continues_exactly() {
     let straight = run(&mut trainer(7, config()), 0..total, total);
 
     let dir = tmpdir("resume");
-    let mut first = trainer(7, config());
+    let card = fr_backbone::ModelCard::default().with_training_set("toy", Some(CLASSES), None);
+    let mut first = trainer(7, config()).with_model_card(card);
     run(&mut first, 0..4, total);
     first.record_metric("loss", 0.5);
-    first.save(&dir).unwrap();
+    let saved = first.save(&dir).unwrap();
     drop(first);
+    // The model card next to the weights: the caller's fields, the head's name, the position
+    // and the latest metrics.
+    let card = fr_backbone::ModelCard::read(saved.join(fr_train::checkpoint::MODEL_CARD_FILE))
+        .unwrap()
+        .expect("config.json written with the checkpoint");
+    assert_eq!(card.head.as_ref().unwrap().name, "test_softmax");
+    assert_eq!(card.training_set.as_ref().unwrap().name, "toy");
+    assert_eq!((card.step, card.epoch), (Some(4), Some(0)));
+    assert_eq!(card.metrics["loss"], 0.5);
 
     // A different initial seed: everything must come from the checkpoint.
     let mut second = trainer(99, config());
     second.resume(&dir).unwrap();
     assert_eq!(second.state().step, 4);
     assert_eq!(second.state().metrics["loss"], vec![(4, 0.5)]);
+    assert_eq!(second.state().model_card.as_ref(), Some(&card));
     let rest = run(&mut second, 4..total, total);
     assert_eq!(
         straight[4..]
