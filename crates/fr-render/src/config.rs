@@ -50,6 +50,10 @@ pub struct RenderConfig {
     pub zdim: usize,
     /// Weight of the flipped reconstruction's loss. Default 0.5.
     pub lam_flip: f64,
+    /// Weight of the frame term of L_reco ([`crate::loss::frame_loss`]: how far input-view
+    /// pixels sample outside the canonical image). Default 1; 0 gives Unsup3D's L_reco, with
+    /// which the view network drifts to views that leave most of the face out of the frame.
+    pub lam_frame: f64,
 }
 
 impl Default for RenderConfig {
@@ -71,6 +75,7 @@ impl Default for RenderConfig {
             encoder_width: 8,
             zdim: 64,
             lam_flip: 0.5,
+            lam_frame: 1.0,
         }
     }
 }
@@ -158,11 +163,10 @@ impl RenderConfig {
                 return Err(Error::config(key, format!("{w}: need 1..=1024")));
             }
         }
-        if !(self.lam_flip >= 0.0 && self.lam_flip.is_finite()) {
-            return Err(Error::config(
-                "lam_flip",
-                format!("{}: need ≥ 0", self.lam_flip),
-            ));
+        for (key, w) in [("lam_flip", self.lam_flip), ("lam_frame", self.lam_frame)] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(Error::config(key, format!("{w}: need ≥ 0")));
+            }
         }
         Ok(())
     }
@@ -206,5 +210,6 @@ mod tests {
         bad(|c| c.warp_tolerance = 0.0, "warp_tolerance");
         bad(|c| c.albedo_width = 0, "albedo_width");
         bad(|c| c.lam_flip = -1.0, "lam_flip");
+        bad(|c| c.lam_frame = f64::NAN, "lam_frame");
     }
 }

@@ -8,7 +8,19 @@
 //! broadcast over the channels, so the denominator is `C·Σ mask`). L_reco is that loss of the
 //! reconstruction against the input plus `λ_flip` (0.5) times the same for the flipped
 //! reconstruction with its own confidence map (Unsup3D's `loss_l1_im + lam_flip ·
-//! loss_l1_im_flip`; the optional perceptual terms are not part of this crate).
+//! loss_l1_im_flip`; the optional perceptual terms are not part of this crate), plus
+//! `λ_frame` (1) times the frame term [`frame_loss`].
+//!
+//! The frame term is ours, not Unsup3D's. The masked average of the photometric loss ignores
+//! the input-view pixels whose canonical point falls outside the canonical image, so a view
+//! that moves most of the face out of the frame loses nothing for the pixels it drops; and as
+//! the mask is a 0/1 result of the depth search, no gradient tells the view network what it
+//! dropped. Trained jointly with recognition on a small budget, the view network drifts there:
+//! every input ends at the same extreme view (all six view parameters at the ends of their
+//! ranges), where only about a fifth of the pixels stay valid and the reconstruction of that
+//! fifth is easy. The frame term charges each input-view pixel the distance by which its
+//! canonical point lies outside the canonical image (normalised units), a differentiable
+//! function of the view and the depth that is 0 for any view keeping the face in the frame.
 
 use candle_core::Tensor;
 
@@ -36,6 +48,11 @@ pub struct ReconstructionOutput {
     pub canonical_image_flip: Tensor,
     /// Depth of the surface seen at each input-view pixel `(B, S, S)` (world units).
     pub view_depth: Tensor,
+    /// Canonical point sampled by each input-view pixel `(B, S, S, 2)`, normalised `(x, y)`
+    /// (−1 and 1 at the centres of the canonical image's edge pixels; the convention of
+    /// [`crate::sample::grid_sample`]), differentiable with respect to the canonical depth and
+    /// the view: the input of [`frame_loss`].
+    pub view_grid: Tensor,
     /// The canonical image re-rendered in the input view `(B, 3, S, S)`: the input of L_view.
     pub reconstruction: Tensor,
     /// The mirrored canonical image re-rendered in the input view `(B, 3, S, S)`.
@@ -52,15 +69,32 @@ pub struct ReconstructionOutput {
     pub view: Tensor,
 }
 
-/// L_reco and its two terms, scalars `()`.
+/// L_reco and its three terms, scalars `()`.
 #[derive(Debug, Clone)]
 pub struct ReconstructionLoss {
-    /// `l1 + λ_flip · l1_flip`.
+    /// `l1 + λ_flip · l1_flip + λ_frame · frame`.
     pub total: Tensor,
     /// Confidence-weighted L1 of the reconstruction.
     pub l1: Tensor,
     /// Confidence-weighted L1 of the flipped reconstruction.
     pub l1_flip: Tensor,
+    /// The frame term ([`frame_loss`] of [`ReconstructionOutput::view_grid`]).
+    pub frame: Tensor,
+}
+
+/// The frame term of L_reco, a scalar: for a sampling grid `(B, H, W, 2)` of normalised
+/// canonical coordinates (−1 and 1 at the centres of the edge pixels), the mean over pixels and
+/// both coordinates of `max(0, |g| − 1)`: how far, in normalised units, the input-view pixels
+/// sample outside the canonical image. 0 when every pixel samples inside it. See the module
+/// documentation for why L_reco needs it. \[R\], not in Unsup3D.
+///
+/// # Errors
+/// [`Error::Shape`] for another rank or a last dimension other than 2.
+pub fn frame_loss(grid: &Tensor) -> Result<Tensor> {
+    if grid.rank() != 4 || grid.dims()[3] != 2 {
+        return Err(Error::shape("grid", "(B, H, W, 2)", grid));
+    }
+    Ok(grid.abs()?.affine(1.0, -1.0)?.relu()?.mean_all()?)
 }
 
 /// Unsup3D's photometric loss of `recon` against `target` (both `(B, C, H, W)`), a scalar:
@@ -120,11 +154,17 @@ pub fn photometric_loss(
 impl ReconstructionOutput {
     /// L_reco of this output against the input `images` `(B, 3, S, S)` in [0, 1] (the same
     /// images the branch was run on): confidence-weighted L1 of the reconstruction plus
-    /// `lam_flip` × that of the flipped reconstruction, both over [`Self::mask`].
+    /// `lam_flip` × that of the flipped reconstruction, both over [`Self::mask`], plus
+    /// `lam_frame` × the frame term of [`Self::view_grid`].
     ///
     /// # Errors
     /// [`Error::Shape`] for images of another shape.
-    pub fn loss(&self, images: &Tensor, lam_flip: f64) -> Result<ReconstructionLoss> {
+    pub fn loss(
+        &self,
+        images: &Tensor,
+        lam_flip: f64,
+        lam_frame: f64,
+    ) -> Result<ReconstructionLoss> {
         let l1 = photometric_loss(
             &self.reconstruction,
             images,
@@ -137,10 +177,14 @@ impl ReconstructionOutput {
             Some(&self.confidence_flip),
             Some(&self.mask),
         )?;
+        let frame = frame_loss(&self.view_grid)?;
         Ok(ReconstructionLoss {
-            total: l1.add(&l1_flip.affine(lam_flip, 0.0)?)?,
+            total: l1
+                .add(&l1_flip.affine(lam_flip, 0.0)?)?
+                .add(&frame.affine(lam_frame, 0.0)?)?,
             l1,
             l1_flip,
+            frame,
         })
     }
 }
@@ -206,6 +250,19 @@ mod tests {
             photometric_loss(&recon, &target, Some(s), Some(&mask))
         })?;
         assert!(wr < 1e-7 && ws < 1e-7, "{wr} {ws}");
+        Ok(())
+    }
+
+    #[test]
+    fn frame_term_charges_only_samples_outside_the_image() -> Result<()> {
+        let inside = Tensor::new(&[[[[1.0f64, -1.0], [0.3, 0.99]]]], &Device::Cpu)?; // (1, 1, 2, 2)
+        assert_eq!(frame_loss(&inside)?.to_scalar::<f64>()?, 0.0);
+        // One pixel at (1.5, −3): (0.5 + 2)/(2 pixels × 2 coordinates).
+        let out = Tensor::new(&[[[[1.5f64, -3.0], [0.0, 0.2]]]], &Device::Cpu)?;
+        assert!((frame_loss(&out)?.to_scalar::<f64>()? - 2.5 / 4.0).abs() < 1e-15);
+        let g = rand_tensor(&[1, 2, 3, 2], 8)?.affine(5.0, -2.55)?; // in (−2.55, 2.45), no kinks hit
+        assert!(fd_check(&g, frame_loss)? < 1e-7);
+        assert!(frame_loss(&rand_tensor(&[1, 2, 3], 9)?).is_err());
         Ok(())
     }
 

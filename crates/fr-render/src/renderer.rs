@@ -655,6 +655,37 @@ mod tests {
         Ok(())
     }
 
+    /// The frame term of L_reco is 0 at the identity view, grows as a translation or yaw moves
+    /// the face out of the frame, and its gradient with respect to the view points back.
+    #[test]
+    fn frame_term_grows_as_the_view_leaves_the_frame() -> Result<()> {
+        let r = renderer(16);
+        let depth = bump(16, 1)?;
+        let frame = |v: [f64; 6]| -> Result<(f64, Vec<f64>)> {
+            let var = Var::from_tensor(&view(&[v])?)?;
+            let f = crate::loss::frame_loss(&r.warp(&depth, var.as_tensor())?.grid)?;
+            let g = f.backward()?;
+            let grad = g
+                .get(&var)
+                .expect("gradient of the view")
+                .flatten_all()?
+                .to_vec1()?;
+            Ok((f.to_scalar::<f64>()?, grad))
+        };
+        assert_eq!(frame([0.0; 6])?.0, 0.0);
+        let (small, _) = frame([0.0, 0.0, 0.0, 0.05, 0.0, 0.0])?;
+        let (large, grad) = frame([0.0, 0.0, 0.0, 0.1, 0.0, 0.0])?;
+        assert!(small > 0.0 && large > small, "{small} {large}");
+        assert!(
+            grad[3] > 0.0,
+            "d frame / d tx = {}: should pull tx back to 0",
+            grad[3]
+        );
+        let (yawed, grad) = frame([0.0, 0.8, 0.0, 0.0, 0.0, 0.0])?;
+        assert!(yawed > 0.0 && grad[1] > 0.0, "{yawed} {grad:?}");
+        Ok(())
+    }
+
     #[test]
     fn normals_of_a_tilted_plane() -> Result<()> {
         // depth = 1 + k·x_world is a plane only in world coordinates; instead check that the
