@@ -151,6 +151,25 @@ def _fetch(job):
     return slot, labels
 
 
+def decode_only(ds, args):
+    """Microseconds per image of the decode step alone (`imdecode` + BGR->RGB, or PIL), on
+    one thread over payloads held in memory: median of the timed passes."""
+    n = min(args.decode_images, len(ds))
+    payloads = [unpack(ds.rec.read_idx(int(ds.imgidx[i])))[1] for i in range(n)]
+    times = []
+    for p in range(args.warmup + max(args.epochs, 1)):
+        start = time.perf_counter()
+        for buf in payloads:
+            ds.decode(buf)
+        us = (time.perf_counter() - start) * 1e6 / n
+        if p >= args.warmup:
+            times.append(us)
+    us = statistics.median(times)
+    print("| decoder | images | threads | µs/image | images/s |")
+    print("|---|---|---|---|---|")
+    print(f"| Python {args.decoder} | {n} | 1 | {us:.1f} | {1e6 / us:.0f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", help="folder holding train.rec, train.idx")
@@ -160,6 +179,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="untimed epochs")
     ap.add_argument("--decoder", choices=["cv2", "pil"], default="cv2")
     ap.add_argument("--prefetch-factor", type=int, default=2)
+    ap.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="time decoding alone: the first --decode-images payloads in memory, one process",
+    )
+    ap.add_argument("--decode-images", type=int, default=3000)
     args = ap.parse_args()
     if args.decoder == "cv2":
         try:
@@ -170,6 +195,9 @@ def main():
             args.decoder = "pil"
 
     ds = MXFaceDataset(args.data, args.decoder)
+    if args.decode_only:
+        decode_only(ds, args)
+        return
     shape = (args.batch, 3, 112, 112)
     n_slots = args.workers * args.prefetch_factor
     shms = [

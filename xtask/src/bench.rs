@@ -64,6 +64,13 @@ pub struct BenchArgs {
     /// `loader`: images of the generated train.rec.
     #[arg(long, default_value_t = 20_000)]
     pub images: usize,
+    /// `loader`: time JPEG decoding alone instead of the loader: the first `--decode-images`
+    /// records' payloads held in memory, decoded to RGB on one thread (microseconds per image).
+    #[arg(long)]
+    pub decode_only: bool,
+    /// `loader --decode-only`: records decoded per pass.
+    #[arg(long, default_value_t = 3000)]
+    pub decode_images: usize,
 }
 
 fn model_config(name: &str, input_size: Option<usize>, root: &Path) -> Result<IResNetConfig> {

@@ -84,6 +84,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     ensure_rec(dir, args.images)?;
     let dataset = Arc::new(RecordIoDataset::open(dir)?);
+    if args.decode_only {
+        return decode_only(&dataset, args);
+    }
     let config = LoaderConfig {
         batch_size: args.batch,
         image_size: 112,
@@ -120,6 +123,41 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         dataset.len(),
         args.batch,
         rayon::current_num_threads()
+    );
+    Ok(())
+}
+
+/// `--decode-only`: microseconds per image of [`fr_data::recordio::decode_rgb`] on one thread, over the
+/// first `args.decode_images` records held in memory (median of `args.steps` passes after
+/// `args.warmup`); the decode-only mode of `benchmarks/python_loader.py` is its peer.
+fn decode_only(dataset: &RecordIoDataset, args: &BenchArgs) -> Result<()> {
+    let n = args.decode_images.min(dataset.len());
+    if n == 0 {
+        bail!("no records to decode");
+    }
+    let payloads: Vec<Vec<u8>> = (0..n)
+        .map(|i| Ok(dataset.record(i)?.image))
+        .collect::<Result<_>>()?;
+    let mut times = Vec::with_capacity(args.steps);
+    for pass in 0..(args.warmup + args.steps.max(1)) {
+        let start = Instant::now();
+        let mut checksum = 0u64;
+        for p in &payloads {
+            let img = fr_data::recordio::decode_rgb(p).map_err(|e| anyhow::anyhow!(e))?;
+            checksum += u64::from(img.as_raw()[0]);
+        }
+        let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+        if pass >= args.warmup {
+            times.push(us);
+        }
+        tracing::debug!(pass, us, checksum, "decode pass");
+    }
+    let us = median(&mut times);
+    println!("| decoder | images | threads | µs/image | images/s |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| fr decode_rgb (zune-jpeg) | {n} | 1 | {us:.1} | {:.0} |",
+        1e6 / us
     );
     Ok(())
 }
