@@ -85,6 +85,7 @@ fn model_config(name: &str, input_size: Option<usize>, root: &Path) -> Result<IR
             let preset: Preset = crate::config_file::load(&path, &[])?;
             match preset.backbone {
                 BackboneConfig::Iresnet(c) => c,
+                other => bail!("the bench measures IResNets; lh2face.toml has {other:?}"),
             }
         }
         other => bail!("unknown model `{other}` (r18, r34, r50, r100, default)"),

@@ -1230,9 +1230,7 @@ pub fn run(args: &EvalArgs, root: &Path) -> Result<()> {
             "weights the backbone does not use (head, …)"
         );
     }
-    let size = match &backbone {
-        BackboneConfig::Iresnet(c) => c.input_size as u32,
-    };
+    let size = backbone.input_shape().0 as u32;
     let input = InputTransform::new(pretrained.colour_order, pretrained.normalisation);
     let backbone_from = match backbone_from {
         ConfigOrigin::Card => "model card",
@@ -1744,7 +1742,9 @@ mod tests {
         let dir = temp("hub");
         let preset: Preset =
             crate::config_file::load(&root.join("configs/lh2face.toml"), &[]).unwrap();
-        let BackboneConfig::Iresnet(c) = &preset.backbone;
+        let BackboneConfig::Iresnet(c) = &preset.backbone else {
+            panic!("the lh2face preset uses an IResNet")
+        };
         let card_cfg = BackboneConfig::Iresnet(c.clone().with_embedding_size(24));
         let seeded = fr_train::SeededVarMap::new(5);
         build_backbone(&card_cfg, seeded.var_builder(DType::F32, &Device::Cpu)).unwrap();

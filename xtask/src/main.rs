@@ -11,10 +11,12 @@
 //! - `cargo xtask pack --from <folder or list> --out <dir>` — an insightface `train.rec`.
 //! - `cargo xtask weights convert <in.pth> <out.safetensors>` / `weights info <file | dir |
 //!   hf://owner/name>` — pretrained weights (insightface `.pth` read natively, Hub repositories).
+//! - `cargo xtask info <backbone | config.toml>` — parameters, MACs, input and embedding size.
 
 mod bench;
 mod config_file;
 mod eval;
+mod info;
 mod pack;
 mod preset;
 mod report;
@@ -44,6 +46,8 @@ enum Command {
     Pack(pack::PackArgs),
     /// Convert PyTorch checkpoints to safetensors; describe weights files and Hub repositories.
     Weights(weights::WeightsArgs),
+    /// Parameters, MACs, input and embedding size of a backbone (a name or a config file).
+    Info(info::InfoArgs),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -71,5 +75,6 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(&args, &workspace_root()),
         Command::Pack(args) => pack::run(&args),
         Command::Weights(args) => weights::run(&args),
+        Command::Info(args) => info::run(&args),
     }
 }

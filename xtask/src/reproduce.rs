@@ -1050,9 +1050,7 @@ kept {} of {} training samples; one dataset index per line",
 }
 
 fn input_size(preset: &Preset) -> u32 {
-    match &preset.backbone {
-        fr_backbone::BackboneConfig::Iresnet(c) => c.input_size as u32,
-    }
+    preset.backbone.input_shape().0 as u32
 }
 
 /// Entry point of `cargo xtask reproduce`.

@@ -343,7 +343,9 @@ mod tests {
         }
         // The card makes the folder loadable as it is (an upload to the Hub would be too).
         let card = ModelCard::read(dir.join(MODEL_CARD_FILE)).unwrap().unwrap();
-        let BackboneConfig::Iresnet(c) = card.backbone.clone().unwrap();
+        let Some(BackboneConfig::Iresnet(c)) = card.backbone.clone() else {
+            panic!("the card names an IResNet")
+        };
         assert_eq!(
             (c.layers, c.widths, c.embedding_size, c.input_size),
             ([1, 2, 1, 1], [8, 16, 16, 32], 16, 112)

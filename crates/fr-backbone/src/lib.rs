@@ -28,22 +28,29 @@
 //! maps of the public layouts in [`keymap`] and the model card (`config.json`) in
 //! [`model_card`]. The Hub client is the default cargo feature `hub`.
 
+pub mod complexity;
 pub mod error;
 pub mod hub;
 pub mod iresnet;
 pub mod keymap;
+mod layers;
+pub mod mobilefacenet;
 pub mod model_card;
 pub mod pretrained;
 pub mod registry;
+pub mod spherenet;
 pub mod weights;
 
+pub use complexity::{parameter_shapes, Complexity, Counter, ParameterShape};
 pub use error::{Error, Misshapen, Result};
 pub use hub::{HubOptions, HubRepo};
 pub use iresnet::{IBasicBlock, IResNet, IResNetConfig};
 pub use keymap::{infer_iresnet_config, KeyLayout, KeyMap};
+pub use mobilefacenet::{MobileFaceNet, MobileFaceNetConfig};
 pub use model_card::{ColourOrder, ModelCard, Normalisation, MODEL_CARD_FILE};
 pub use pretrained::{ConfigOrigin, LoadOptions, Pretrained, Source};
-pub use registry::{build_backbone, Backbone, BackboneConfig};
+pub use registry::{build_backbone, Backbone, BackboneConfig, NAMED_BACKBONES};
+pub use spherenet::{SphereNet, SphereNetConfig};
 pub use weights::{
     backbone_from_tensors, load_pth, load_safetensors, read_pth, read_safetensors, read_weights,
     var_builder_from_tensors, varmap_from_safetensors, varmap_from_tensors, LoadReport,

@@ -316,9 +316,7 @@ impl ModelCard {
 
 /// `(embedding size, input size)` of a backbone configuration.
 fn sizes(backbone: &BackboneConfig) -> (usize, usize) {
-    match backbone {
-        BackboneConfig::Iresnet(c) => (c.embedding_size, c.input_size),
-    }
+    (backbone.embedding_size(), backbone.input_shape().0)
 }
 
 #[cfg(test)]

@@ -14,8 +14,11 @@
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::complexity::Complexity;
 use crate::error::Result;
 use crate::iresnet::{IResNet, IResNetConfig};
+use crate::mobilefacenet::{MobileFaceNet, MobileFaceNetConfig};
+use crate::spherenet::{SphereNet, SphereNetConfig};
 
 /// A feature extractor: images `(B, 3, H, W)` → embeddings `(B, D)` via
 /// `forward_t(images, train)`.
@@ -43,16 +46,83 @@ macro_rules! registry {
                 $(BackboneConfig::$variant(c) => Ok(Box::new(<$model>::new(c, vb)?)),)+
             }
         }
+
+        impl BackboneConfig {
+            /// Parameters and operations of one forward pass of one image, computed from the
+            /// configuration (conventions in [`crate::complexity`]).
+            ///
+            /// # Errors
+            /// An invalid configuration (the error names the key).
+            pub fn complexity(&self) -> Result<Complexity> {
+                match self {
+                    $(BackboneConfig::$variant(c) => c.complexity(),)+
+                }
+            }
+
+            /// Input `(H, W)` in pixels the backbone expects.
+            pub fn input_shape(&self) -> (usize, usize) {
+                match self {
+                    $(BackboneConfig::$variant(c) => c.input_shape(),)+
+                }
+            }
+
+            /// Embedding dimension `D` of its output `(B, D)`.
+            pub fn embedding_size(&self) -> usize {
+                match self {
+                    $(BackboneConfig::$variant(c) => c.embedding_size,)+
+                }
+            }
+        }
     };
 }
 
 registry! {
     /// [`IResNet`] (`type = "iresnet"`).
     Iresnet(IResNetConfig) => IResNet,
+    /// [`MobileFaceNet`] (`type = "mobilefacenet"`).
+    Mobilefacenet(MobileFaceNetConfig) => MobileFaceNet,
+    /// [`SphereNet`] (`type = "spherenet"`).
+    Spherenet(SphereNetConfig) => SphereNet,
 }
 
 impl Default for BackboneConfig {
     fn default() -> Self {
         BackboneConfig::Iresnet(IResNetConfig::default())
+    }
+}
+
+/// The short names of insightface's `get_model` (and this crate's additions), with the
+/// configuration each stands for: `(name, what)`.
+pub const NAMED_BACKBONES: &[(&str, &str)] = &[
+    ("r18", "IResNet-18, 112x112, 512-d"),
+    ("r34", "IResNet-34, 112x112, 512-d"),
+    ("r50", "IResNet-50, 112x112, 512-d"),
+    ("r100", "IResNet-100, 112x112, 512-d"),
+    ("r200", "IResNet-200, 112x112, 512-d"),
+    ("mbf", "MobileFaceNet (insightface mbf), 112x112, 512-d"),
+    (
+        "mbf_large",
+        "MobileFaceNet (insightface mbf_large), 112x112, 512-d",
+    ),
+    ("sphere20", "SphereNet-20 (SphereFace), 112x96, 512-d"),
+    ("sphere64", "SphereNet-64 (SphereFace), 112x96, 512-d"),
+];
+
+impl BackboneConfig {
+    /// The configuration of a short name of [`NAMED_BACKBONES`] (`r50`, …); `None` for an
+    /// unknown name.
+    pub fn named(name: &str) -> Option<Self> {
+        Some(match name {
+            "r18" => BackboneConfig::Iresnet(IResNetConfig::r18()),
+            "r34" => BackboneConfig::Iresnet(IResNetConfig::r34()),
+            "r50" => BackboneConfig::Iresnet(IResNetConfig::r50()),
+            "r100" => BackboneConfig::Iresnet(IResNetConfig::r100()),
+            "r200" => BackboneConfig::Iresnet(IResNetConfig::r200()),
+            "mbf" => BackboneConfig::Mobilefacenet(MobileFaceNetConfig::mbf()),
+            "mbf_large" => BackboneConfig::Mobilefacenet(MobileFaceNetConfig::mbf_large()),
+            "sphere20" => BackboneConfig::Spherenet(SphereNetConfig::sphere20()),
+            "sphere64" => BackboneConfig::Spherenet(SphereNetConfig::sphere64()),
+            _ => return None,
+        })
     }
 }

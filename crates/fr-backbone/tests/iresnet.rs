@@ -219,7 +219,9 @@ fn bad_configs_are_rejected_naming_the_key() {
 fn registry_builds_from_toml() {
     let text = "type = \"iresnet\"\nlayers = [1, 1, 1, 1]\nwidths = [4, 8, 8, 16]\ninput_size = 56\nembedding_size = 8\n";
     let cfg: BackboneConfig = toml::from_str(text).unwrap();
-    let BackboneConfig::Iresnet(inner) = &cfg;
+    let BackboneConfig::Iresnet(inner) = &cfg else {
+        panic!("not an iresnet: {cfg:?}")
+    };
     assert_eq!(inner.dropout, 0.0); // unspecified fields take r50's defaults
     assert_eq!(inner.layers, [1, 1, 1, 1]);
     // Round trip.
