@@ -155,6 +155,26 @@ impl Preset {
                 bail!("config key `methods`: `{m}` has no [heads.{m}] section");
             }
         }
+        // Every head's hyperparameters and the optimiser, before anything is trained; the
+        // message names the key path and the allowed range.
+        for (name, head) in &self.heads {
+            if let Err(e) = head.validate() {
+                match e {
+                    fr_heads::Error::Config { key, reason } => {
+                        bail!("config key `heads.{name}.{key}`: {reason}")
+                    }
+                    e => bail!("config key `heads.{name}`: {e}"),
+                }
+            }
+        }
+        if let Err(e) = self.train.trainer.validate() {
+            match e {
+                fr_train::Error::Config { key, reason } => {
+                    bail!("config key `train.trainer.{key}`: {reason}")
+                }
+                e => bail!("config key `train.trainer`: {e}"),
+            }
+        }
         if self.train.epochs == 0 || self.train.batch_size < 2 {
             bail!("config key `train`: epochs ≥ 1 and batch_size ≥ 2 required");
         }
@@ -283,5 +303,185 @@ mod tests {
         .unwrap();
         let err = p.validate().unwrap_err().to_string();
         assert!(err.contains("magface"), "{err}");
+    }
+
+    /// Every value the issue lists is refused by `load` + `validate` (what `reproduce` runs
+    /// before training), with the key path and the allowed range in the message.
+    #[test]
+    fn bad_values_are_refused_with_key_path_and_range() {
+        let err = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let p: Result<Preset> = crate::config_file::load(&preset_path("lh2face"), &sets);
+            match p.and_then(|p| p.validate().map(|_| p)) {
+                Ok(_) => panic!("{sets:?} accepted"),
+                Err(e) => format!("{e:#}"),
+            }
+        };
+        let cases: &[(&[&str], &[&str])] = &[
+            // Unknown keys, at any depth.
+            (&["heads.arcface.scael=30"], &["scael"]),
+            (&["train.trainer.max_skips=3"], &["max_skips"]),
+            (&["synthetic.train.num_identites=3"], &["num_identites"]),
+            // Wrong types.
+            (&["train.epochs=\"eight\""], &["eight", "train", "epochs"]),
+            (&["heads.arcface.scale=\"big\""], &["big", "f64"]),
+            (&["train.trainer.clip_max_norm=[1, 2]"], &["clip_max_norm"]),
+            // Out of range.
+            (
+                &["heads.cosface.margin=-0.1"],
+                &["heads.cosface.margin", "must be in [0, 1]", "-0.1"],
+            ),
+            (
+                &["heads.arcface.scale=0"],
+                &["heads.arcface.scale", "> 0", "got 0"],
+            ),
+            (
+                &["heads.mf.type=magface", "heads.mf.lambda_g=1.0"],
+                &["heads.mf.lambda_g", "must be at least", "got 1"],
+            ),
+            (
+                &["heads.pfc.type=partial_fc", "heads.pfc.sample_rate=1.5"],
+                &["heads.pfc.sample_rate", "(0, 1]", "1.5"],
+            ),
+            (
+                &["heads.pfc.type=partial_fc", "heads.pfc.sample_rate=0.0"],
+                &["heads.pfc.sample_rate", "(0, 1]"],
+            ),
+            (
+                &[
+                    "heads.pfc.type=partial_fc",
+                    "heads.pfc.head={type = \"arcface\", margin = -0.5}",
+                ],
+                &["heads.pfc.head.margin"],
+            ),
+            (
+                &["train.trainer.optimizer.lr=-0.1"],
+                &["train.trainer.optimizer.lr"],
+            ),
+            (
+                &["train.trainer.clip_max_norm=0.0"],
+                &["train.trainer.clip_max_norm", "> 0"],
+            ),
+        ];
+        for (sets, parts) in cases {
+            let e = err(sets);
+            for part in *parts {
+                assert!(e.contains(part), "{sets:?}: {part:?} not in: {e}");
+            }
+        }
+        // The same values in range pass.
+        let ok: Vec<String> = [
+            "heads.mf.type=magface",
+            "heads.pfc.type=partial_fc",
+            "heads.pfc.sample_rate=1.0",
+            "heads.cosface.margin=0.0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let p: Preset = crate::config_file::load(&preset_path("lh2face"), &ok).unwrap();
+        p.validate().unwrap();
+    }
+
+    /// Fuzzing of preset parsing: every shipped preset (its `extends` chain resolved, written
+    /// back as TOML text) with bytes flipped, overwritten, deleted or inserted and lines
+    /// dropped or repeated, through TOML parsing, typing and `validate`: `Ok` or a clean
+    /// error, never a panic. `FR_FUZZ_CASES` cases per round (default 64), one round or rounds
+    /// until `FR_FUZZ_SECONDS` have passed:
+    ///
+    /// ```sh
+    /// FR_FUZZ_SECONDS=600 cargo test --release -p xtask fuzz_preset_parsing -- --nocapture
+    /// ```
+    #[test]
+    fn fuzz_preset_parsing() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+
+        let dir = preset_path("_base");
+        let dir = dir.parent().unwrap();
+        let mut texts: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .map(|p| toml::to_string(&crate::config_file::read_tree(&p, 0).unwrap()).unwrap())
+            .collect();
+        texts.sort();
+        assert!(texts.len() >= 10);
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        let cases = env("FR_FUZZ_CASES").map_or(64, |c| c as u32);
+        let seconds = env("FR_FUZZ_SECONDS");
+        // (position, kind, byte): 0 flip a bit, 1 set a byte, 2 delete a byte, 3 insert a byte,
+        // 4 drop the line at the position, 5 repeat it.
+        let edit = (any::<usize>(), 0u8..6, any::<u8>());
+        let input = (0..texts.len(), prop::collection::vec(edit, 1..6));
+        let (tried, parsed) = (std::cell::Cell::new(0usize), std::cell::Cell::new(0usize));
+        let start = std::time::Instant::now();
+        loop {
+            let mut runner = TestRunner::new(Config {
+                cases,
+                failure_persistence: None,
+                ..Config::default()
+            });
+            runner
+                .run(&input, |(which, edits)| {
+                    tried.set(tried.get() + 1);
+                    let mut bytes = texts[which].clone().into_bytes();
+                    for (pos, kind, b) in edits {
+                        let at = pos % bytes.len().max(1);
+                        let line = |bytes: &[u8]| {
+                            let s = bytes[..at]
+                                .iter()
+                                .rposition(|&c| c == b'\n')
+                                .map_or(0, |i| i + 1);
+                            let e = bytes[at..]
+                                .iter()
+                                .position(|&c| c == b'\n')
+                                .map_or(bytes.len(), |i| at + i + 1);
+                            (s, e)
+                        };
+                        match kind {
+                            _ if bytes.is_empty() => bytes.push(b),
+                            0 => bytes[at] ^= 1 << (b % 8),
+                            1 => bytes[at] = b,
+                            2 => {
+                                bytes.remove(at);
+                            }
+                            3 => bytes.insert(at, b),
+                            4 => {
+                                let (s, e) = line(&bytes);
+                                bytes.drain(s..e);
+                            }
+                            _ => {
+                                let (s, e) = line(&bytes);
+                                let copy = bytes[s..e].to_vec();
+                                bytes.splice(e..e, copy);
+                            }
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&bytes);
+                    if let Ok(tree) = toml::from_str::<toml::Value>(&text) {
+                        if let Ok(p) = crate::config_file::finish::<Preset>(tree, &[], "fuzz") {
+                            parsed.set(parsed.get() + 1);
+                            let _ = p.validate();
+                        }
+                    }
+                    Ok(())
+                })
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "fuzz preset parsing: failed after {} inputs: {e}",
+                        tried.get()
+                    )
+                });
+            if seconds.is_none_or(|s| start.elapsed().as_secs() >= s) {
+                break;
+            }
+        }
+        println!(
+            "fuzz preset parsing: {} inputs tried ({} typed) in {:.1} s, none panicked",
+            tried.get(),
+            parsed.get(),
+            start.elapsed().as_secs_f64()
+        );
     }
 }

@@ -1076,6 +1076,7 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
         .clone()
         .unwrap_or_else(|| root.join("target").join("reproduce").join(&preset.name));
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    fr_train::check_output_dir(&out_dir.join("checkpoints"))?;
     // CPU by default; a `--features cuda` build trains on the first GPU when there is one.
     #[cfg(feature = "cuda")]
     let device = Device::cuda_if_available(0)?;

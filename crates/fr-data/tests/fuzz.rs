@@ -9,7 +9,11 @@
 //! ```sh
 //! cargo test -p fr-data --test fuzz                                    # CI: 256 cases per target
 //! FR_FUZZ_CASES=200000 cargo test --release -p fr-data --test fuzz -- --nocapture
+//! FR_FUZZ_SECONDS=600 cargo test --release -p fr-data --test fuzz -- --nocapture  # per target
 //! ```
+//!
+//! With `FR_FUZZ_SECONDS` each target runs rounds of `FR_FUZZ_CASES` inputs until that many
+//! seconds have passed.
 //!
 //! Each target prints how many inputs it tried (`--nocapture` shows it).
 
@@ -64,8 +68,9 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Run `f` on inputs of `strategy`; `FR_FUZZ_CASES` sets the count (default 256). `bound`
-/// gives the largest allocation allowed for an input. Prints the number of inputs tried.
+/// Run `f` on inputs of `strategy`; `FR_FUZZ_CASES` sets the count (default 256), repeated in
+/// rounds until `FR_FUZZ_SECONDS` have passed when that is set. `bound` gives the largest
+/// allocation allowed for an input. Prints the number of inputs tried.
 fn fuzz<S: Strategy>(
     name: &str,
     strategy: S,
@@ -77,25 +82,33 @@ fn fuzz<S: Strategy>(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let seconds: Option<u64> = std::env::var("FR_FUZZ_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let tried = AtomicUsize::new(0);
     let start = std::time::Instant::now();
-    let result = runner.run(&strategy, |input| {
-        tried.fetch_add(1, Ordering::Relaxed);
-        LARGEST.store(0, Ordering::Relaxed);
-        f(&input);
-        let peak = LARGEST.load(Ordering::Relaxed);
-        let limit = bound(&input);
-        prop_assert!(
-            peak <= limit,
-            "largest allocation {peak} bytes, bound {limit}"
-        );
-        Ok(())
-    });
+    let result = loop {
+        let mut runner = TestRunner::new(Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let result = runner.run(&strategy, |input| {
+            tried.fetch_add(1, Ordering::Relaxed);
+            LARGEST.store(0, Ordering::Relaxed);
+            f(&input);
+            let peak = LARGEST.load(Ordering::Relaxed);
+            let limit = bound(&input);
+            prop_assert!(
+                peak <= limit,
+                "largest allocation {peak} bytes, bound {limit}"
+            );
+            Ok(())
+        });
+        if result.is_err() || seconds.is_none_or(|s| start.elapsed().as_secs() >= s) {
+            break result;
+        }
+    };
     let (tried, secs) = (tried.load(Ordering::Relaxed), start.elapsed().as_secs_f64());
     if let Err(e) = result {
         panic!("fuzz {name}: failed after {tried} inputs: {e}");

@@ -77,7 +77,11 @@ impl PartialFcConfig {
         if matches!(*self.head, HeadConfig::PartialFc(_)) {
             return Err(Error::config("head", "Partial FC cannot wrap Partial FC"));
         }
-        self.head.validate()
+        // The inner head's keys are under `head.` in the config.
+        self.head.validate().map_err(|e| match e {
+            Error::Config { key, reason } => Error::config(format!("head.{key}"), reason),
+            e => e,
+        })
     }
 
     /// Centres sampled per step out of `num_classes` (before adding positives beyond it).
@@ -567,6 +571,10 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(nested.validate(), Err(Error::Config { key, .. }) if key == "head"));
+        // The inner head's keys come back as paths under `head`.
+        let json = r#"{"type": "partial_fc", "head": {"type": "cosface", "margin": -0.1}}"#;
+        let inner: HeadConfig = serde_json::from_str(json).unwrap();
+        assert!(matches!(inner.validate(), Err(Error::Config { key, .. }) if key == "head.margin"));
         // Softmax has a per-class bias besides the centres: rejected at build time.
         let softmax = PartialFcConfig {
             head: Box::new(HeadConfig::default_for("softmax").unwrap()),

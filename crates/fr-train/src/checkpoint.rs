@@ -9,6 +9,7 @@
 //! <dir>/step-00001200/head.safetensors       the head's non-trainable state
 //! <dir>/step-00001200/state.json             epoch, step, schedule, seed, metrics
 //! <dir>/step-00001200/config.json            the model card (fr_backbone::ModelCard)
+//! <dir>/step-00001200/checksums.sha256       SHA-256 of every file above (`sha256sum -c`)
 //! ```
 //!
 //! The model card says how to rebuild and feed the backbone (configuration, embedding and
@@ -22,16 +23,29 @@
 //! then replaces `latest` through a fsynced temporary file and a rename. A crash at any point
 //! leaves `latest` naming the previous complete save; leftovers of the interrupted one are
 //! ignored by loads and replaced by the next save.
+//!
+//! Every save (format version 2) lists the SHA-256 of each of its files in
+//! `checksums.sha256`, written last. A load verifies every file against it before reading
+//! anything, and refuses a save with a missing, extra-short or altered file with an
+//! [`Error::Checkpoint`] naming the file. Loading a run directory uses the newest save that
+//! verifies: when the one `latest` names is damaged, the previous saves are tried newest
+//! first, with a warning naming what was wrong ([`newest_good_checkpoint`]). Saves of format
+//! version 1 (no checksums) are still read, unverified.
+//!
+//! [`check_output_dir`] checks before a run starts that its checkpoint directory can be
+//! created and written (a read-only or full file system fails there, not at the first save).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use fr_backbone::ModelCard;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::optim::OptimizerConfig;
 use crate::schedule::LrSchedule;
@@ -49,8 +63,23 @@ pub const STATE_FILE: &str = "state.json";
 pub const LATEST_FILE: &str = "latest";
 /// The model card ([`fr_backbone::ModelCard`]).
 pub const MODEL_CARD_FILE: &str = fr_backbone::model_card::MODEL_CARD_FILE;
+/// SHA-256 of every other file of a save, one `<64 hex digits>  <file name>` line each (the
+/// format of `sha256sum`), written last.
+pub const CHECKSUMS_FILE: &str = "checksums.sha256";
 
-const FORMAT_VERSION: u32 = 1;
+/// The format written by [`save_checkpoint`]: 2 added [`CHECKSUMS_FILE`].
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format [`load_checkpoint`] still reads (version 1: no checksums).
+pub const MIN_FORMAT_VERSION: u32 = 1;
+
+/// Files every save of format version 2 lists in [`CHECKSUMS_FILE`].
+const CHECKED_FILES: [&str; 5] = [
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    HEAD_FILE,
+    STATE_FILE,
+    MODEL_CARD_FILE,
+];
 
 /// Where a training run is, besides its weights.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -62,6 +91,11 @@ pub struct TrainState {
     pub step: u64,
     /// Steps skipped for a non-finite loss or gradient.
     pub skipped_steps: u64,
+    /// Steps skipped in a row up to now (0 after a step that updated the weights).
+    pub consecutive_skips: u64,
+    /// `(step, loss)` of the last step whose loss was finite, for the diagnosis of a run that
+    /// stops on non-finite steps.
+    pub last_finite_loss: Option<(u64, f64)>,
     /// The run's seed (data order, initialisation).
     pub seed: u64,
     /// Total steps of the run, for the schedule.
@@ -111,6 +145,36 @@ struct StateFile {
     state: TrainState,
 }
 
+/// A point inside [`save_checkpoint`] where a crash test can stop a save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavePoint {
+    /// Every file, checksums included, is written and synced in the hidden staging
+    /// directory (the hook gets its path); nothing is renamed yet.
+    Staged,
+    /// The save directory is in place (the hook gets its path); `latest` still names the
+    /// previous save.
+    Renamed,
+}
+
+/// A function [`save_checkpoint`] calls at each [`SavePoint`] with the directory concerned.
+pub type SaveHook = fn(SavePoint, &Path);
+
+static SAVE_HOOK: RwLock<Option<SaveHook>> = RwLock::new(None);
+
+/// Install (`Some`) or remove (`None`) a process-wide hook that [`save_checkpoint`] calls at
+/// each [`SavePoint`], on the saving thread. For fault-injection tests: a hook that blocks lets
+/// a test kill the process at exactly that point of a save. No hook is installed by default.
+pub fn set_save_hook(hook: Option<SaveHook>) {
+    *SAVE_HOOK.write().unwrap_or_else(|e| e.into_inner()) = hook;
+}
+
+fn run_save_hook(point: SavePoint, path: &Path) {
+    let hook = *SAVE_HOOK.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(hook) = hook {
+        hook(point, path);
+    }
+}
+
 /// Save `varmap` and `state` as a new checkpoint under `dir` (created if needed); returns the
 /// directory of this save.
 ///
@@ -153,11 +217,21 @@ pub fn save_checkpoint(dir: &Path, varmap: &VarMap, state: &TrainState) -> Resul
         &stage.join(MODEL_CARD_FILE),
         &state.card_to_save().to_json(),
     )?;
+    // Last: the checksums of what is on disk now.
+    let mut sums = String::new();
+    for file in CHECKED_FILES {
+        let path = stage.join(file);
+        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        sums.push_str(&format!("{}  {file}\n", sha256_hex(&bytes)));
+    }
+    write_synced(&stage.join(CHECKSUMS_FILE), sums.as_bytes())?;
     sync_dir(&stage)?;
+    run_save_hook(SavePoint::Staged, &stage);
 
     let target = dir.join(&name);
     fs::rename(&stage, &target).map_err(|e| Error::io(&target, e))?;
     sync_dir(dir)?;
+    run_save_hook(SavePoint::Renamed, &target);
     // The commit point: `latest` switches to the new save in one rename.
     let tmp = dir.join(format!(".{LATEST_FILE}.tmp"));
     write_synced(&tmp, format!("{name}\n").as_bytes())?;
@@ -185,38 +259,160 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(dir.join(name)))
 }
 
+/// Check every file of the save directory `save` against its [`CHECKSUMS_FILE`] and read its
+/// format version; returns the version. A save of format version 1 has no checksums and
+/// passes unverified (with a warning).
+///
+/// # Errors
+/// [`Error::Checkpoint`] naming the file that is missing, unlisted or whose SHA-256 differs
+/// from the listed one, a malformed checksum or state file, or a format version outside
+/// [`MIN_FORMAT_VERSION`]`..=`[`FORMAT_VERSION`]; [`Error::Io`] for an unreadable file.
+pub fn verify_checkpoint(save: &Path) -> Result<u32> {
+    let sums_path = save.join(CHECKSUMS_FILE);
+    let state_path = save.join(STATE_FILE);
+    match fs::read(&sums_path) {
+        Ok(bytes) => {
+            let listed = parse_checksums(&sums_path, &bytes)?;
+            for file in CHECKED_FILES {
+                if !listed.contains_key(file) {
+                    return Err(Error::checkpoint(
+                        &sums_path,
+                        format!("`{file}` is not listed: the checksum file is damaged"),
+                    ));
+                }
+            }
+            for (file, want) in &listed {
+                let path = save.join(file);
+                let data = match fs::read(&path) {
+                    Ok(d) => d,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(Error::checkpoint(
+                            &path,
+                            format!("file missing (listed in {CHECKSUMS_FILE})"),
+                        ))
+                    }
+                    Err(e) => return Err(Error::io(&path, e)),
+                };
+                let got = sha256_hex(&data);
+                if got != *want {
+                    return Err(Error::checkpoint(
+                        &path,
+                        format!(
+                            "damaged: SHA-256 {got} differs from {want} in {CHECKSUMS_FILE} \
+                             ({} bytes)",
+                            data.len()
+                        ),
+                    ));
+                }
+            }
+            let version = read_state_file(&state_path)?.format_version;
+            if version < 2 {
+                return Err(Error::checkpoint(
+                    &state_path,
+                    format!(
+                        "format_version {version} with a {CHECKSUMS_FILE}: not a save fr wrote"
+                    ),
+                ));
+            }
+            Ok(version)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let version = read_state_file(&state_path)?.format_version;
+            if version >= 2 {
+                return Err(Error::checkpoint(
+                    &sums_path,
+                    format!("file missing (format_version {version} saves have one): the save is damaged"),
+                ));
+            }
+            tracing::warn!(
+                path = %save.display(),
+                "checkpoint of format version {version} has no checksums: loaded unverified"
+            );
+            Ok(version)
+        }
+        Err(e) => Err(Error::io(&sums_path, e)),
+    }
+}
+
+/// The newest save under the run directory `dir` that passes [`verify_checkpoint`]: the one
+/// `latest` names, else (with a warning naming what is wrong with it) the older saves, newest
+/// first. When `latest` itself is unreadable or malformed every save is a candidate. `None`
+/// when no save was ever completed (no `latest`).
+///
+/// # Errors
+/// The error of the save `latest` names (or of reading `latest`) when no save verifies;
+/// [`Error::Io`] for a directory that cannot be listed.
+pub fn newest_good_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
+    let saves = list_saves(dir)?;
+    let (mut first_error, candidates): (Option<Error>, Vec<PathBuf>) = match latest_checkpoint(dir)
+    {
+        Ok(None) => return Ok(None),
+        Ok(Some(latest)) => {
+            let key = latest
+                .file_name()
+                .and_then(|n| parse_name(&n.to_string_lossy()));
+            let older = saves
+                .iter()
+                .rev()
+                .filter(|(k, _)| key.is_some_and(|key| *k < key))
+                .map(|(_, p)| p.clone());
+            (None, std::iter::once(latest).chain(older).collect())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable `latest`: trying every save, newest first");
+            (
+                Some(e),
+                saves.iter().rev().map(|(_, p)| p.clone()).collect(),
+            )
+        }
+    };
+    for save in candidates {
+        let result = if save.is_dir() {
+            verify_checkpoint(&save).map(|_| ())
+        } else {
+            Err(Error::checkpoint(&save, "save directory missing"))
+        };
+        match result {
+            Ok(()) => {
+                if let Some(e) = &first_error {
+                    tracing::warn!(
+                        path = %save.display(),
+                        error = %e,
+                        "the newest checkpoint is damaged: using an older one"
+                    );
+                }
+                return Ok(Some(save));
+            }
+            Err(e) => {
+                tracing::warn!(path = %save.display(), error = %e, "checkpoint refused");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| Error::checkpoint(dir.join(LATEST_FILE), "no save to load")))
+}
+
 /// Load a checkpoint into the existing variables of `varmap` and return the loop state
 /// (optimiser and head tensors on the variables' device). `dir` is either a run directory
-/// (its `latest` save is loaded) or one save's directory.
+/// (its newest save that verifies is loaded, see [`newest_good_checkpoint`]) or one save's
+/// directory (loaded only if it verifies, see [`verify_checkpoint`]).
 ///
 /// Every variable of `varmap` must be in the checkpoint with the same shape, and the
 /// checkpoint must hold no other weights; nothing is modified unless all of them fit.
 ///
 /// # Errors
-/// [`Error::Checkpoint`] naming the file and the key that is missing or does not fit;
-/// [`Error::Io`] for unreadable files.
+/// [`Error::Checkpoint`] naming the file (and the key) that is damaged, missing or does not
+/// fit; [`Error::Io`] for unreadable files.
 pub fn load_checkpoint(dir: &Path, varmap: &VarMap) -> Result<TrainState> {
-    let save = if dir.join(STATE_FILE).is_file() {
+    let save = if dir.join(STATE_FILE).is_file() || dir.join(CHECKSUMS_FILE).is_file() {
+        verify_checkpoint(dir)?;
         dir.to_path_buf()
     } else {
-        latest_checkpoint(dir)?.ok_or_else(|| {
+        newest_good_checkpoint(dir)?.ok_or_else(|| {
             Error::checkpoint(dir.join(LATEST_FILE), "no checkpoint in this directory")
         })?
     };
-    let state_path = save.join(STATE_FILE);
-    let bytes = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let file: StateFile = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::checkpoint(&state_path, e.to_string()))?;
-    if file.format_version != FORMAT_VERSION {
-        return Err(Error::checkpoint(
-            &state_path,
-            format!(
-                "format_version {} is not {FORMAT_VERSION}",
-                file.format_version
-            ),
-        ));
-    }
-    let mut state = file.state;
+    let mut state = read_state_file(&save.join(STATE_FILE))?.state;
 
     let data = varmap
         .data()
@@ -279,17 +475,7 @@ pub fn load_checkpoint(dir: &Path, varmap: &VarMap) -> Result<TrainState> {
 /// [`Error::Io`] for a directory that cannot be listed or removed.
 pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     let latest = latest_checkpoint(dir)?;
-    let mut saves: Vec<((u64, u64), PathBuf)> = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(key) = parse_name(&name) {
-            if entry.path().is_dir() {
-                saves.push((key, entry.path()));
-            }
-        }
-    }
-    saves.sort();
+    let saves = list_saves(dir)?;
     let n = saves.len().saturating_sub(keep);
     let mut removed = Vec::new();
     for (_, path) in saves.into_iter().take(n) {
@@ -300,6 +486,137 @@ pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         removed.push(path);
     }
     Ok(removed)
+}
+
+/// Bytes [`check_output_dir`] writes and syncs to probe a directory.
+pub const PROBE_BYTES: usize = 1 << 20;
+
+/// Check, before a run starts, that checkpoints can be written under `dir`: create it (and its
+/// parents), then create, write [`PROBE_BYTES`] bytes to, fsync and delete a hidden probe file
+/// in it. A read-only or full file system, a path through a regular file or a directory
+/// without write permission fails here rather than at the first save, hours into a run.
+///
+/// # Errors
+/// [`Error::OutputDir`] naming the directory and what failed.
+pub fn check_output_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::OutputDir {
+        path: dir.to_path_buf(),
+        reason: format!("cannot create it: {e}"),
+    })?;
+    let probe = dir.join(format!(".fr-write-probe-{}", std::process::id()));
+    let file = File::create(&probe).map_err(|e| Error::OutputDir {
+        path: dir.to_path_buf(),
+        reason: format!("cannot create a file in it ({e}): is it read-only?"),
+    })?;
+    let result = write_probe(file, dir);
+    let removed = fs::remove_file(&probe).map_err(|e| Error::OutputDir {
+        path: dir.to_path_buf(),
+        reason: format!("cannot delete the probe file {}: {e}", probe.display()),
+    });
+    result.and(removed)
+}
+
+/// Write and sync [`PROBE_BYTES`] zero bytes to `file` (opened in `dir`).
+fn write_probe(mut file: File, dir: &Path) -> Result<()> {
+    file.write_all(&vec![0u8; PROBE_BYTES])
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::OutputDir {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "cannot write and sync {PROBE_BYTES} bytes ({e}): is the disk full or the \
+                 file system read-only?"
+            ),
+        })
+}
+
+/// Save directories under `dir` by `(step, k)`, oldest first.
+fn list_saves(dir: &Path) -> Result<Vec<((u64, u64), PathBuf)>> {
+    let mut saves = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(key) = parse_name(&name) {
+            if entry.path().is_dir() {
+                saves.push((key, entry.path()));
+            }
+        }
+    }
+    saves.sort();
+    Ok(saves)
+}
+
+/// Parse `state.json`, accepting format versions [`MIN_FORMAT_VERSION`]..=[`FORMAT_VERSION`].
+fn read_state_file(path: &Path) -> Result<StateFile> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::checkpoint(path, "file missing"))
+        }
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let file: StateFile =
+        serde_json::from_slice(&bytes).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    if file.format_version > FORMAT_VERSION {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "format_version {} is newer than this fr reads ({MIN_FORMAT_VERSION} to \
+                 {FORMAT_VERSION}): update fr",
+                file.format_version
+            ),
+        ));
+    }
+    if file.format_version < MIN_FORMAT_VERSION {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "format_version {} is not one fr reads ({MIN_FORMAT_VERSION} to {FORMAT_VERSION})",
+                file.format_version
+            ),
+        ));
+    }
+    Ok(file)
+}
+
+/// Parse a `sha256sum`-format checksum file: `<64 lowercase hex digits>  <file>` lines (a
+/// `*` before the name, binary mode, is accepted); every file must be one a save holds, once.
+fn parse_checksums(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, String>> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| Error::checkpoint(path, "not UTF-8 text: the file is damaged"))?;
+    let mut listed = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |why: &str| Error::checkpoint(path, format!("line {}: {why}", i + 1));
+        let (hex, rest) = line
+            .split_at_checked(64)
+            .ok_or_else(|| bad("expected `<64 hex digits>  <file>`"))?;
+        if !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(bad("the checksum is not 64 lowercase hex digits"));
+        }
+        let file = rest
+            .strip_prefix("  ")
+            .or_else(|| rest.strip_prefix(" *"))
+            .ok_or_else(|| bad("expected two spaces between checksum and file"))?;
+        if !CHECKED_FILES.contains(&file) {
+            return Err(bad(&format!("`{file}` is not a checkpoint file")));
+        }
+        if listed.insert(file.to_string(), hex.to_string()).is_some() {
+            return Err(bad(&format!("`{file}` is listed twice")));
+        }
+    }
+    Ok(listed)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `step-{step:08}`, or `step-{step:08}.{k}` when a save of that step already exists.
@@ -553,6 +870,192 @@ mod tests {
         assert!(err.contains("state.json"), "{err}");
         let empty = tmpdir("empty");
         assert!(load_checkpoint(&empty, &model(0.0)).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn flip_byte(path: &Path, at: usize) {
+        let mut bytes = fs::read(path).unwrap();
+        let at = at.min(bytes.len() - 1);
+        bytes[at] ^= 0x01;
+        fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn damaged_latest_is_refused_and_the_previous_save_is_used() {
+        let dir = tmpdir("damaged");
+        save_checkpoint(&dir, &model(2.0), &state(10)).unwrap();
+        let newest = save_checkpoint(&dir, &model(5.0), &state(20)).unwrap();
+        let sums = fs::read_to_string(newest.join(CHECKSUMS_FILE)).unwrap();
+        assert_eq!(sums.lines().count(), CHECKED_FILES.len(), "{sums}");
+        for file in CHECKED_FILES {
+            assert!(sums.contains(&format!("  {file}\n")), "{sums}");
+        }
+        assert_eq!(verify_checkpoint(&newest).unwrap(), FORMAT_VERSION);
+
+        // One flipped bit in the weights of the newest save (a value, not the header: it
+        // would still parse).
+        let model_path = newest.join(MODEL_FILE);
+        let len = fs::metadata(&model_path).unwrap().len() as usize;
+        flip_byte(&model_path, len - 3);
+        let err = verify_checkpoint(&newest).unwrap_err().to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("damaged"),
+            "{err}"
+        );
+        // Loading that save directly is refused, naming the file; nothing is modified.
+        let vm = model(0.0);
+        let err = load_checkpoint(&newest, &vm).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors"), "{err}");
+        assert_eq!(value(&vm, "fc.weight"), vec![0.0; 6]);
+        // The run directory falls back to the previous save.
+        assert_eq!(
+            newest_good_checkpoint(&dir).unwrap().unwrap(),
+            dir.join("step-00000010")
+        );
+        assert_eq!(load_checkpoint(&dir, &vm).unwrap().step, 10);
+        assert_eq!(value(&vm, "fc.weight"), vec![2.0; 6]);
+
+        // A missing file, a damaged checksum list, a removed checksum list: each refused.
+        fs::write(&model_path, b"").unwrap();
+        fs::remove_file(newest.join(HEAD_FILE)).unwrap();
+        let err = verify_checkpoint(&newest).unwrap_err().to_string();
+        assert!(
+            err.contains("head.safetensors") && err.contains("missing"),
+            "{err}"
+        );
+        fs::write(newest.join(CHECKSUMS_FILE), "0123  state.json\n").unwrap();
+        let err = verify_checkpoint(&newest).unwrap_err().to_string();
+        assert!(
+            err.contains(CHECKSUMS_FILE) && err.contains("line 1"),
+            "{err}"
+        );
+        fs::remove_file(newest.join(CHECKSUMS_FILE)).unwrap();
+        let err = verify_checkpoint(&newest).unwrap_err().to_string();
+        assert!(
+            err.contains(CHECKSUMS_FILE) && err.contains("missing"),
+            "{err}"
+        );
+
+        // Every save damaged: the error is the newest one's.
+        flip_byte(&dir.join("step-00000010").join(STATE_FILE), 5);
+        let err = load_checkpoint(&dir, &vm).unwrap_err().to_string();
+        assert!(
+            err.contains("step-00000020") && err.contains(CHECKSUMS_FILE),
+            "{err}"
+        );
+        // A damaged `latest` pointer: every save is a candidate, none verifies.
+        fs::write(dir.join(LATEST_FILE), "../elsewhere\n").unwrap();
+        assert!(load_checkpoint(&dir, &vm).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn format_version_1_is_read_and_newer_versions_are_refused() {
+        let dir = tmpdir("v1");
+        let saved = save_checkpoint(&dir, &model(2.0), &state(10)).unwrap();
+        // A version-1 save: no checksums.
+        fs::remove_file(saved.join(CHECKSUMS_FILE)).unwrap();
+        let state_path = saved.join(STATE_FILE);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(&state_path).unwrap()).unwrap();
+        json["format_version"] = 1.into();
+        fs::write(&state_path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let vm = model(0.0);
+        assert_eq!(load_checkpoint(&dir, &vm).unwrap().step, 10);
+        assert_eq!(value(&vm, "fc.weight"), vec![2.0; 6]);
+        // A version from the future.
+        json["format_version"] = 99.into();
+        fs::write(&state_path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let err = load_checkpoint(&saved, &vm).unwrap_err().to_string();
+        assert!(
+            err.contains("state.json")
+                && err.contains("format_version 99")
+                && err.contains("newer"),
+            "{err}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn save_hook_sees_the_staged_and_the_renamed_save() {
+        use std::sync::Mutex;
+        static SEEN: Mutex<Vec<(SavePoint, PathBuf, bool)>> = Mutex::new(Vec::new());
+        fn hook(point: SavePoint, path: &Path) {
+            // At both points `latest` has not switched yet.
+            let latest = fs::read_to_string(path.parent().unwrap().join(LATEST_FILE)).ok();
+            let committed = latest.is_some_and(|l| path.ends_with(l.trim()));
+            SEEN.lock()
+                .unwrap()
+                .push((point, path.to_path_buf(), committed));
+        }
+        let dir = tmpdir("hook");
+        set_save_hook(Some(hook));
+        let saved = save_checkpoint(&dir, &model(1.0), &state(4));
+        set_save_hook(None);
+        let saved = saved.unwrap();
+        // Saves of tests running in parallel may pass by the hook too.
+        let seen: Vec<_> = SEEN
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p, _)| p.starts_with(&dir))
+            .cloned()
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (SavePoint::Staged, dir.join(".step-00000004.tmp"), false),
+                (SavePoint::Renamed, saved, false),
+            ]
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn output_dir_check_refuses_what_cannot_be_written() {
+        let dir = tmpdir("outdir");
+        // Created with its parents, probed, left clean.
+        let nested = dir.join("a").join("b");
+        check_output_dir(&nested).unwrap();
+        assert_eq!(fs::read_dir(&nested).unwrap().count(), 0);
+        // A path through a regular file cannot be created, whoever runs the test.
+        fs::write(dir.join("file"), b"x").unwrap();
+        let err = check_output_dir(&dir.join("file").join("run"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("output directory") && err.contains("cannot create it"),
+            "{err}"
+        );
+        // A full disk: the probe write fails with the reason (Linux's always-full device).
+        let full = Path::new("/dev/full");
+        if full.exists() {
+            let f = fs::OpenOptions::new().write(true).open(full).unwrap();
+            let err = write_probe(f, &dir).unwrap_err().to_string();
+            assert!(err.contains("disk full"), "{err}");
+        } else {
+            eprintln!("no /dev/full here: the full-disk case is not exercised");
+        }
+        // A read-only directory; privileged users (root) write there anyway, so the check is
+        // made only when the permission bits are enforced for this user.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let ro = dir.join("read-only");
+            fs::create_dir_all(&ro).unwrap();
+            fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
+            let enforced = fs::write(ro.join("try"), b"x").is_err();
+            if enforced {
+                let err = check_output_dir(&ro).unwrap_err().to_string();
+                assert!(err.contains("read-only"), "{err}");
+            } else {
+                eprintln!(
+                    "running with privileges that ignore permissions: read-only case skipped"
+                );
+                assert!(check_output_dir(&ro).is_ok());
+            }
+            fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 }

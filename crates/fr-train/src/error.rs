@@ -44,6 +44,37 @@ pub enum Error {
         /// The global step.
         step: u64,
     },
+    /// The output (checkpoint) directory cannot be created or written: read-only, full, or
+    /// a path through a regular file ([`crate::checkpoint::check_output_dir`]).
+    #[error("output directory {path}: {reason}")]
+    OutputDir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// [`crate::TrainerConfig::max_consecutive_skips`] steps in a row were skipped for a
+    /// non-finite loss or gradient: the run has diverged and stops.
+    #[error(
+        "training stopped at step {step}: {skipped} consecutive steps skipped, the last for a \
+         non-finite {what} (head `{head}`, learning rate {lr}, last finite loss {}); lower \
+         the learning rate, enable clip_max_norm, or check the data",
+        last_finite(.last_finite_loss)
+    )]
+    Diverged {
+        /// The step that was skipped last.
+        step: u64,
+        /// Steps skipped in a row.
+        skipped: u64,
+        /// What was non-finite at the last one: `loss` or `gradient norm`.
+        what: String,
+        /// The head's registry name.
+        head: String,
+        /// The learning rate of the last skipped step.
+        lr: f64,
+        /// `(step, loss)` of the last step whose loss was finite, if any.
+        last_finite_loss: Option<(u64, f64)>,
+    },
     /// The loss head failed.
     #[error("head `{head}`: {source}")]
     Head {
@@ -62,6 +93,13 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+fn last_finite(v: &Option<(u64, f64)>) -> String {
+    match v {
+        Some((step, loss)) => format!("{loss} at step {step}"),
+        None => "none: no step had a finite loss".to_string(),
+    }
 }
 
 impl Error {

@@ -1,6 +1,7 @@
 //! fr-train: the training loop of fr — optimisers with PyTorch semantics (SGD with momentum,
 //! Nesterov and weight decay; AdamW), learning-rate schedules, global gradient-norm clipping,
-//! seeded (order-independent) parameter initialisation, crash-safe checkpoints and a
+//! seeded (order-independent) parameter initialisation, crash-safe checksummed checkpoints
+//! (with a write check of the output directory before a run) and a
 //! [`Trainer`] that runs one step of backbone → head (+ an optional [`AuxiliaryLoss`]) → clip →
 //! update.
 //!
@@ -35,7 +36,8 @@ pub mod trainer;
 
 pub use auxiliary::{AuxiliaryBatch, AuxiliaryLoss, AuxiliaryOutput};
 pub use checkpoint::{
-    latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, TrainState,
+    check_output_dir, latest_checkpoint, load_checkpoint, newest_good_checkpoint,
+    prune_checkpoints, save_checkpoint, verify_checkpoint, TrainState,
 };
 pub use clip::{all_finite, clip_grad_norm, grad_norm, scale_grads};
 pub use error::{Error, Result};

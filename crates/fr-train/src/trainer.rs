@@ -8,7 +8,9 @@
 //! A step whose loss or gradient norm is non-finite is skipped: no parameter moves, the
 //! running statistics (variables named `*running_*`) and the head's state are restored to
 //! their values before the step, the skip is counted and logged, and the step counter still
-//! advances (the batch was consumed; the schedule counts batches).
+//! advances (the batch was consumed; the schedule counts batches). After
+//! [`TrainerConfig::max_consecutive_skips`] skips in a row the step returns
+//! [`Error::Diverged`] with the learning rate, the last finite loss and the head's name.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +42,9 @@ pub struct TrainerConfig {
     pub seed: u64,
     /// Saves kept by [`Trainer::save`] (older ones are deleted); 0 keeps all.
     pub keep_checkpoints: usize,
+    /// Non-finite steps skipped in a row after which [`Trainer::step`] stops the run with
+    /// [`Error::Diverged`]; 0 never stops.
+    pub max_consecutive_skips: u64,
 }
 
 impl Default for TrainerConfig {
@@ -50,6 +55,7 @@ impl Default for TrainerConfig {
             clip_max_norm: Some(5.0),
             seed: 0,
             keep_checkpoints: 2,
+            max_consecutive_skips: 10,
         }
     }
 }
@@ -58,14 +64,23 @@ impl TrainerConfig {
     /// Check every value.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the key.
+    /// [`Error::Config`] naming the key and its allowed range.
     pub fn validate(&self) -> Result<()> {
-        self.optimizer.validate()?;
-        self.schedule.validate()?;
+        // Keys as paths inside this config: `optimizer.lr`, `schedule.power`.
+        let prefixed = |section: &str, e: Error| match e {
+            Error::Config { key, reason } => Error::config(format!("{section}.{key}"), reason),
+            e => e,
+        };
+        self.optimizer
+            .validate()
+            .map_err(|e| prefixed("optimizer", e))?;
+        self.schedule
+            .validate()
+            .map_err(|e| prefixed("schedule", e))?;
         match self.clip_max_norm {
             Some(c) if !(c.is_finite() && c > 0.0) => Err(Error::config(
                 "clip_max_norm",
-                format!("must be > 0, got {c}"),
+                format!("must be finite and > 0 (or absent: no clipping), got {c}"),
             )),
             _ => Ok(()),
         }
@@ -229,7 +244,9 @@ impl Trainer {
     ///
     /// # Errors
     /// Backbone or head failures ([`Error::Head`]), candle errors. A non-finite loss or
-    /// gradient is not an error: the step is skipped and reported as such.
+    /// gradient is not an error: the step is skipped and reported as such, until
+    /// [`TrainerConfig::max_consecutive_skips`] steps in a row were: then [`Error::Diverged`]
+    /// (the step is counted as skipped first).
     pub fn step_tensors(
         &mut self,
         images: &Tensor,
@@ -292,9 +309,10 @@ impl Trainer {
         };
         if !loss.is_finite() {
             tracing::warn!(step, loss, "non-finite loss: step skipped");
-            self.skip(&buffers, head_state)?;
+            self.skip(&buffers, head_state, "loss", lr)?;
             return Ok(outcome);
         }
+        self.state.last_finite_loss = Some((step, loss));
 
         let mut grads = total.backward()?;
         let norm = grad_norm(&grads, &self.vars)?;
@@ -306,7 +324,7 @@ impl Trainer {
                 grad_norm = norm,
                 "non-finite gradient: step skipped"
             );
-            self.skip(&buffers, head_state)?;
+            self.skip(&buffers, head_state, "gradient norm", lr)?;
             return Ok(outcome);
         }
         if let Some(max) = self.config.clip_max_norm {
@@ -317,6 +335,7 @@ impl Trainer {
         self.optimizer.step(&grads)?;
         self.state.step += 1;
         self.state.lr = lr;
+        self.state.consecutive_skips = 0;
         outcome.skipped = false;
         Ok(outcome)
     }
@@ -435,7 +454,15 @@ impl Trainer {
         &self.optimizer
     }
 
-    fn skip(&mut self, buffers: &[Tensor], head_state: Vec<(String, Tensor)>) -> Result<()> {
+    /// Undo a step's side effects, count it as skipped, and stop the run after too many in a
+    /// row. `what` was non-finite; `lr` is the step's learning rate.
+    fn skip(
+        &mut self,
+        buffers: &[Tensor],
+        head_state: Vec<(String, Tensor)>,
+        what: &str,
+        lr: f64,
+    ) -> Result<()> {
         for ((_, var), old) in self.buffers.iter().zip(buffers) {
             var.set(old)?;
         }
@@ -443,8 +470,21 @@ impl Trainer {
         self.head
             .load_state(&head_state)
             .map_err(|e| self.head_error(e))?;
+        let step = self.state.step;
         self.state.skipped_steps += 1;
+        self.state.consecutive_skips += 1;
         self.state.step += 1;
+        let max = self.config.max_consecutive_skips;
+        if max > 0 && self.state.consecutive_skips >= max {
+            return Err(Error::Diverged {
+                step,
+                skipped: self.state.consecutive_skips,
+                what: what.to_string(),
+                head: self.head.name().to_string(),
+                lr,
+                last_finite_loss: self.state.last_finite_loss,
+            });
+        }
         Ok(())
     }
 

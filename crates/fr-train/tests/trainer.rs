@@ -241,6 +241,76 @@ fn nan_batch_is_skipped_without_touching_weights() {
 }
 
 #[test]
+fn consecutive_non_finite_steps_stop_the_run_with_a_diagnosis() {
+    let mut t = trainer(
+        7,
+        TrainerConfig {
+            max_consecutive_skips: 3,
+            ..config()
+        },
+    );
+    let finite = run(&mut t, 0..2, 20);
+    let nan = |i: u64| {
+        let mut b = batch(i);
+        b.images = b.images.affine(f64::NAN, 0.0).unwrap();
+        b
+    };
+    // Two skips, then a finite step resets the count.
+    for i in 2..4 {
+        assert!(t.step(&nan(i), 20).unwrap().skipped);
+    }
+    assert_eq!(t.state().consecutive_skips, 2);
+    let last = t.step(&batch(4), 20).unwrap();
+    assert!(!last.skipped);
+    assert_eq!(t.state().consecutive_skips, 0);
+    assert_eq!(t.state().last_finite_loss, Some((4, last.loss)));
+    assert_ne!(finite[1], last.loss);
+    // Three in a row: the third is an error naming the learning rate, the last finite loss
+    // and the head.
+    assert!(t.step(&nan(5), 20).unwrap().skipped);
+    assert!(t.step(&nan(6), 20).unwrap().skipped);
+    let err = t.step(&nan(7), 20).unwrap_err();
+    let lr = config().schedule.lr_at(0.5, 7, 20);
+    match &err {
+        fr_train::Error::Diverged {
+            step,
+            skipped,
+            what,
+            head,
+            lr: got_lr,
+            last_finite_loss,
+        } => {
+            assert_eq!((*step, *skipped, what.as_str()), (7, 3, "loss"));
+            assert_eq!(head, "test_softmax");
+            assert_eq!(*got_lr, lr);
+            assert_eq!(*last_finite_loss, Some((4, last.loss)));
+        }
+        e => panic!("expected Diverged, got {e}"),
+    }
+    let msg = err.to_string();
+    for part in [
+        "3 consecutive steps".to_string(),
+        "test_softmax".to_string(),
+        format!("learning rate {lr}"),
+        format!("last finite loss {} at step 4", last.loss),
+    ] {
+        assert!(msg.contains(&part), "{part:?} not in {msg}");
+    }
+    assert_eq!(t.state().skipped_steps, 5);
+    // 0 never stops.
+    let mut t = trainer(
+        7,
+        TrainerConfig {
+            max_consecutive_skips: 0,
+            ..config()
+        },
+    );
+    for i in 0..30 {
+        assert!(t.step(&nan(i), 40).unwrap().skipped);
+    }
+}
+
+#[test]
 fn clipping_bounds_the_update() {
     let mut cfg = config();
     cfg.optimizer = OptimizerConfig::Sgd(SgdConfig {
