@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::complexity::{Complexity, Counter};
 use crate::error::{Error, Result};
+use crate::quant::{fake_quantize_weight, quantized_conv, QuantAct, QuantBits};
 
 /// BatchNorm epsilon used everywhere in the reference.
 pub(crate) const BN_EPS: f64 = 1e-5;
@@ -250,6 +251,18 @@ pub struct IBasicBlock {
     conv2: Conv2d,
     bn3: BatchNorm,
     downsample: Option<(Conv2d, BatchNorm)>,
+    quant: Option<BlockQuant>,
+}
+
+/// Fake quantisation of one block ([`IResNet::quantize`]): weight bits, the kernels to
+/// rebuild its convolutions with, and the activation quantisers after the PReLU and after the
+/// residual addition.
+#[derive(Debug, Clone)]
+struct BlockQuant {
+    weight_bits: u32,
+    kernels: Kernels,
+    after_prelu: QuantAct,
+    after_residual: QuantAct,
 }
 
 impl IBasicBlock {
@@ -280,36 +293,50 @@ impl IBasicBlock {
             conv2: l.conv(out_c, out_c, 3, stride, 1, vb.pp("conv2"))?,
             bn3: l.bn(out_c, vb.pp("bn3"))?,
             downsample,
+            quant: None,
         })
     }
 }
 
 impl ModuleT for IBasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (bits, kernels) = match &self.quant {
+            Some(q) => (Some(q.weight_bits), q.kernels),
+            None => (None, Kernels::Auto),
+        };
+        let conv1 = quantized_conv(&self.conv1, bits, kernels)?;
+        let conv2 = quantized_conv(&self.conv2, bits, kernels)?;
+        let down = match &self.downsample {
+            Some((c, b)) => Some((quantized_conv(c, bits, kernels)?, b)),
+            None => None,
+        };
+        let act = |q: fn(&BlockQuant) -> &QuantAct, y: Tensor| match &self.quant {
+            Some(bq) => q(bq).forward_t(&y, train),
+            None => Ok(y),
+        };
         if !train && !fr_kernels::is_grad_enabled() {
             // Inference: conv1+bn2+prelu and conv2+bn3+residual as two fused convolutions.
             let out = self.bn1.forward_t(x, false)?;
-            let out = self
-                .conv1
-                .forward_eval_fused(&out, &self.bn2, Some(&self.prelu), None)?;
-            let identity = match &self.downsample {
+            let out = conv1.forward_eval_fused(&out, &self.bn2, Some(&self.prelu), None)?;
+            let out = act(|q| &q.after_prelu, out)?;
+            let identity = match &down {
                 Some((c, b)) => c.forward_eval_fused(x, b, None, None)?,
                 None => x.clone(),
             };
-            return self
-                .conv2
-                .forward_eval_fused(&out, &self.bn3, None, Some(&identity));
+            let out = conv2.forward_eval_fused(&out, &self.bn3, None, Some(&identity))?;
+            return act(|q| &q.after_residual, out);
         }
         let out = self.bn1.forward_t(x, train)?;
-        let out = self.conv1.forward(&out)?;
+        let out = conv1.forward(&out)?;
         let out = self.bn2.forward_prelu_t(&out, &self.prelu, train)?;
-        let out = self.conv2.forward(&out)?;
+        let out = act(|q| &q.after_prelu, out)?;
+        let out = conv2.forward(&out)?;
         let out = self.bn3.forward_t(&out, train)?;
-        let identity = match &self.downsample {
+        let identity = match &down {
             Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        out + identity
+        act(|q| &q.after_residual, (out + identity)?)
     }
 }
 
@@ -324,6 +351,8 @@ pub struct IResNet {
     bn2: BatchNorm,
     fc: Linear,
     features: BatchNorm,
+    /// Weight bits and the stem's activation quantiser, when fake-quantised.
+    quant: Option<(u32, QuantAct)>,
 }
 
 impl IResNet {
@@ -378,7 +407,32 @@ impl IResNet {
             bn2,
             fc,
             features,
+            quant: None,
         })
+    }
+
+    /// The same network (sharing its parameters) with QuantFace fake quantisation
+    /// ([`crate::quant`]): convolution and `fc` weights at `bits.weight` bits per output
+    /// channel, activations at `bits.activation` bits per tensor after every PReLU and
+    /// residual addition, with running ranges updated during the first `bits.freeze_after`
+    /// training forwards; BatchNorm in float; straight-through gradients. Boutros et al.,
+    /// QuantFace (ICPR 2022); reference `fdbtrs/QuantFace` `quantization_utils`.
+    ///
+    /// # Errors
+    /// A bit width outside 2..=16.
+    pub fn quantize(mut self, bits: QuantBits) -> Result<Self> {
+        bits.validate()?;
+        let act = || QuantAct::new(bits.activation, bits.freeze_after);
+        for block in self.layers.iter_mut().flatten() {
+            block.quant = Some(BlockQuant {
+                weight_bits: bits.weight,
+                kernels: self.cfg.kernels,
+                after_prelu: act(),
+                after_residual: act(),
+            });
+        }
+        self.quant = Some((bits.weight, act()));
+        Ok(self)
     }
 
     /// The configuration it was built from.
@@ -409,13 +463,20 @@ impl ModuleT for IResNet {
             [_, 3, h, w] if *h == s && *w == s => {}
             d => candle_core::bail!("IResNet expects input (B, 3, {s}, {s}), got {d:?}"),
         }
+        let conv1 = quantized_conv(
+            &self.conv1,
+            self.quant.as_ref().map(|q| q.0),
+            self.cfg.kernels,
+        )?;
         let mut x = if !train && !fr_kernels::is_grad_enabled() {
-            self.conv1
-                .forward_eval_fused(x, &self.bn1, Some(&self.prelu), None)?
+            conv1.forward_eval_fused(x, &self.bn1, Some(&self.prelu), None)?
         } else {
-            let x = self.conv1.forward(x)?;
+            let x = conv1.forward(x)?;
             self.bn1.forward_prelu_t(&x, &self.prelu, train)?
         };
+        if let Some((_, act)) = &self.quant {
+            x = act.forward_t(&x, train)?;
+        }
         for block in self.layers.iter().flatten() {
             x = block.forward_t(&x, train)?;
         }
@@ -426,8 +487,12 @@ impl ModuleT for IResNet {
             x
         };
         // Detached inside `fr_kernels::no_grad`, like the other layers.
+        let weight = match &self.quant {
+            Some((bits, _)) => fake_quantize_weight(self.fc.weight(), *bits)?,
+            None => self.fc.weight().clone(),
+        };
         let fc = Linear::new(
-            fr_kernels::track(self.fc.weight()),
+            fr_kernels::track(&weight),
             self.fc.bias().map(fr_kernels::track),
         );
         let x = fc.forward(&x)?;

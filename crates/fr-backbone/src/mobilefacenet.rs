@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::complexity::{Complexity, Counter};
 use crate::error::{Error, Result};
 use crate::layers::{self, ConvBn, ConvSpec};
+use crate::quant::{fake_quantize_weight, QuantBits};
 
 /// Architecture of a [`MobileFaceNet`]. Defaults: insightface's `mbf` at 112×112, 512-d.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,6 +253,12 @@ impl DepthWise {
         })
     }
 
+    fn quantize(&mut self, bits: QuantBits, kernels: Kernels) {
+        self.expand.quantize(bits, kernels, false);
+        self.depthwise.quantize(bits, kernels, false);
+        self.project.quantize(bits, kernels, self.residual);
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let y = self.expand.forward(x, train, None)?;
         let y = self.depthwise.forward(&y, train, None)?;
@@ -292,6 +299,8 @@ pub struct MobileFaceNet {
     gdc: ConvBn,
     linear: Linear,
     features: BatchNorm,
+    /// Weight bits of `linear`, when fake-quantised.
+    linear_bits: Option<u32>,
 }
 
 impl MobileFaceNet {
@@ -374,7 +383,33 @@ impl MobileFaceNet {
             gdc,
             linear,
             features,
+            linear_bits: None,
         })
+    }
+
+    /// The same network (sharing its parameters) with QuantFace fake quantisation
+    /// ([`crate::quant`]): every convolution and the linear layer at `bits.weight` bits per
+    /// output channel, activations at `bits.activation` bits per tensor after every PReLU
+    /// and residual addition (running ranges, frozen after `bits.freeze_after` training
+    /// forwards); BatchNorm in float; straight-through gradients. Boutros et al., QuantFace
+    /// (ICPR 2022); reference `fdbtrs/QuantFace` `quantization_utils`.
+    ///
+    /// # Errors
+    /// A bit width outside 2..=16.
+    pub fn quantize(mut self, bits: QuantBits) -> Result<Self> {
+        bits.validate()?;
+        let k = self.cfg.kernels;
+        for stage in &mut self.layers {
+            match stage {
+                Stage::Conv(c) => c.quantize(bits, k, false),
+                Stage::Down(d) => d.quantize(bits, k),
+                Stage::Residual(blocks) => blocks.iter_mut().for_each(|b| b.quantize(bits, k)),
+            }
+        }
+        self.conv_sep.quantize(bits, k, false);
+        self.gdc.quantize(bits, k, false);
+        self.linear_bits = Some(bits.weight);
+        Ok(self)
     }
 
     /// The configuration it was built from.
@@ -402,7 +437,11 @@ impl ModuleT for MobileFaceNet {
         }
         let x = self.conv_sep.forward(&x, train, None)?;
         let x = self.gdc.forward(&x, train, None)?.flatten_from(1)?;
-        let linear = Linear::new(fr_kernels::track(self.linear.weight()), None);
+        let weight = match self.linear_bits {
+            Some(bits) => fake_quantize_weight(self.linear.weight(), bits)?,
+            None => self.linear.weight().clone(),
+        };
+        let linear = Linear::new(fr_kernels::track(&weight), None);
         let x = linear.forward(&x)?;
         self.features.forward_t(&x, train)
     }

@@ -18,6 +18,7 @@ use crate::complexity::Complexity;
 use crate::error::Result;
 use crate::iresnet::{IResNet, IResNetConfig};
 use crate::mobilefacenet::{MobileFaceNet, MobileFaceNetConfig};
+use crate::pocketnet::{PocketNet, PocketNetConfig};
 use crate::spherenet::{SphereNet, SphereNetConfig};
 
 /// A feature extractor: images `(B, 3, H, W)` → embeddings `(B, D)` via
@@ -83,6 +84,8 @@ registry! {
     Mobilefacenet(MobileFaceNetConfig) => MobileFaceNet,
     /// [`SphereNet`] (`type = "spherenet"`).
     Spherenet(SphereNetConfig) => SphereNet,
+    /// [`PocketNet`] (`type = "pocketnet"`, `size = "s"` or `"m"`).
+    Pocketnet(PocketNetConfig) => PocketNet,
 }
 
 impl Default for BackboneConfig {
@@ -106,6 +109,8 @@ pub const NAMED_BACKBONES: &[(&str, &str)] = &[
     ),
     ("sphere20", "SphereNet-20 (SphereFace), 112x96, 512-d"),
     ("sphere64", "SphereNet-64 (SphereFace), 112x96, 512-d"),
+    ("pocketnets", "PocketNetS (DARTS cells), 112x112, 128-d"),
+    ("pocketnetm", "PocketNetM (DARTS cells), 112x112, 128-d"),
 ];
 
 impl BackboneConfig {
@@ -122,6 +127,8 @@ impl BackboneConfig {
             "mbf_large" => BackboneConfig::Mobilefacenet(MobileFaceNetConfig::mbf_large()),
             "sphere20" => BackboneConfig::Spherenet(SphereNetConfig::sphere20()),
             "sphere64" => BackboneConfig::Spherenet(SphereNetConfig::sphere64()),
+            "pocketnets" => BackboneConfig::Pocketnet(PocketNetConfig::s()),
+            "pocketnetm" => BackboneConfig::Pocketnet(PocketNetConfig::m()),
             _ => return None,
         })
     }
