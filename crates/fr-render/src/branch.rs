@@ -276,11 +276,12 @@ mod tests {
         }
         let (lo, hi) = range(&out.mask)?;
         assert!(lo >= 0.0 && hi == 1.0);
-        let loss = out.loss(&images(3, 32, 2, DType::F32)?, 0.5, 1.0)?;
+        let loss = out.loss(&images(3, 32, 2, DType::F32)?, &cfg)?;
         let total = loss.total.to_scalar::<f32>()?;
         let want = loss.l1.to_scalar::<f32>()?
             + 0.5 * loss.l1_flip.to_scalar::<f32>()?
-            + loss.frame.to_scalar::<f32>()?;
+            + loss.frame.to_scalar::<f32>()?
+            + loss.front.to_scalar::<f32>()?;
         assert!((total - want).abs() < 1e-5 && total.is_finite());
         // Wrong inputs are rejected with the tensor's name.
         let bad = branch.forward(&images(1, 16, 3, DType::F32)?, true);
@@ -294,10 +295,7 @@ mod tests {
         let (varmap, branch) = build(&cfg, 3, DType::F32)?;
         let x = images(2, 32, 4, DType::F32)?;
         let out = branch.forward(&x, true)?;
-        let grads = out
-            .loss(&x, cfg.lam_flip, cfg.lam_frame)?
-            .total
-            .backward()?;
+        let grads = out.loss(&x, &cfg)?.total.backward()?;
         let data = varmap.data().lock().unwrap();
         let mut checked = 0;
         for (name, var) in data.iter().filter(|(n, _)| !n.contains("running_")) {
@@ -338,7 +336,7 @@ mod tests {
         let (_, branch) = build(&cfg, 9, DType::F64)?;
         let x = images(2, 32, 6, DType::F64)?;
         let out = branch.forward(&x, true)?;
-        let l = out.loss(&x, cfg.lam_flip, cfg.lam_frame)?.total;
+        let l = out.loss(&x, &cfg)?.total;
         assert_eq!(l.dtype(), DType::F64);
         assert!(l.to_scalar::<f64>()?.is_finite());
         let v = Var::from_tensor(&x)?;
@@ -366,10 +364,7 @@ mod tests {
             let t0 = std::time::Instant::now();
             let out = branch.forward(&x, true)?;
             let t1 = t0.elapsed();
-            let grads = out
-                .loss(&x, cfg.lam_flip, cfg.lam_frame)?
-                .total
-                .backward()?;
+            let grads = out.loss(&x, &cfg)?.total.backward()?;
             let t2 = t0.elapsed();
             drop(grads);
             times.push((t1.as_secs_f64(), t2.as_secs_f64()));

@@ -50,6 +50,15 @@ pub struct RenderConfig {
     pub zdim: usize,
     /// Weight of the flipped reconstruction's loss. Default 0.5.
     pub lam_flip: f64,
+    /// Weight of the face-in-front term of L_reco ([`crate::loss::front_loss`]: the face's
+    /// centre at least `front_margin` nearer than the image's border band). Default 1; 0
+    /// leaves the convex/concave reversal to chance.
+    pub lam_front: f64,
+    /// Margin of the face-in-front term (world units). Default 0: the term only orders the
+    /// centre before the border. A margin of 0.02 (a tenth of the depth range) pushed the
+    /// embedded default's view network back to degenerate views (87.5 % accuracy with the
+    /// branch instead of 90.6 %).
+    pub front_margin: f64,
     /// Weight of the frame term of L_reco ([`crate::loss::frame_loss`]: how far input-view
     /// pixels sample outside the canonical image). Default 1; 0 gives Unsup3D's L_reco, with
     /// which the view network drifts to views that leave most of the face out of the frame.
@@ -75,6 +84,8 @@ impl Default for RenderConfig {
             encoder_width: 8,
             zdim: 64,
             lam_flip: 0.5,
+            lam_front: 1.0,
+            front_margin: 0.0,
             lam_frame: 1.0,
         }
     }
@@ -163,7 +174,20 @@ impl RenderConfig {
                 return Err(Error::config(key, format!("{w}: need 1..=1024")));
             }
         }
-        for (key, w) in [("lam_flip", self.lam_flip), ("lam_frame", self.lam_frame)] {
+        if !(0.0..=self.max_depth - self.min_depth).contains(&self.front_margin) {
+            return Err(Error::config(
+                "front_margin",
+                format!(
+                    "{}: need within [0, max_depth − min_depth]",
+                    self.front_margin
+                ),
+            ));
+        }
+        for (key, w) in [
+            ("lam_flip", self.lam_flip),
+            ("lam_frame", self.lam_frame),
+            ("lam_front", self.lam_front),
+        ] {
             if !(w >= 0.0 && w.is_finite()) {
                 return Err(Error::config(key, format!("{w}: need ≥ 0")));
             }
@@ -211,5 +235,7 @@ mod tests {
         bad(|c| c.albedo_width = 0, "albedo_width");
         bad(|c| c.lam_flip = -1.0, "lam_flip");
         bad(|c| c.lam_frame = f64::NAN, "lam_frame");
+        bad(|c| c.lam_front = -0.5, "lam_front");
+        bad(|c| c.front_margin = 0.5, "front_margin");
     }
 }

@@ -152,9 +152,7 @@ impl RenderObjective {
         // Recognition normalisation (x − 0.5)/0.5 → [0, 1], at the branch's size.
         let x = resize_bilinear(&images.narrow(0, 0, n)?.affine(0.5, 0.5)?, s)?;
         let output = self.branch.forward(&x, true)?;
-        let reco = output
-            .loss(&x, self.cfg.branch.lam_flip, self.cfg.branch.lam_frame)?
-            .total;
+        let reco = output.loss(&x, &self.cfg.branch)?.total;
         let mut total = reco.affine(self.cfg.lambda_reco, 0.0)?;
 
         let (want_canon, want_view) = (self.cfg.lambda_canon > 0.0, self.cfg.lambda_view > 0.0);

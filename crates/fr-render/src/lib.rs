@@ -18,7 +18,7 @@
 //! let branch = ReconstructionBranch::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
 //! let images = Tensor::rand(0f32, 1., (2, 3, 32, 32), &Device::Cpu)?; // RGB in [0, 1]
 //! let out = branch.forward(&images, true)?;
-//! let loss = out.loss(&images, cfg.lam_flip, cfg.lam_frame)?; // L_reco
+//! let loss = out.loss(&images, &cfg)?; // L_reco
 //! let grads = loss.total.backward()?; // hand to an optimiser over the non-`running_` vars
 //! assert_eq!(out.canonical_image.dims(), &[2, 3, 32, 32]); // the input of L_FR^canon
 //! let picture = to_rgb8(&out.reconstruction.get(0)?)?; // the re-rendered view, for a grid

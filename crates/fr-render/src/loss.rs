@@ -24,6 +24,7 @@
 
 use candle_core::Tensor;
 
+use crate::config::RenderConfig;
 use crate::{Error, Result};
 
 /// Numerical floor added to σ (Unsup3D's `EPS`).
@@ -80,6 +81,49 @@ pub struct ReconstructionLoss {
     pub l1_flip: Tensor,
     /// The frame term ([`frame_loss`] of [`ReconstructionOutput::view_grid`]).
     pub frame: Tensor,
+    /// The face-in-front term ([`front_loss`] of [`ReconstructionOutput::canonical_depth`]).
+    pub front: Tensor,
+}
+
+/// The face-in-front term of L_reco, a scalar: for canonical depths `(B, S, S)` (world units,
+/// nearer is smaller), the batch mean of `max(0, d_centre − d_border + margin)`, where
+/// `d_centre` is an image's mean depth over its central square (rows and columns in
+/// `[S/4, 3S/4)`) and `d_border` its mean depth over the band of width `S/8` along the four
+/// edges. 0 once every face's centre lies at least `margin` in front of its surroundings; it
+/// says nothing about the shape beyond that.
+///
+/// Why: depth and view are only determined up to the convex/concave (hollow-face) reversal
+/// — a concave face seen at the mirrored view under the mirrored light gives the same image
+/// under (near-)orthographic projection, and this renderer does no occlusion reasoning, the
+/// one cue that tells them apart — so without a prior the branch learns either, by seed. In
+/// aligned crops the face is at the centre, in front of the background. \[R\], not in Unsup3D
+/// (whose far depth on the two outermost columns plays a weaker form of this role).
+///
+/// # Errors
+/// [`Error::Shape`] for another rank, a non-square map or one smaller than 8×8.
+pub fn front_loss(depth: &Tensor, margin: f64) -> Result<Tensor> {
+    let dims = depth.dims();
+    if dims.len() != 3 || dims[1] != dims[2] || dims[1] < 8 {
+        return Err(Error::shape("depth", "(B, S, S) with S ≥ 8", depth));
+    }
+    let s = dims[1];
+    let (q, e) = (s / 4, s / 8);
+    let centre = depth
+        .narrow(1, q, s - 2 * q)?
+        .narrow(2, q, s - 2 * q)?
+        .mean((1, 2))?;
+    let total = depth.sum((1, 2))?;
+    let inner = depth
+        .narrow(1, e, s - 2 * e)?
+        .narrow(2, e, s - 2 * e)?
+        .sum((1, 2))?;
+    let band_count = (s * s - (s - 2 * e) * (s - 2 * e)) as f64;
+    let border = total.sub(&inner)?.affine(1.0 / band_count, 0.0)?;
+    Ok(centre
+        .sub(&border)?
+        .affine(1.0, margin)?
+        .relu()?
+        .mean_all()?)
 }
 
 /// The frame term of L_reco, a scalar: for a sampling grid `(B, H, W, 2)` of normalised
@@ -154,17 +198,13 @@ pub fn photometric_loss(
 impl ReconstructionOutput {
     /// L_reco of this output against the input `images` `(B, 3, S, S)` in [0, 1] (the same
     /// images the branch was run on): confidence-weighted L1 of the reconstruction plus
-    /// `lam_flip` × that of the flipped reconstruction, both over [`Self::mask`], plus
-    /// `lam_frame` × the frame term of [`Self::view_grid`].
+    /// `cfg.lam_flip` × that of the flipped reconstruction, both over [`Self::mask`], plus
+    /// `cfg.lam_frame` × the frame term of [`Self::view_grid`] and `cfg.lam_front` × the
+    /// face-in-front term of [`Self::canonical_depth`] (margin `cfg.front_margin`).
     ///
     /// # Errors
     /// [`Error::Shape`] for images of another shape.
-    pub fn loss(
-        &self,
-        images: &Tensor,
-        lam_flip: f64,
-        lam_frame: f64,
-    ) -> Result<ReconstructionLoss> {
+    pub fn loss(&self, images: &Tensor, cfg: &RenderConfig) -> Result<ReconstructionLoss> {
         let l1 = photometric_loss(
             &self.reconstruction,
             images,
@@ -178,13 +218,16 @@ impl ReconstructionOutput {
             Some(&self.mask),
         )?;
         let frame = frame_loss(&self.view_grid)?;
+        let front = front_loss(&self.canonical_depth, cfg.front_margin)?;
         Ok(ReconstructionLoss {
             total: l1
-                .add(&l1_flip.affine(lam_flip, 0.0)?)?
-                .add(&frame.affine(lam_frame, 0.0)?)?,
+                .add(&l1_flip.affine(cfg.lam_flip, 0.0)?)?
+                .add(&frame.affine(cfg.lam_frame, 0.0)?)?
+                .add(&front.affine(cfg.lam_front, 0.0)?)?,
             l1,
             l1_flip,
             frame,
+            front,
         })
     }
 }
@@ -263,6 +306,34 @@ mod tests {
         let g = rand_tensor(&[1, 2, 3, 2], 8)?.affine(5.0, -2.55)?; // in (−2.55, 2.45), no kinks hit
         assert!(fd_check(&g, frame_loss)? < 1e-7);
         assert!(frame_loss(&rand_tensor(&[1, 2, 3], 9)?).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn front_term_wants_the_centre_in_front_of_the_border() -> Result<()> {
+        // 8×8: centre rows/cols 2..6, border band 1 pixel wide (28 pixels).
+        let map = |centre: f64, border: f64, rest: f64| -> Result<Tensor> {
+            let v: Vec<f64> = (0..64)
+                .map(|p| {
+                    let (i, j) = (p / 8, p % 8);
+                    if i == 0 || i == 7 || j == 0 || j == 7 {
+                        border
+                    } else if (2..6).contains(&i) && (2..6).contains(&j) {
+                        centre
+                    } else {
+                        rest
+                    }
+                })
+                .collect();
+            Ok(Tensor::from_vec(v, (1, 8, 8), &Device::Cpu)?)
+        };
+        let f = |t: &Tensor| -> Result<f64> { Ok(front_loss(t, 0.02)?.to_scalar::<f64>()?) };
+        assert_eq!(f(&map(0.95, 1.05, 1.0)?)?, 0.0); // convex: nothing to pay
+        assert!((f(&map(1.05, 0.95, 1.0)?)? - 0.12).abs() < 1e-12); // hollow: 0.1 + margin
+        assert!((f(&map(1.0, 1.01, 0.9)?)? - 0.01).abs() < 1e-12); // in front, but by < margin
+        let d = rand_tensor(&[2, 8, 8], 13)?.affine(0.2, 0.9)?;
+        assert!(fd_check(&d, |t| front_loss(t, 0.5))? < 1e-7);
+        assert!(front_loss(&rand_tensor(&[1, 4, 4], 1)?, 0.0).is_err());
         Ok(())
     }
 
