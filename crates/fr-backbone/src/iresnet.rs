@@ -300,6 +300,19 @@ impl IBasicBlock {
 
 impl ModuleT for IBasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_tapped(x, train, None)
+    }
+}
+
+impl IBasicBlock {
+    /// [`ModuleT::forward_t`], handing the input of every BatchNorm to `tap` when given
+    /// (which also keeps the layers separate: no fused inference path).
+    fn forward_tapped(
+        &self,
+        x: &Tensor,
+        train: bool,
+        mut tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
         let (bits, kernels) = match &self.quant {
             Some(q) => (Some(q.weight_bits), q.kernels),
             None => (None, Kernels::Auto),
@@ -314,7 +327,7 @@ impl ModuleT for IBasicBlock {
             Some(bq) => q(bq).forward_t(&y, train),
             None => Ok(y),
         };
-        if !train && !fr_kernels::is_grad_enabled() {
+        if !train && !fr_kernels::is_grad_enabled() && tap.is_none() {
             // Inference: conv1+bn2+prelu and conv2+bn3+residual as two fused convolutions.
             let out = self.bn1.forward_t(x, false)?;
             let out = conv1.forward_eval_fused(&out, &self.bn2, Some(&self.prelu), None)?;
@@ -326,14 +339,25 @@ impl ModuleT for IBasicBlock {
             let out = conv2.forward_eval_fused(&out, &self.bn3, None, Some(&identity))?;
             return act(|q| &q.after_residual, out);
         }
+        let mut record = |name: &str, bn: &BatchNorm, input: &Tensor| match tap.as_deref_mut() {
+            Some(t) => t.record(name, bn, input),
+            None => Ok(()),
+        };
+        record("bn1", &self.bn1, x)?;
         let out = self.bn1.forward_t(x, train)?;
         let out = conv1.forward(&out)?;
+        record("bn2", &self.bn2, &out)?;
         let out = self.bn2.forward_prelu_t(&out, &self.prelu, train)?;
         let out = act(|q| &q.after_prelu, out)?;
         let out = conv2.forward(&out)?;
+        record("bn3", &self.bn3, &out)?;
         let out = self.bn3.forward_t(&out, train)?;
         let identity = match &down {
-            Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
+            Some((c, b)) => {
+                let y = c.forward(x)?;
+                record("downsample.1", b, &y)?;
+                b.forward_t(&y, train)?
+            }
             None => x.clone(),
         };
         act(|q| &q.after_residual, (out + identity)?)
@@ -456,8 +480,32 @@ impl IResNet {
     }
 }
 
-impl ModuleT for IResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+impl IResNet {
+    /// Eval-mode forward `(B, 3, S, S)` → embeddings `(B, D)` that also returns the batch
+    /// statistics of the input of every BatchNorm2d layer, in forward order, with gradients
+    /// (for the BatchNorm-statistics prior of DeepInversion, Yin et al., CVPR 2020, which
+    /// hooks every `BatchNorm2d`; the 1-D `features` layer is left out, as there).
+    /// BatchNorm normalises with the running statistics, as in [`ModuleT::forward_t`] with
+    /// `train = false`; nothing is updated. The layers run unfused, so the result equals the
+    /// eval forward up to float rounding.
+    ///
+    /// # Errors
+    /// An input that is not `(B, 3, S, S)`, or a failure of a layer.
+    pub fn forward_with_bn_stats(
+        &self,
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
+        let mut tap = BnTap::default();
+        let y = self.forward_tapped(x, false, Some(&mut tap))?;
+        Ok((y, tap.stats))
+    }
+
+    fn forward_tapped(
+        &self,
+        x: &Tensor,
+        train: bool,
+        mut tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
         let s = self.cfg.input_size;
         match x.dims() {
             [_, 3, h, w] if *h == s && *w == s => {}
@@ -468,17 +516,33 @@ impl ModuleT for IResNet {
             self.quant.as_ref().map(|q| q.0),
             self.cfg.kernels,
         )?;
-        let mut x = if !train && !fr_kernels::is_grad_enabled() {
+        let mut x = if !train && !fr_kernels::is_grad_enabled() && tap.is_none() {
             conv1.forward_eval_fused(x, &self.bn1, Some(&self.prelu), None)?
         } else {
             let x = conv1.forward(x)?;
+            if let Some(t) = tap.as_deref_mut() {
+                t.record("bn1", &self.bn1, &x)?;
+            }
             self.bn1.forward_prelu_t(&x, &self.prelu, train)?
         };
         if let Some((_, act)) = &self.quant {
             x = act.forward_t(&x, train)?;
         }
-        for block in self.layers.iter().flatten() {
-            x = block.forward_t(&x, train)?;
+        for (li, blocks) in self.layers.iter().enumerate() {
+            for (bi, block) in blocks.iter().enumerate() {
+                x = match tap.as_deref_mut() {
+                    Some(t) => {
+                        t.prefix = format!("layer{}.{bi}.", li + 1);
+                        let y = block.forward_tapped(&x, train, Some(&mut *t))?;
+                        t.prefix.clear();
+                        y
+                    }
+                    None => block.forward_t(&x, train)?,
+                };
+            }
+        }
+        if let Some(t) = tap {
+            t.record("bn2", &self.bn2, &x)?;
         }
         let x = self.bn2.forward_t(&x, train)?.flatten_from(1)?;
         let x = if train && self.cfg.dropout > 0.0 {
@@ -497,6 +561,54 @@ impl ModuleT for IResNet {
         );
         let x = fc.forward(&x)?;
         self.features.forward_t(&x, train)
+    }
+}
+
+impl ModuleT for IResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_tapped(x, train, None)
+    }
+}
+
+/// Batch statistics of the input `(B, C, H, W)` of one BatchNorm2d layer, next to the layer's
+/// running statistics ([`IResNet::forward_with_bn_stats`]).
+#[derive(Debug, Clone)]
+pub struct BnBatchStats {
+    /// The layer's state-dict prefix: `bn1`, `layer2.0.bn3`, `layer1.0.downsample.1`, `bn2`.
+    pub name: String,
+    /// Per-channel mean over `(B, H, W)`, `(C,)`, on the autograd graph of the input.
+    pub mean: Tensor,
+    /// Per-channel biased variance over `(B, H, W)`, `(C,)`, on the autograd graph.
+    pub var: Tensor,
+    /// The layer's running mean `(C,)` (detached).
+    pub running_mean: Tensor,
+    /// The layer's running variance `(C,)` (detached).
+    pub running_var: Tensor,
+}
+
+/// Collects [`BnBatchStats`] during a forward; `prefix` is the current block's path.
+#[derive(Default)]
+struct BnTap {
+    prefix: String,
+    stats: Vec<BnBatchStats>,
+}
+
+impl BnTap {
+    fn record(&mut self, name: &str, bn: &BatchNorm, x: &Tensor) -> candle_core::Result<()> {
+        let x = fr_kernels::track(x);
+        let c = x.dim(1)?;
+        // (B, C, H, W) → (C, B·H·W); the biased variance, as DeepInversion's hook.
+        let flat = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+        let mean = flat.mean(1)?;
+        let var = flat.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
+        self.stats.push(BnBatchStats {
+            name: format!("{}{name}", self.prefix),
+            mean,
+            var,
+            running_mean: bn.running_mean().detach(),
+            running_var: bn.running_var().detach(),
+        });
+        Ok(())
     }
 }
 

@@ -3,7 +3,8 @@
 //! seeded (order-independent) parameter initialisation, crash-safe checksummed checkpoints
 //! (with a write check of the output directory before a run) and a
 //! [`Trainer`] that runs one step of backbone → head (+ an optional [`AuxiliaryLoss`]) → clip →
-//! update.
+//! update; [`invert`] generates images from a frozen backbone's embeddings (ArcFace
+//! inversion with DeepInversion's BatchNorm-statistics prior).
 //!
 //! Using the pieces alone, on any candle model:
 //!
@@ -29,6 +30,7 @@ pub mod auxiliary;
 pub mod checkpoint;
 pub mod clip;
 pub mod error;
+pub mod inversion;
 pub mod optim;
 pub mod schedule;
 pub mod seeded;
@@ -41,6 +43,9 @@ pub use checkpoint::{
 };
 pub use clip::{all_finite, clip_grad_norm, grad_norm, scale_grads};
 pub use error::{Error, Result};
+pub use inversion::{
+    invert, save_png_grid, InversionConfig, InversionResult, InversionStep, GRID_GAP,
+};
 pub use optim::{AdamW, AdamWConfig, AnyOptimizer, OptimizerConfig, Sgd, SgdConfig, WeightDecayOn};
 pub use schedule::LrSchedule;
 pub use seeded::SeededVarMap;
