@@ -1,6 +1,8 @@
 //! PocketNetS / PocketNetM: published parameter counts, state-dict names, shapes, gradients,
 //! and the fused kernels against candle's path (pooling is checked in the module's unit test).
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -180,26 +182,7 @@ fn every_trainable_parameter_gets_a_gradient() {
     let target = Tensor::randn(0f32, 1f32, (4, 16), &Device::Cpu).unwrap();
     let loss = (&y * &target).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
-    let data = varmap.data().lock().unwrap();
-    let mut trained = 0;
-    for (name, var) in data.iter() {
-        if !PocketNet::is_trainable(name) {
-            assert!(name.contains("running_"), "{name}");
-            continue;
-        }
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(norm.is_finite() && norm > 0.0, "{name}: |grad|² = {norm}");
-        trained += 1;
-    }
+    let trained = common::assert_trainable_gradients(&varmap, &grads, PocketNet::is_trainable);
     assert!(trained > 500, "{trained} trainable tensors");
 }
 

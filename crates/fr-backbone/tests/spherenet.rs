@@ -1,5 +1,7 @@
 //! SphereNet-20 / 64 (SphereFace's CNN): names, shapes, counts, gradients.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -100,20 +102,9 @@ fn forward_shapes_and_gradients() {
     let d = (&y - &e).unwrap().abs().unwrap().max_all().unwrap();
     assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
     let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        assert!(SphereNet::is_trainable(name));
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}"));
-        let n = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(n.is_finite() && n > 0.0, "{name}: |grad|² = {n}");
-    }
+    // No BatchNorm: every variable trains.
+    let trained = common::assert_trainable_gradients(&varmap, &grads, SphereNet::is_trainable);
+    assert_eq!(trained, varmap.all_vars().len());
     // Square 112 input is not SphereFace's 112×96: rejected with the expected shape.
     let bad = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
     let err = net.forward_t(&bad, false).unwrap_err().to_string();

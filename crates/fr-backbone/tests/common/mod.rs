@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
 use fr_backbone::IResNetConfig;
 
 pub fn data(name: &str) -> PathBuf {
@@ -63,4 +65,37 @@ pub fn max_abs_diff_to_pytorch(out: &Tensor) -> f32 {
         }
     }
     max
+}
+
+/// Asserts that every variable of `varmap` that `is_trainable` accepts has a finite, non-zero
+/// gradient in `grads`, and that every other one is a BatchNorm running statistic; returns the
+/// number of trainable tensors checked.
+pub fn assert_trainable_gradients(
+    varmap: &VarMap,
+    grads: &GradStore,
+    is_trainable: impl Fn(&str) -> bool,
+) -> usize {
+    let data = varmap.data().lock().unwrap();
+    let mut trained = 0;
+    for (name, var) in data.iter() {
+        if !is_trainable(name) {
+            assert!(name.contains("running_"), "{name}");
+            continue;
+        }
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(norm.is_finite() && norm > 0.0, "{name}: |grad|² = {norm}");
+        trained += 1;
+    }
+    trained
 }
