@@ -8,8 +8,9 @@
 //!
 //! - the sub-batch (recognition normalisation `(x − 0.5)/0.5`, e.g. 56×56) is mapped back to
 //!   [0, 1] and resized to the branch's size ([`resize_bilinear`], pixel centres aligned);
-//! - **L_reco**: the branch's confidence-weighted L1 plus `lam_flip` × the flipped one
-//!   ([`ReconstructionOutput::loss`]); the branch's own BatchNorm layers run in training mode;
+//! - **L_reco**: the branch's confidence-weighted L1 plus `lam_flip` × the flipped one, plus
+//!   the frame and face-in-front terms ([`ReconstructionOutput::loss`]); the branch's own
+//!   BatchNorm layers run in training mode;
 //! - **L_FR^canon**: the canonical face (albedo × shading) is resized back to the
 //!   recognition size, normalised, embedded by the backbone and scored by the head with the
 //!   batch's labels. Its gradient flows through the backbone into the albedo, depth and light
