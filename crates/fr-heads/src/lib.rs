@@ -4,7 +4,8 @@
 //! Knot Magnify, center loss, GB-CosFace, EPL, UniFace, the uniform-classification BCE,
 //! UniTSFace, the Deep Simplex Classifier, angular softmax + batch-hard triplet and LH2Face
 //! (vMF similarity, uncertainty-aware margin, proxy losses); [`partial_fc`] samples the class
-//! centres of any of them; [`qmagface`] scoring and [`kd`] losses are tools beside the heads.
+//! centres of any of them and [`sharded`] is its model-parallel form over K ranks (simulated in
+//! one process); [`qmagface`] scoring and [`kd`] losses are tools beside the heads.
 //! The table of heads, defaults and published numbers is `docs/heads.md` in the repository.
 //!
 //! A head takes embeddings `(B, D)` and u32 labels `(B,)` and returns the loss to
@@ -52,6 +53,7 @@ pub mod normface;
 pub mod partial_fc;
 pub mod qmagface;
 pub mod registry;
+pub mod sharded;
 pub mod simplex;
 pub mod softmax;
 pub mod sphereface;

@@ -1,0 +1,693 @@
+//! Model-parallel Partial FC: the class centres are sharded over `K` ranks, embeddings and
+//! labels are all-gathered, each rank samples its own shard, and the softmax cross-entropy is
+//! computed with its row maximum and exponential sum all-reduced across ranks.
+//!
+//! An et al., "Partial FC: Training 10 Million Identities on a Single Machine", ICCVW 2021;
+//! "Killing Two Birds with One Stone: Efficient and Robust Training of Face Recognition CNNs
+//! by Partial FC", CVPR 2022. Reference: insightface `recognition/arcface_torch/partial_fc_v2.py`
+//! (`PartialFC_V2`, `DistCrossEntropyFunc`, `AllGatherFunc`).
+//!
+//! One step, for a global batch of `B = Σ_k B_k` samples, `C` classes and embedding size `D`:
+//! 1. all-gather the per-rank embeddings `(B_k, D)` into `(B, D)` and the labels into `(B,)`;
+//! 2. rank `r` owns classes `[start_r, start_r + n_r)` with `n_r = ⌊C/K⌋ + [r < C mod K]`,
+//!    `start_r = ⌊C/K⌋·r + min(r, C mod K)` ([`shard_range`]); labels outside the shard become
+//!    −1 locally, the others are made shard-local;
+//! 3. each rank samples its shard with [`sample_classes`] (positives plus uniform negatives up
+//!    to `⌊sample_rate · n_r⌋`), keyed by `(seed, step, rank)`;
+//! 4. rank `r` computes `z^r = s · margin(x̂ · ŵ^rᵀ)` `(B, n'_r)` with the ArcFace target logit
+//!    (any [`ArcFaceConfig`]) applied where the rank owns the label;
+//! 5. `M_i = max_r max_j z^r_ij` (all-reduce max), `S_i = Σ_r Σ_j exp(z^r_ij − M_i)`
+//!    (all-reduce sum), `T_i = Σ_r z^r_{i,y_i}` (all-reduce sum; exactly one rank contributes);
+//!    `L = mean_i (M_i + ln S_i − T_i)`;
+//! 6. rank `r`'s gradient is `∂L/∂z^r = (exp(z^r − M)/S − onehot^r) / B`, back-propagated by
+//!    candle through the rank's local graph to its centres and its copy of the gathered
+//!    embeddings; the embedding gradients `(B, D)` are summed over ranks and each rank keeps
+//!    its own rows (reduce-scatter).
+//!
+//! As in arcface_torch, the loss *value* on every rank is the global `L` and only the gradients
+//! are additive across ranks. arcface_torch additionally multiplies the embedding gradient by
+//! `K` because DDP averages backbone gradients over ranks; [`ShardedGrads::embeddings`] is the
+//! plain `∂L/∂x_k` and leaves that factor to the data-parallel layer.
+//!
+//! The ranks talk through the [`Collective`] trait. [`SimulatedCollective`] runs all `K` ranks in
+//! one process (CPU or one device), which is how the sharding math is tested: `K` ranks give the
+//! same loss and gradients as the single-process ArcFace head. An NCCL implementation (one
+//! process per GPU holding one rank) is meant to implement the same trait; it does not exist
+//! yet, and nothing here runs across devices or processes.
+//!
+//! What differs from arcface_torch: negatives come from a ChaCha8 stream keyed by
+//! `(seed, step, rank)` rather than `torch.rand` + top-k; in eval mode
+//! (`StepContext::train == false`) every centre is used; per-rank batch sizes may differ.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_nn::VarBuilder;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::arcface::{ArcFaceConfig, MarginMode};
+use crate::common::{self, as_dtype_of};
+use crate::partial_fc::{sample_classes, ClassSample};
+use crate::{Error, Result, StepContext};
+
+/// The class range `[start, start + n)` rank `rank` of `world_size` owns out of `num_classes`
+/// (arcface_torch: `num_local = C // K + int(rank < C % K)`,
+/// `class_start = C // K * rank + min(rank, C % K)`).
+pub fn shard_range(num_classes: usize, world_size: usize, rank: usize) -> Range<usize> {
+    let (base, rem) = (num_classes / world_size, num_classes % world_size);
+    let start = base * rank + rank.min(rem);
+    start..start + base + usize::from(rank < rem)
+}
+
+/// Reduction of an all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum over ranks.
+    Sum,
+    /// Element-wise maximum over ranks.
+    Max,
+}
+
+/// The collective operations the sharded softmax needs.
+///
+/// Every method takes one input per rank *held by this process* (in the order of
+/// [`Collective::local_ranks`]) and returns one output per held rank: all `K` ranks for
+/// [`SimulatedCollective`], exactly one for a multi-process backend (NCCL, one process per
+/// GPU), which is meant to implement this same trait. Values cross ranks without autograd (as
+/// `torch.distributed` collectives): gradients are moved explicitly with
+/// [`Collective::reduce_scatter`].
+pub trait Collective {
+    /// Number of ranks `K`.
+    fn world_size(&self) -> usize;
+
+    /// The global ranks this process holds, ascending.
+    fn local_ranks(&self) -> Vec<usize>;
+
+    /// Concatenate every rank's tensor `(B_k, …)` along dimension 0, in rank order; every held
+    /// rank receives the `(Σ_k B_k, …)` result.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a wrong number of inputs or mismatched trailing dimensions or
+    /// dtypes; backend errors.
+    fn all_gather(&self, parts: &[Tensor]) -> Result<Vec<Tensor>>;
+
+    /// Element-wise reduction of same-shaped tensors over all ranks; every held rank receives
+    /// the result.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a wrong number of inputs or mismatched shapes; backend errors.
+    fn all_reduce(&self, parts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>>;
+
+    /// Sum same-shaped tensors `(Σ_k B_k, …)` over all ranks, then give rank `k` rows
+    /// `[Σ_{j<k} B_j, Σ_{j≤k} B_j)` of the sum, `counts[k] = B_k` (`counts` has `K` entries).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a wrong number of inputs, mismatched shapes or counts that do not
+    /// add up to the first dimension; backend errors.
+    fn reduce_scatter(&self, parts: &[Tensor], counts: &[usize]) -> Result<Vec<Tensor>>;
+}
+
+/// All `K` ranks in one process: gather is a concatenation, all-reduce a fold, reduce-scatter
+/// a sum followed by row slices. Inputs are detached (no autograd crosses ranks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimulatedCollective {
+    world_size: usize,
+}
+
+impl SimulatedCollective {
+    /// `world_size` simulated ranks.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `world_size` when it is 0.
+    pub fn new(world_size: usize) -> Result<Self> {
+        if world_size == 0 {
+            return Err(Error::config("world_size", "must be > 0"));
+        }
+        Ok(Self { world_size })
+    }
+
+    fn check_count(&self, what: &str, parts: &[Tensor]) -> Result<()> {
+        if parts.len() != self.world_size {
+            return Err(Error::Shape {
+                what: what.into(),
+                expected: format!("one tensor per rank ({})", self.world_size),
+                got: format!("{} tensors", parts.len()),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_same_shape(&self, what: &str, parts: &[Tensor]) -> Result<()> {
+        self.check_count(what, parts)?;
+        for p in &parts[1..] {
+            if p.dims() != parts[0].dims() || p.dtype() != parts[0].dtype() {
+                return Err(Error::Shape {
+                    what: what.into(),
+                    expected: format!("{:?} {:?} on every rank", parts[0].dims(), parts[0].dtype()),
+                    got: format!("{:?} {:?}", p.dims(), p.dtype()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn reduce(&self, parts: &[Tensor], op: ReduceOp) -> Result<Tensor> {
+        let mut acc = parts[0].detach();
+        for p in &parts[1..] {
+            acc = match op {
+                ReduceOp::Sum => acc.add(&p.detach())?,
+                ReduceOp::Max => acc.maximum(&p.detach())?,
+            };
+        }
+        Ok(acc)
+    }
+}
+
+impl Collective for SimulatedCollective {
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn local_ranks(&self) -> Vec<usize> {
+        (0..self.world_size).collect()
+    }
+
+    fn all_gather(&self, parts: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.check_count("all_gather", parts)?;
+        for p in &parts[1..] {
+            if p.dims().get(1..) != parts[0].dims().get(1..) || p.dtype() != parts[0].dtype() {
+                return Err(Error::Shape {
+                    what: "all_gather".into(),
+                    expected: format!(
+                        "(B_k, {:?}) {:?} on every rank",
+                        parts[0].dims().get(1..),
+                        parts[0].dtype()
+                    ),
+                    got: format!("{:?} {:?}", p.dims(), p.dtype()),
+                });
+            }
+        }
+        let detached: Vec<Tensor> = parts.iter().map(Tensor::detach).collect();
+        let gathered = Tensor::cat(&detached, 0)?;
+        Ok(vec![gathered; self.world_size])
+    }
+
+    fn all_reduce(&self, parts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
+        self.check_same_shape("all_reduce", parts)?;
+        Ok(vec![self.reduce(parts, op)?; self.world_size])
+    }
+
+    fn reduce_scatter(&self, parts: &[Tensor], counts: &[usize]) -> Result<Vec<Tensor>> {
+        self.check_same_shape("reduce_scatter", parts)?;
+        let rows = parts[0].dims().first().copied().unwrap_or(0);
+        if counts.len() != self.world_size || counts.iter().sum::<usize>() != rows {
+            return Err(Error::Shape {
+                what: "reduce_scatter counts".into(),
+                expected: format!("{} counts adding up to {rows}", self.world_size),
+                got: format!("{counts:?}"),
+            });
+        }
+        let sum = self.reduce(parts, ReduceOp::Sum)?;
+        let mut offset = 0;
+        let mut out = Vec::with_capacity(counts.len());
+        for &n in counts {
+            out.push(sum.narrow(0, offset, n)?);
+            offset += n;
+        }
+        Ok(out)
+    }
+}
+
+/// Hyperparameters of [`ShardedPartialFc`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardedPartialFcConfig {
+    /// Fraction of each shard's centres used per training step, in `(0, 1]`. Default 0.1.
+    pub sample_rate: f64,
+    /// Seed of the negative sampling (combined with the step and the rank).
+    pub seed: u64,
+    /// The ArcFace-family margin on the target logit (scale, m1/m2/m3, mode, fallback,
+    /// `clamp_p_target`). Default insightface ArcFace (s = 64, m = 0.5).
+    pub margin: ArcFaceConfig,
+}
+
+impl Default for ShardedPartialFcConfig {
+    fn default() -> Self {
+        Self {
+            sample_rate: 0.1,
+            seed: 0,
+            margin: ArcFaceConfig::default(),
+        }
+    }
+}
+
+impl ShardedPartialFcConfig {
+    /// Check `sample_rate` in `(0, 1]` and the margin (its keys under `margin.`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.sample_rate > 0.0 && self.sample_rate <= 1.0) {
+            return Err(Error::config(
+                "sample_rate",
+                format!("must be in (0, 1], got {}", self.sample_rate),
+            ));
+        }
+        self.margin.validate().map_err(|e| match e {
+            Error::Config { key, reason } => Error::config(format!("margin.{key}"), reason),
+            e => e,
+        })
+    }
+
+    /// Centres sampled per step out of a shard of `num_local` (before adding positives beyond
+    /// it): `⌊sample_rate · num_local⌋`, as arcface_torch's `num_sample`.
+    pub fn num_sample(&self, num_local: usize) -> usize {
+        ((self.sample_rate * num_local as f64) as usize).min(num_local)
+    }
+}
+
+/// One rank's slice of the class centres.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    /// Global rank.
+    pub rank: usize,
+    /// Global class ids this shard owns.
+    pub classes: Range<usize>,
+    /// The shard's centres `(classes.len(), D)`, a trainable tensor.
+    pub weight: Tensor,
+}
+
+/// Model-parallel Partial FC with an ArcFace-family margin over the ranks a [`Collective`]
+/// holds.
+#[derive(Debug)]
+pub struct ShardedPartialFc<C: Collective> {
+    cfg: ShardedPartialFcConfig,
+    collective: C,
+    embedding_size: usize,
+    num_classes: usize,
+    shards: Vec<Shard>,
+}
+
+/// What one held rank computed in a step.
+#[derive(Debug)]
+pub struct RankStep {
+    /// Global rank.
+    pub rank: usize,
+    /// The sampled centres (shard-local indices) and the gathered labels remapped into them
+    /// (−1 where the label belongs to another shard).
+    pub sample: ClassSample,
+    /// Logits `(B, n'_r)` of the gathered batch against the sampled centres, margin applied.
+    pub logits: Tensor,
+    /// Scalar `()`: its value is the global loss `L`; its gradient is this rank's part of
+    /// `∂L` (with respect to [`RankStep::gathered`] and the shard's centres).
+    pub loss: Tensor,
+    /// This rank's copy of the gathered embeddings `(B, D)`, a leaf of the rank's graph.
+    pub gathered: Var,
+}
+
+/// The result of [`ShardedPartialFc::forward`].
+#[derive(Debug)]
+pub struct ShardedOutput {
+    /// The global loss `L` (the same on every rank).
+    pub loss: f64,
+    /// Per held rank, in [`Collective::local_ranks`] order.
+    pub ranks: Vec<RankStep>,
+    /// Batch size of every rank, `K` entries.
+    pub batch_sizes: Vec<usize>,
+    /// `loss`, `sampled_classes` (summed over the held ranks) and `cos_target_mean`.
+    pub stats: BTreeMap<String, f64>,
+}
+
+/// Gradients of one step, per held rank.
+#[derive(Debug)]
+pub struct ShardedGrads {
+    /// Each rank's gradient store: holds `∂L/∂weight` for the rank's shard (zero rows for
+    /// centres not sampled this step).
+    pub centres: Vec<GradStore>,
+    /// `∂L/∂x_k` `(B_k, D)` for each held rank's own embeddings, summed over all ranks.
+    /// Continue into the backbone with e.g. `(x_k · sg(g_k)).sum().backward()`.
+    pub embeddings: Vec<Tensor>,
+}
+
+impl<C: Collective> ShardedPartialFc<C> {
+    /// Create the centres of every held rank: `vbs[i]` (one `VarBuilder` per held rank, in
+    /// [`Collective::local_ranks`] order) provides `weight` `(n_r, D)`, initialised N(0, 0.01)
+    /// as arcface_torch.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `sample_rate`, `margin.*`, `num_classes` (fewer classes than
+    /// ranks) or `embedding_size`; [`Error::Shape`] when `vbs` does not match the held ranks.
+    pub fn new(
+        cfg: &ShardedPartialFcConfig,
+        embedding_size: usize,
+        num_classes: usize,
+        collective: C,
+        vbs: &[VarBuilder],
+    ) -> Result<Self> {
+        cfg.validate()?;
+        common::check_sizes(embedding_size, num_classes)?;
+        let k = collective.world_size();
+        if num_classes < k {
+            return Err(Error::config(
+                "num_classes",
+                format!("{num_classes} classes cannot be sharded over {k} ranks"),
+            ));
+        }
+        let ranks = collective.local_ranks();
+        if vbs.len() != ranks.len() {
+            return Err(Error::Shape {
+                what: "var builders".into(),
+                expected: format!("one per held rank ({})", ranks.len()),
+                got: format!("{}", vbs.len()),
+            });
+        }
+        let shards = ranks
+            .iter()
+            .zip(vbs)
+            .map(|(&rank, vb)| {
+                let classes = shard_range(num_classes, k, rank);
+                let weight = common::class_centres(vb, embedding_size, classes.len())?;
+                Ok(Shard {
+                    rank,
+                    classes,
+                    weight,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            collective,
+            embedding_size,
+            num_classes,
+            shards,
+        })
+    }
+
+    /// The held shards, in [`Collective::local_ranks`] order.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// The collective the ranks talk through.
+    pub fn collective(&self) -> &C {
+        &self.collective
+    }
+
+    /// The centres rank `shard.rank` uses at `step` for the gathered shard-local `labels`
+    /// (−1 = another shard's class).
+    fn sample(&self, shard: &Shard, labels: &[i64], ctx: &StepContext) -> Result<ClassSample> {
+        let n = shard.classes.len();
+        if !(ctx.train && self.cfg.sample_rate < 1.0) {
+            return Ok(ClassSample {
+                index: (0..n as u32).collect(),
+                labels: labels.to_vec(),
+            });
+        }
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&self.cfg.seed.to_le_bytes());
+        key[8..16].copy_from_slice(&(shard.rank as u64).to_le_bytes());
+        let mut rng = ChaCha8Rng::from_seed(key);
+        rng.set_stream(ctx.step);
+        sample_classes(labels, n, self.cfg.num_sample(n), &mut rng)
+    }
+
+    /// One step: `embeddings[i]` `(B_i, D)` and u32 `labels[i]` `(B_i,)` (global class ids) of
+    /// each held rank, in [`Collective::local_ranks`] order.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for wrong shapes or counts, [`Error::Label`] for a label `≥ C`,
+    /// candle and collective errors.
+    pub fn forward(
+        &self,
+        embeddings: &[Tensor],
+        labels: &[Tensor],
+        ctx: &StepContext,
+    ) -> Result<ShardedOutput> {
+        let held = self.shards.len();
+        if embeddings.len() != held || labels.len() != held {
+            return Err(Error::Shape {
+                what: "embeddings / labels".into(),
+                expected: format!("one tensor per held rank ({held})"),
+                got: format!("{} / {}", embeddings.len(), labels.len()),
+            });
+        }
+        let mut xs = Vec::with_capacity(held);
+        let mut sizes = Vec::with_capacity(held);
+        for (x, y) in embeddings.iter().zip(labels) {
+            let inp = common::check_inputs(x, y, self.embedding_size, self.num_classes)?;
+            sizes.push(Tensor::new(&[inp.labels.len() as u32], x.device())?);
+            xs.push(inp.x);
+        }
+        let batch_sizes: Vec<usize> = self.collective.all_gather(&sizes)?[0]
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|b| b as usize)
+            .collect();
+        let gathered_x = self.collective.all_gather(&xs)?;
+        let gathered_y = self.collective.all_gather(labels)?;
+        let b = gathered_x[0].dim(0)?;
+        let eps = self.cfg.margin.cos_eps;
+
+        // Local logits, with the margin on the targets this rank owns.
+        let mut parts = Vec::with_capacity(held);
+        for ((shard, gx), gy) in self.shards.iter().zip(&gathered_x).zip(&gathered_y) {
+            let start = shard.classes.start as i64;
+            let end = shard.classes.end as i64;
+            let local: Vec<i64> = gy
+                .to_vec1::<u32>()?
+                .into_iter()
+                .map(|l| {
+                    let l = i64::from(l);
+                    if (start..end).contains(&l) {
+                        l - start
+                    } else {
+                        -1
+                    }
+                })
+                .collect();
+            let sample = self.sample(shard, &local, ctx)?;
+            let gathered = Var::from_tensor(gx)?;
+            let n = sample.index.len();
+            let index = Tensor::new(sample.index.as_slice(), gx.device())?;
+            let w = as_dtype_of(&shard.weight, gx)?.index_select(&index, 0)?;
+            let cos = common::cosine(gathered.as_tensor(), &w, eps)?;
+            // −1 becomes `n`, outside `0..n`: an all-zero mask row.
+            let remapped: Vec<u32> = sample
+                .labels
+                .iter()
+                .map(|&l| if l < 0 { n as u32 } else { l as u32 })
+                .collect();
+            let mask = common::target_mask(&Tensor::new(remapped.as_slice(), gx.device())?, n)?;
+            let c = common::target_values(&cos, &mask)?;
+            let target = match self.cfg.margin.margin_mode {
+                MarginMode::Exact => self.cfg.margin.target_logit(&c)?,
+                MarginMode::StraightThrough => {
+                    let shift = (self.cfg.margin.target_logit(&c.detach())? - c.detach())?;
+                    (&c + shift)?
+                }
+            };
+            let logits = (common::replace_target(&cos, &mask, &target)? * self.cfg.margin.scale)?;
+            let owned = mask.sum(1)?.to_dtype(DType::F64)?;
+            let c_owned = (c.to_dtype(DType::F64)? * &owned)?;
+            parts.push((sample, gathered, logits, mask, owned, c_owned));
+        }
+
+        // Distributed softmax: max, exp-sum and target logit all-reduced.
+        let dtype = gathered_x[0].dtype();
+        let dev = gathered_x[0].device().clone();
+        let local_max = parts
+            .iter()
+            .map(|(s, _, z, ..)| {
+                if s.index.is_empty() {
+                    Ok(Tensor::full(f64::NEG_INFINITY, b, &dev)?.to_dtype(dtype)?)
+                } else {
+                    Ok(z.detach().max(1)?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let max = self.collective.all_reduce(&local_max, ReduceOp::Max)?;
+        let mut exps = Vec::with_capacity(held);
+        let mut sums = Vec::with_capacity(held);
+        let mut targets = Vec::with_capacity(held);
+        let mut owned = Vec::with_capacity(held);
+        let mut cos_t = Vec::with_capacity(held);
+        for ((_, _, z, mask, own, c_own), m) in parts.iter().zip(&max) {
+            let e = z.detach().broadcast_sub(&m.unsqueeze(1)?)?.exp()?;
+            sums.push(e.sum(1)?);
+            exps.push(e);
+            targets.push(common::target_values(&z.detach(), mask)?);
+            owned.push(own.clone());
+            cos_t.push(c_own.clone());
+        }
+        let sum = self.collective.all_reduce(&sums, ReduceOp::Sum)?;
+        let target = self.collective.all_reduce(&targets, ReduceOp::Sum)?;
+        let owned = self.collective.all_reduce(&owned, ReduceOp::Sum)?;
+        let cos_t = self.collective.all_reduce(&cos_t, ReduceOp::Sum)?;
+        if let Some(i) = owned[0].to_vec1::<f64>()?.iter().position(|&o| o != 1.0) {
+            // Unreachable with a correct collective: every label lies in exactly one shard and
+            // sampling keeps every positive.
+            return Err(Error::Shape {
+                what: "gathered labels".into(),
+                expected: "each sample's class on exactly one rank".into(),
+                got: format!(
+                    "sample {i} owned by {} ranks",
+                    owned[0].to_vec1::<f64>()?[i]
+                ),
+            });
+        }
+        let cos_target_mean = common::scalar(&cos_t[0].mean_all()?)?;
+
+        // Per-sample loss ln S + M − T, insightface's optional cap of its value.
+        let per_sample = (sum[0].log()? + &max[0])?.sub(&target[0])?;
+        let per_sample = if self.cfg.margin.clamp_p_target {
+            per_sample.minimum(-(1e-30f64).ln())?
+        } else {
+            per_sample
+        };
+        let loss_t = per_sample.mean_all()?;
+        let loss = common::scalar(&loss_t)?;
+
+        let mut ranks = Vec::with_capacity(held);
+        let mut sampled = 0usize;
+        for ((((sample, gathered, logits, mask, ..), e), s), shard) in
+            parts.into_iter().zip(exps).zip(&sum).zip(&self.shards)
+        {
+            sampled += sample.index.len();
+            // ∂L/∂z^r = (softmax^r − onehot^r)/B, attached through a linear surrogate whose
+            // value is cancelled and replaced by the global loss.
+            let p = e.broadcast_div(&s.unsqueeze(1)?)?;
+            let coef = ((p - mask.to_dtype(dtype)?)? / b as f64)?.detach();
+            let surrogate = logits.mul(&coef)?.sum_all()?;
+            let loss_r = (surrogate.sub(&surrogate.detach())? + &loss_t)?;
+            ranks.push(RankStep {
+                rank: shard.rank,
+                sample,
+                logits,
+                loss: loss_r,
+                gathered,
+            });
+        }
+        let mut stats = BTreeMap::new();
+        stats.insert("loss".to_string(), loss);
+        stats.insert("sampled_classes".to_string(), sampled as f64);
+        stats.insert("cos_target_mean".to_string(), cos_target_mean);
+        Ok(ShardedOutput {
+            loss,
+            ranks,
+            batch_sizes,
+            stats,
+        })
+    }
+
+    /// Back-propagate every held rank's loss through its local graph, then reduce-scatter the
+    /// gathered-embedding gradients so each rank gets `∂L/∂x_k` `(B_k, D)` for its own batch.
+    ///
+    /// # Errors
+    /// Candle and collective errors.
+    pub fn backward(&self, out: &ShardedOutput) -> Result<ShardedGrads> {
+        let mut centres = Vec::with_capacity(out.ranks.len());
+        let mut parts = Vec::with_capacity(out.ranks.len());
+        for r in &out.ranks {
+            let mut grads = r.loss.backward()?;
+            let g = match grads.remove(r.gathered.as_tensor()) {
+                Some(g) => g,
+                // A rank that sampled no centre contributes nothing.
+                None => r.gathered.as_tensor().zeros_like()?,
+            };
+            parts.push(g);
+            centres.push(grads);
+        }
+        let embeddings = self.collective.reduce_scatter(&parts, &out.batch_sizes)?;
+        Ok(ShardedGrads {
+            centres,
+            embeddings,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn shard_ranges_follow_arcface_torch() {
+        // 10 classes over 3 ranks: 4, 3, 3.
+        assert_eq!(shard_range(10, 3, 0), 0..4);
+        assert_eq!(shard_range(10, 3, 1), 4..7);
+        assert_eq!(shard_range(10, 3, 2), 7..10);
+        for (c, k) in [(10, 1), (10, 2), (10, 3), (7, 7), (100, 8), (1001, 16)] {
+            let mut next = 0;
+            for r in 0..k {
+                let range = shard_range(c, k, r);
+                assert_eq!(range.start, next);
+                assert_eq!(range.len(), c / k + usize::from(r < c % k));
+                assert_eq!(range.start, c / k * r + r.min(c % k));
+                next = range.end;
+            }
+            assert_eq!(next, c);
+        }
+    }
+
+    #[test]
+    fn simulated_collective_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let col = SimulatedCollective::new(2)?;
+        let a = Tensor::new(&[[1f64, 2.], [3., 4.]], &dev)?;
+        let b = Tensor::new(&[[5f64, -6.]], &dev)?;
+        let g = col.all_gather(&[a.clone(), b.clone()])?;
+        assert_eq!(g.len(), 2);
+        assert_eq!(
+            g[1].to_vec2::<f64>()?,
+            vec![vec![1., 2.], vec![3., 4.], vec![5., -6.]]
+        );
+        let u = Tensor::new(&[1f64, 7.], &dev)?;
+        let v = Tensor::new(&[3f64, -2.], &dev)?;
+        let mx = col.all_reduce(&[u.clone(), v.clone()], ReduceOp::Max)?;
+        assert_eq!(mx[0].to_vec1::<f64>()?, vec![3., 7.]);
+        let sm = col.all_reduce(&[u, v], ReduceOp::Sum)?;
+        assert_eq!(sm[1].to_vec1::<f64>()?, vec![4., 5.]);
+        let rs = col.reduce_scatter(&[g[0].clone(), g[1].clone()], &[2, 1])?;
+        assert_eq!(rs[0].to_vec2::<f64>()?, vec![vec![2., 4.], vec![6., 8.]]);
+        assert_eq!(rs[1].to_vec2::<f64>()?, vec![vec![10., -12.]]);
+        assert!(matches!(
+            col.reduce_scatter(&[g[0].clone(), g[1].clone()], &[1, 1]),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(col.all_gather(&[a]), Err(Error::Shape { .. })));
+        assert!(SimulatedCollective::new(0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let bad = ShardedPartialFcConfig {
+            sample_rate: 0.0,
+            ..Default::default()
+        };
+        assert!(matches!(bad.validate(), Err(Error::Config { key, .. }) if key == "sample_rate"));
+        let bad = ShardedPartialFcConfig {
+            margin: ArcFaceConfig {
+                margin: -1.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(matches!(bad.validate(), Err(Error::Config { key, .. }) if key == "margin.margin"));
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+        let col = SimulatedCollective::new(3).unwrap();
+        let err = ShardedPartialFc::new(
+            &ShardedPartialFcConfig::default(),
+            4,
+            2,
+            col,
+            &[vb.clone(), vb.clone(), vb],
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Config { key, .. } if key == "num_classes"));
+    }
+}
