@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
-use fr_backbone::BackboneConfig;
+use fr_backbone::{BackboneConfig, QuantBits};
 use fr_data::synthetic::SyntheticConfig;
 use fr_heads::HeadConfig;
 use fr_render::JointConfig;
@@ -40,6 +40,70 @@ pub struct Preset {
     /// LH2Face's reconstruction branch: which methods train with it, and how. Absent: none.
     #[serde(default)]
     pub render: Option<RenderSection>,
+    /// QuantFace's step: quantised copies of a trained method's backbone, calibrated and then
+    /// fine-tuned by label-free distillation from it. Absent: none.
+    #[serde(default)]
+    pub quant: Option<QuantSection>,
+}
+
+/// The `[quant]` section (QuantFace, ICPR 2022): after training, each bit setting quantises a
+/// deep copy of the teacher's backbone (weights per output channel, activations per tensor),
+/// calibrates the activation ranges on training images, evaluates it, fine-tunes it with
+/// `L = MSE(normalise(f_q), normalise(f_fp))` against the frozen teacher (labels unused) and
+/// evaluates it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantSection {
+    /// The full-precision teacher: a method of `methods`. Default: the first method.
+    #[serde(default)]
+    pub teacher: Option<String>,
+    /// Bit settings, `w<weight bits>a<activation bits>` (QuantFace: `w8a8`, `w6a6`).
+    pub bits: Vec<String>,
+    /// Training forwards (calibration and distillation together) during which the activation
+    /// ranges are updated, then frozen (QuantFace: 300).
+    pub freeze_after: usize,
+    /// Training-mode forwards without a gradient step that set the activation ranges before
+    /// distillation (the "calibration only" rows).
+    pub calibration_batches: usize,
+    /// Distillation epochs over the training images.
+    pub epochs: usize,
+    /// Base learning rate of the distillation (the preset's optimiser and schedule otherwise).
+    pub lr: f64,
+}
+
+impl QuantSection {
+    /// The teacher's method name.
+    pub fn teacher<'a>(&'a self, preset: &'a Preset) -> &'a str {
+        self.teacher.as_deref().unwrap_or(&preset.methods[0])
+    }
+
+    /// The bit settings, parsed, each with this section's `freeze_after`.
+    ///
+    /// # Errors
+    /// A setting that is not `w<k>a<k>` with widths in 2..=16 (the message names the key).
+    pub fn settings(&self) -> Result<Vec<(String, QuantBits)>> {
+        self.bits
+            .iter()
+            .map(|name| {
+                let parsed = name
+                    .strip_prefix('w')
+                    .and_then(|r| r.split_once('a'))
+                    .and_then(|(w, a)| Some((w.parse::<u32>().ok()?, a.parse::<u32>().ok()?)));
+                let Some((weight, activation)) = parsed else {
+                    bail!("config key `quant.bits`: `{name}` is not of the form w8a8");
+                };
+                let bits = QuantBits {
+                    weight,
+                    activation,
+                    freeze_after: self.freeze_after,
+                };
+                if let Err(e) = bits.validate() {
+                    bail!("config key `quant.bits`: `{name}`: {e}");
+                }
+                Ok((name.clone(), bits))
+            })
+            .collect()
+    }
 }
 
 /// The `[render]` section: the methods trained with the joint objective
@@ -203,6 +267,31 @@ impl Preset {
                 }
             }
         }
+        if let Some(q) = &self.quant {
+            let teacher = q.teacher(self);
+            if !self.methods.iter().any(|m| m == teacher) {
+                bail!("config key `quant.teacher`: `{teacher}` is not one of `methods`");
+            }
+            if q.bits.is_empty() {
+                bail!("config key `quant.bits`: list at least one setting, e.g. [\"w8a8\"]");
+            }
+            q.settings()?;
+            if q.freeze_after == 0 {
+                bail!("config key `quant.freeze_after`: must be ≥ 1");
+            }
+            if q.epochs == 0 {
+                bail!("config key `quant.epochs`: must be ≥ 1");
+            }
+            if !(q.lr > 0.0 && q.lr.is_finite()) {
+                bail!("config key `quant.lr`: must be > 0, got {}", q.lr);
+            }
+            if !matches!(
+                self.backbone,
+                BackboneConfig::Iresnet(_) | BackboneConfig::Mobilefacenet(_)
+            ) {
+                bail!("config key `backbone.type`: quantisation needs iresnet or mobilefacenet");
+            }
+        }
         Ok(())
     }
 
@@ -276,6 +365,34 @@ mod tests {
             err.contains("render.methods") && err.contains("magface"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn shipped_quantface_preset_parses_and_bad_quant_keys_are_named() {
+        let load = |sets: &[&str]| -> Result<Preset> {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let p: Preset = crate::config_file::load(&preset_path("quantface"), &sets)?;
+            p.validate()?;
+            Ok(p)
+        };
+        let p = load(&[]).unwrap();
+        let q = p.quant.as_ref().expect("[quant] section");
+        assert_eq!(q.teacher(&p), "arcface");
+        let settings = q.settings().unwrap();
+        assert_eq!(settings.len(), 2);
+        assert_eq!((settings[1].1.weight, settings[1].1.activation), (6, 6));
+        assert_eq!(settings[0].1.freeze_after, q.freeze_after);
+        let err = |sets: &[&str]| format!("{:#}", load(sets).unwrap_err());
+        let e = err(&[r#"quant.bits=["w8"]"#]);
+        assert!(e.contains("quant.bits") && e.contains("w8"), "{e}");
+        let e = err(&[r#"quant.bits=["w1a8"]"#]);
+        assert!(e.contains("quant.bits") && e.contains("2..=16"), "{e}");
+        let e = err(&[r#"quant.teacher="cosface""#]);
+        assert!(e.contains("quant.teacher"), "{e}");
+        let e = err(&["quant.lr=0.0"]);
+        assert!(e.contains("quant.lr"), "{e}");
+        let e = err(&["quant.epoch=3"]);
+        assert!(e.contains("epoch"), "{e}");
     }
 
     #[test]

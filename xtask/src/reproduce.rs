@@ -31,6 +31,8 @@ use tracing::{info, warn};
 use crate::preset::{Preset, Scoring};
 use crate::report::{self, Curve, Row};
 
+mod quantface;
+
 /// Below this many pairs per fold, verification is scored as a single fold.
 const MIN_PAIRS_PER_FOLD: usize = 10;
 
@@ -195,6 +197,9 @@ struct Metrics<'a> {
     raw_pixels: Vec<(String, VerificationReport)>,
     methods: Vec<MethodResult>,
     rows: Vec<Row>,
+    /// QuantFace's step (`[quant]`): sizes and the students' reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quant: Option<quantface::QuantResult>,
     total_seconds: f64,
 }
 
@@ -413,7 +418,7 @@ fn row(method: &str, subset: &str, r: &VerificationReport, train: Option<(f64, f
     }
 }
 
-/// Train one method and evaluate it.
+/// Train one method and evaluate it; also returns the trained variables.
 #[allow(clippy::too_many_arguments)]
 fn run_method(
     preset: &Preset,
@@ -427,7 +432,7 @@ fn run_method(
     depth_truth: Option<&DepthTruth>,
     grid_path: &Path,
     data_desc: &str,
-) -> Result<MethodResult> {
+) -> Result<(MethodResult, candle_nn::VarMap)> {
     let checkpoints = out_dir.join("checkpoints");
     let head_cfg = preset.heads[method].clone();
     let seeded = SeededVarMap::new(preset.seed);
@@ -635,7 +640,7 @@ fn run_method(
             grid_path,
         )?),
     };
-    Ok(MethodResult {
+    let result = MethodResult {
         method: method.to_string(),
         head: head_cfg,
         train_seconds,
@@ -649,7 +654,8 @@ fn run_method(
         qmagface,
         subcenter_drop,
         render,
-    })
+    };
+    Ok((result, seeded.varmap().clone()))
 }
 
 /// Images `indices` of `set` as branch input: back from the recognition normalisation to
@@ -1166,13 +1172,14 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
         _ => None,
     };
     let mut methods = Vec::new();
+    let mut quant = None;
     for method in &preset.methods {
         let grid = if render_methods.len() > 1 {
             format!("render_grid_{method}.png")
         } else {
             "render_grid.png".to_string()
         };
-        methods.push(run_method(
+        let (result, vars) = run_method(
             &preset,
             method,
             train_set.clone(),
@@ -1184,7 +1191,25 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
             depth_truth.as_ref(),
             &out_dir.join(grid),
             &data_desc,
-        )?);
+        )?;
+        methods.push(result);
+        // QuantFace: the trained method is the teacher of its quantised students.
+        if let Some(q) = preset
+            .quant
+            .as_ref()
+            .filter(|q| q.teacher(&preset) == method)
+        {
+            quant = Some(quantface::run(
+                &preset,
+                q,
+                method,
+                &vars,
+                train_set.clone(),
+                &sets,
+                &device,
+                size,
+            )?);
+        }
     }
 
     let mut rows = Vec::new();
@@ -1202,6 +1227,27 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
         if let Some(q) = &m.qmagface {
             for (name, r) in &q.protocols {
                 rows.push(row(&format!("{} + QMagFace", m.method), name, r, None));
+            }
+        }
+    }
+    if let Some(q) = &quant {
+        for st in &q.settings {
+            for (suffix, reports) in [
+                (" (calibration only)", &st.calibrated),
+                (" + KD", &st.distilled),
+            ] {
+                for (name, r) in reports {
+                    let train = (suffix == " + KD").then(|| {
+                        let images = st.steps as f64 * batch_of(&methods) as f64;
+                        (st.train_seconds, images / st.train_seconds.max(1e-9))
+                    });
+                    rows.push(row(
+                        &format!("{} {}{suffix}", q.teacher, st.name),
+                        name,
+                        r,
+                        train,
+                    ));
+                }
             }
         }
     }
@@ -1265,7 +1311,15 @@ reconstruction branch.",
             without_branch.join(", ")
         )
     };
-    let render_md = render_section(&methods, &preset);
+    let mut render_md = render_section(&methods, &preset);
+    if let Some(q) = &quant {
+        let teacher = methods
+            .iter()
+            .find(|m| m.method == q.teacher)
+            .map(|m| &m.protocols)
+            .context("QuantFace teacher missing from the results")?;
+        render_md += &quantface::section(q, teacher);
+    }
     let md = format!(
         "# Reproduction: {}\n\n{}\n\nPublished headline (full scale): {}\n\nData: {}.{}\n\n\
 Every method is trained with the same seed ({}), backbone and budget ({} epochs, batch {}; {} \
@@ -1301,6 +1355,7 @@ the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC]
             raw_pixels,
             methods,
             rows,
+            quant,
             total_seconds,
         },
     )?;
@@ -1311,6 +1366,11 @@ the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC]
         total_seconds
     );
     Ok(())
+}
+
+/// Images per step of the training runs (the smallest, as the report states it).
+fn batch_of(methods: &[MethodResult]) -> usize {
+    methods.iter().map(|m| m.batch_size).min().unwrap_or(0)
 }
 
 /// The report's section on the reconstruction branch: the ablation (every method with and
@@ -1680,7 +1740,8 @@ mod tests {
     }
 
     /// Every shipped preset runs end to end (on a tiny budget) and writes its report; the
-    /// paper-specific outputs appear: QMagFace rows, the sub-center cleaned list.
+    /// paper-specific outputs appear: QMagFace rows, the sub-center cleaned list, QuantFace's
+    /// quantised rows and model sizes.
     #[test]
     fn every_preset_runs_and_reports() {
         let root = crate::workspace_root();
@@ -1694,6 +1755,9 @@ mod tests {
             }
             if name == "epl" {
                 extra.push("heads.epl.start_vp_epoch=1");
+            }
+            if name == "quantface" {
+                extra.extend(["quant.epochs=1", "quant.calibration_batches=2"]);
             }
             run(&args(&name, &[], tiny(&extra), &out), &root)
                 .unwrap_or_else(|e| panic!("preset {name}: {e:#}"));
@@ -1726,6 +1790,42 @@ mod tests {
                 assert!(r["depth_correlation"]["template"]["mean"].as_f64().unwrap() > 0.8);
             } else {
                 assert!(!report.contains("Reconstruction branch"), "{name}");
+            }
+            if name == "quantface" {
+                assert!(
+                    report.contains("## QuantFace: model size and accuracy at 32 / 8 / 6 bits"),
+                    "{report}"
+                );
+                for r in [
+                    "| arcface | all |",
+                    "| arcface w8a8 (calibration only) | all |",
+                    "| arcface w8a8 + KD | all |",
+                    "| arcface w6a6 (calibration only) | all |",
+                    "| arcface w6a6 + KD | all |",
+                    "| arcface (full precision) | 32 / 32 |",
+                ] {
+                    assert!(report.contains(r), "{r} missing: {report}");
+                }
+                let metrics: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(out.join("metrics.json")).unwrap(),
+                )
+                .unwrap();
+                let q = &metrics["quant"];
+                let float = q["float_size_bytes"].as_u64().unwrap();
+                assert_eq!(float, q["params"].as_u64().unwrap() * 4);
+                let settings = q["settings"].as_array().unwrap();
+                assert_eq!(settings.len(), 2);
+                assert_eq!(settings[0]["size_bytes"].as_u64().unwrap(), float / 4);
+                assert_eq!(settings[1]["bits"]["weight"], 6);
+                for s in settings {
+                    for k in ["calibrated", "distilled"] {
+                        let acc = s[k][0][1]["accuracy_mean"].as_f64().unwrap();
+                        assert!((0.0..=1.0).contains(&acc), "{k} {acc}");
+                    }
+                    assert!(s["epoch_loss"][0].as_f64().unwrap().is_finite());
+                }
+            } else {
+                assert!(!report.contains("## QuantFace"), "{name}");
             }
             if name == "subcenter-arcface" {
                 let list =
