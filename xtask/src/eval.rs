@@ -978,22 +978,6 @@ fn curve(label: String, fpr: &[f64], tpr: &[f64]) -> Curve {
     Curve { label, fpr, tpr }
 }
 
-fn row(method: &str, subset: &str, r: &VerificationReport) -> Row {
-    Row {
-        method: method.to_string(),
-        subset: subset.to_string(),
-        pairs: r.n_pairs,
-        accuracy_mean: r.accuracy_mean,
-        accuracy_std: r.accuracy_std,
-        folds: r.accuracy_per_fold.len(),
-        tar_at_far: r.tar_at_far.clone(),
-        auc: r.auc,
-        eer: r.eer,
-        train_seconds: None,
-        images_per_second: None,
-    }
-}
-
 fn ijb_tables(label: &str, r: &IjbResult) -> String {
     let mut md = format!(
         "\n## {} ({} images, {} templates, {} pairs, {} genuine)\n\n1:1 verification, \
@@ -1289,14 +1273,19 @@ pub fn run(args: &EvalArgs, root: &Path) -> Result<()> {
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for p in &pair_sets {
-        rows.push(row(&label, &p.name, &p.cosine));
+        rows.push(Row::from_report(&label, &p.name, &p.cosine, None));
         curves.push(curve(
             format!("{label} · {}", p.name),
             &p.cosine.roc_fpr,
             &p.cosine.roc_tpr,
         ));
         if let Some(q) = &p.qmagface {
-            rows.push(row(&format!("{label} + QMagFace"), &p.name, q));
+            rows.push(Row::from_report(
+                &format!("{label} + QMagFace"),
+                &p.name,
+                q,
+                None,
+            ));
             curves.push(curve(
                 format!("{label} + QMagFace · {}", p.name),
                 &q.roc_fpr,

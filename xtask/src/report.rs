@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use fr_eval::VerificationReport;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -31,6 +32,31 @@ pub struct Row {
     pub train_seconds: Option<f64>,
     /// Training throughput in images per second (None for raw pixels).
     pub images_per_second: Option<f64>,
+}
+
+impl Row {
+    /// The row of `method` on `subset` from its verification report; `train` is the
+    /// (seconds, images/s) of its training run, `None` for untrained rows.
+    pub fn from_report(
+        method: &str,
+        subset: &str,
+        r: &VerificationReport,
+        train: Option<(f64, f64)>,
+    ) -> Self {
+        Self {
+            method: method.to_string(),
+            subset: subset.to_string(),
+            pairs: r.n_pairs,
+            accuracy_mean: r.accuracy_mean,
+            accuracy_std: r.accuracy_std,
+            folds: r.accuracy_per_fold.len(),
+            tar_at_far: r.tar_at_far.clone(),
+            auc: r.auc,
+            eer: r.eer,
+            train_seconds: train.map(|t| t.0),
+            images_per_second: train.map(|t| t.1),
+        }
+    }
 }
 
 /// An ROC curve to draw.

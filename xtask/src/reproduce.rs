@@ -402,23 +402,22 @@ fn folds_for(vcfg: &VerificationConfig, p: &Protocol) -> VerificationConfig {
     vcfg
 }
 
-fn row(method: &str, subset: &str, r: &VerificationReport, train: Option<(f64, f64)>) -> Row {
-    Row {
-        method: method.to_string(),
-        subset: subset.to_string(),
-        pairs: r.n_pairs,
-        accuracy_mean: r.accuracy_mean,
-        accuracy_std: r.accuracy_std,
-        folds: r.accuracy_per_fold.len(),
-        tar_at_far: r.tar_at_far.clone(),
-        auc: r.auc,
-        eer: r.eer,
-        train_seconds: train.map(|t| t.0),
-        images_per_second: train.map(|t| t.1),
+/// Train one method and evaluate it; also returns the trained variables.
+/// The training loader's settings of a preset: shuffled with the preset's seed, `drop_last`,
+/// the preset's corrupt-image policy and prefetch depth, at `input_size` pixels.
+fn train_loader_config(preset: &Preset, batch_size: usize, input_size: u32) -> LoaderConfig {
+    LoaderConfig {
+        batch_size,
+        image_size: input_size,
+        shuffle: true,
+        seed: preset.seed,
+        drop_last: true,
+        skip_corrupt: preset.train.skip_corrupt,
+        prefetch: preset.train.prefetch.unwrap_or(2),
+        ..LoaderConfig::default()
     }
 }
 
-/// Train one method and evaluate it; also returns the trained variables.
 #[allow(clippy::too_many_arguments)]
 fn run_method(
     preset: &Preset,
@@ -513,15 +512,8 @@ fn run_method(
     let loader = BatchLoader::new(
         train_set.clone(),
         LoaderConfig {
-            batch_size,
-            image_size: input_size,
-            shuffle: true,
-            seed: preset.seed,
-            drop_last: true,
-            skip_corrupt: preset.train.skip_corrupt,
-            prefetch: preset.train.prefetch.unwrap_or(2),
             identities_per_batch: preset.train.identities_per_batch,
-            ..LoaderConfig::default()
+            ..train_loader_config(preset, batch_size, input_size)
         },
     )?
     .with_device(device.clone());
@@ -1215,7 +1207,7 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     let mut rows = Vec::new();
     for m in &methods {
         for (name, r) in &m.protocols {
-            rows.push(row(
+            rows.push(Row::from_report(
                 &m.method,
                 name,
                 r,
@@ -1226,7 +1218,12 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     for m in &methods {
         if let Some(q) = &m.qmagface {
             for (name, r) in &q.protocols {
-                rows.push(row(&format!("{} + QMagFace", m.method), name, r, None));
+                rows.push(Row::from_report(
+                    &format!("{} + QMagFace", m.method),
+                    name,
+                    r,
+                    None,
+                ));
             }
         }
     }
@@ -1241,7 +1238,7 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
                         let images = st.steps as f64 * batch_of(&methods) as f64;
                         (st.train_seconds, images / st.train_seconds.max(1e-9))
                     });
-                    rows.push(row(
+                    rows.push(Row::from_report(
                         &format!("{} {}{suffix}", q.teacher, st.name),
                         name,
                         r,
@@ -1252,7 +1249,7 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
         }
     }
     for (name, r) in &raw_pixels {
-        rows.push(row("raw pixels", name, r, None));
+        rows.push(Row::from_report("raw pixels", name, r, None));
     }
     let table = report::markdown_table(&rows, &preset.eval.far);
     let curves: Vec<Curve> = methods

@@ -9,13 +9,13 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use fr_backbone::{BackboneConfig, IResNet, MobileFaceNet, QuantBits};
-use fr_data::loader::{BatchLoader, LoaderConfig};
+use fr_data::loader::BatchLoader;
 use fr_data::FaceDataset;
 use fr_train::{clip_grad_norm, grad_norm};
 use serde::Serialize;
 use tracing::info;
 
-use super::{evaluate_all, progress_bar, EvalSet, Reports};
+use super::{evaluate_all, progress_bar, train_loader_config, EvalSet, Reports};
 use crate::preset::{Preset, QuantSection};
 
 /// One bit setting of the QuantFace step.
@@ -120,16 +120,7 @@ pub(super) fn run(
     let batch_size = train_set.len().min(preset.train.batch_size);
     let loader = BatchLoader::new(
         train_set.clone(),
-        LoaderConfig {
-            batch_size,
-            image_size: input_size,
-            shuffle: true,
-            seed: preset.seed,
-            drop_last: true,
-            skip_corrupt: preset.train.skip_corrupt,
-            prefetch: preset.train.prefetch.unwrap_or(2),
-            ..LoaderConfig::default()
-        },
+        train_loader_config(preset, batch_size, input_size),
     )?
     .with_device(device.clone());
     let per_epoch = loader.batches_per_epoch() as u64;
