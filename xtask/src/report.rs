@@ -148,31 +148,13 @@ pub fn plot_roc_from(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Res
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (i, c) in curves.iter().enumerate() {
-        let colour = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = c
-            .fpr
-            .iter()
-            .zip(&c.tpr)
-            .filter(|(f, _)| **f >= lo)
-            .map(|(f, t)| (*f, *t))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(c.label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    draw_curves(
+        &mut chart,
+        curves,
+        lo,
+        |t| t,
+        SeriesLabelPosition::LowerRight,
+    )?;
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
@@ -202,6 +184,31 @@ pub fn plot_det(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<(
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    draw_curves(
+        &mut chart,
+        curves,
+        lo,
+        |t| (1.0 - t).clamp(floor, 1.0),
+        SeriesLabelPosition::LowerLeft,
+    )?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Draw each curve's points with FAR ≥ `lo` as `(FAR, y(TAR))`, one palette colour each, and
+/// the legend at `legend`: the part [`plot_roc_from`] and [`plot_det`] share.
+fn draw_curves<'a, DB, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<LogCoord<f64>, Y>>,
+    curves: &[Curve],
+    lo: f64,
+    y: impl Fn(f64) -> f64,
+    legend: SeriesLabelPosition,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    Y: Ranged<ValueType = f64>,
+{
     for (i, c) in curves.iter().enumerate() {
         let colour = Palette99::pick(i).to_rgba();
         let pts: Vec<(f64, f64)> = c
@@ -209,7 +216,7 @@ pub fn plot_det(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<(
             .iter()
             .zip(&c.tpr)
             .filter(|(f, _)| **f >= lo)
-            .map(|(f, t)| (*f, (1.0 - *t).clamp(floor, 1.0)))
+            .map(|(f, t)| (*f, y(*t)))
             .collect();
         chart
             .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
@@ -221,14 +228,12 @@ pub fn plot_det(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
+        .position(legend)
         .label_font(("sans-serif", 16))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
