@@ -18,9 +18,11 @@ use fr_kernels::nn::{BatchNorm, Conv2d, PReLU};
 use fr_kernels::{ConvParams, Kernels};
 use serde::{Deserialize, Serialize};
 
+pub use crate::bn_stats::BnBatchStats;
+use crate::bn_stats::{check_input, BnStatsForward, BnTap};
 use crate::complexity::{Complexity, Counter};
 use crate::error::{Error, Result};
-use crate::quant::{fake_quantize_weight, quantized_conv, QuantAct, QuantBits};
+use crate::quant::{fake_quantize_weight, quantized_conv, quantized_prelu, QuantAct, QuantBits};
 
 /// BatchNorm epsilon used everywhere in the reference.
 pub(crate) const BN_EPS: f64 = 1e-5;
@@ -254,12 +256,13 @@ pub struct IBasicBlock {
     quant: Option<BlockQuant>,
 }
 
-/// Fake quantisation of one block ([`IResNet::quantize`]): weight bits, the kernels to
-/// rebuild its convolutions with, and the activation quantisers after the PReLU and after the
-/// residual addition.
+/// Fake quantisation of one block ([`IResNet::quantize`]): weight bits, PReLU slope bits (the
+/// activation width), the kernels to rebuild its convolutions and PReLU with, and the
+/// activation quantisers after the PReLU and after the residual addition.
 #[derive(Debug, Clone)]
 struct BlockQuant {
     weight_bits: u32,
+    slope_bits: u32,
     kernels: Kernels,
     after_prelu: QuantAct,
     after_residual: QuantAct,
@@ -313,10 +316,11 @@ impl IBasicBlock {
         train: bool,
         mut tap: Option<&mut BnTap>,
     ) -> candle_core::Result<Tensor> {
-        let (bits, kernels) = match &self.quant {
-            Some(q) => (Some(q.weight_bits), q.kernels),
-            None => (None, Kernels::Auto),
+        let (bits, slope_bits, kernels) = match &self.quant {
+            Some(q) => (Some(q.weight_bits), Some(q.slope_bits), q.kernels),
+            None => (None, None, Kernels::Auto),
         };
+        let prelu = quantized_prelu(&self.prelu, slope_bits, kernels)?;
         let conv1 = quantized_conv(&self.conv1, bits, kernels)?;
         let conv2 = quantized_conv(&self.conv2, bits, kernels)?;
         let down = match &self.downsample {
@@ -330,7 +334,7 @@ impl IBasicBlock {
         if !train && !fr_kernels::is_grad_enabled() && tap.is_none() {
             // Inference: conv1+bn2+prelu and conv2+bn3+residual as two fused convolutions.
             let out = self.bn1.forward_t(x, false)?;
-            let out = conv1.forward_eval_fused(&out, &self.bn2, Some(&self.prelu), None)?;
+            let out = conv1.forward_eval_fused(&out, &self.bn2, Some(&prelu), None)?;
             let out = act(|q| &q.after_prelu, out)?;
             let identity = match &down {
                 Some((c, b)) => c.forward_eval_fused(x, b, None, None)?,
@@ -347,7 +351,7 @@ impl IBasicBlock {
         let out = self.bn1.forward_t(x, train)?;
         let out = conv1.forward(&out)?;
         record("bn2", &self.bn2, &out)?;
-        let out = self.bn2.forward_prelu_t(&out, &self.prelu, train)?;
+        let out = self.bn2.forward_prelu_t(&out, &prelu, train)?;
         let out = act(|q| &q.after_prelu, out)?;
         let out = conv2.forward(&out)?;
         record("bn3", &self.bn3, &out)?;
@@ -364,6 +368,15 @@ impl IBasicBlock {
     }
 }
 
+/// Fake quantisation of the stem and `fc` ([`IResNet::quantize`]).
+#[derive(Debug, Clone)]
+struct StemQuant {
+    weight_bits: u32,
+    slope_bits: u32,
+    /// After the stem's PReLU.
+    act: QuantAct,
+}
+
 /// IResNet: images `(B, 3, S, S)` → embeddings `(B, D)` (not normalised).
 #[derive(Debug, Clone)]
 pub struct IResNet {
@@ -375,8 +388,8 @@ pub struct IResNet {
     bn2: BatchNorm,
     fc: Linear,
     features: BatchNorm,
-    /// Weight bits and the stem's activation quantiser, when fake-quantised.
-    quant: Option<(u32, QuantAct)>,
+    /// The stem's fake quantisation, when quantised.
+    quant: Option<StemQuant>,
 }
 
 impl IResNet {
@@ -437,10 +450,13 @@ impl IResNet {
 
     /// The same network (sharing its parameters) with QuantFace fake quantisation
     /// ([`crate::quant`]): convolution and `fc` weights at `bits.weight` bits per output
-    /// channel, activations at `bits.activation` bits per tensor after every PReLU and
-    /// residual addition, with running ranges updated during the first `bits.freeze_after`
-    /// training forwards; BatchNorm in float; straight-through gradients. Boutros et al.,
-    /// QuantFace (ICPR 2022); reference `fdbtrs/QuantFace` `quantization_utils`.
+    /// channel, every PReLU's slopes `(C,)` at `bits.activation` bits with one min / max range
+    /// over the vector ([`crate::quant::fake_quantize_prelu_slopes`]), activations at
+    /// `bits.activation` bits per tensor after every PReLU and residual addition, with running
+    /// ranges updated during the first `bits.freeze_after` training forwards; BatchNorm in
+    /// float; straight-through gradients. Boutros et al., QuantFace (ICPR 2022); reference
+    /// `fdbtrs/QuantFace` `quantization_utils/quant_modules.py` (`Quant_Conv2d`,
+    /// `Quant_Linear`, `QuantAct`, `QuantActPreLu`).
     ///
     /// # Errors
     /// A bit width outside 2..=16.
@@ -450,12 +466,17 @@ impl IResNet {
         for block in self.layers.iter_mut().flatten() {
             block.quant = Some(BlockQuant {
                 weight_bits: bits.weight,
+                slope_bits: bits.activation,
                 kernels: self.cfg.kernels,
                 after_prelu: act(),
                 after_residual: act(),
             });
         }
-        self.quant = Some((bits.weight, act()));
+        self.quant = Some(StemQuant {
+            weight_bits: bits.weight,
+            slope_bits: bits.activation,
+            act: act(),
+        });
         Ok(self)
     }
 
@@ -484,10 +505,11 @@ impl IResNet {
     /// Eval-mode forward `(B, 3, S, S)` → embeddings `(B, D)` that also returns the batch
     /// statistics of the input of every BatchNorm2d layer, in forward order, with gradients
     /// (for the BatchNorm-statistics prior of DeepInversion, Yin et al., CVPR 2020, which
-    /// hooks every `BatchNorm2d`; the 1-D `features` layer is left out, as there).
-    /// BatchNorm normalises with the running statistics, as in [`ModuleT::forward_t`] with
-    /// `train = false`; nothing is updated. The layers run unfused, so the result equals the
-    /// eval forward up to float rounding.
+    /// hooks every `BatchNorm2d`; the 1-D `features` layer is left out, as there): `bn1`,
+    /// then per block `bn1`, `bn2`, `bn3`, `downsample.1`, then `bn2`. BatchNorm normalises
+    /// with the running statistics, as in [`ModuleT::forward_t`] with `train = false`;
+    /// nothing is updated. The layers run unfused, so the result equals the eval forward up
+    /// to float rounding. Also [`BnStatsForward::forward_with_bn_stats`].
     ///
     /// # Errors
     /// An input that is not `(B, 3, S, S)`, or a failure of a layer.
@@ -506,27 +528,21 @@ impl IResNet {
         train: bool,
         mut tap: Option<&mut BnTap>,
     ) -> candle_core::Result<Tensor> {
-        let s = self.cfg.input_size;
-        match x.dims() {
-            [_, 3, h, w] if *h == s && *w == s => {}
-            d => candle_core::bail!("IResNet expects input (B, 3, {s}, {s}), got {d:?}"),
-        }
-        let conv1 = quantized_conv(
-            &self.conv1,
-            self.quant.as_ref().map(|q| q.0),
-            self.cfg.kernels,
-        )?;
+        check_input("IResNet", x, self.cfg.input_shape())?;
+        let q = self.quant.as_ref();
+        let conv1 = quantized_conv(&self.conv1, q.map(|q| q.weight_bits), self.cfg.kernels)?;
+        let prelu = quantized_prelu(&self.prelu, q.map(|q| q.slope_bits), self.cfg.kernels)?;
         let mut x = if !train && !fr_kernels::is_grad_enabled() && tap.is_none() {
-            conv1.forward_eval_fused(x, &self.bn1, Some(&self.prelu), None)?
+            conv1.forward_eval_fused(x, &self.bn1, Some(&prelu), None)?
         } else {
             let x = conv1.forward(x)?;
             if let Some(t) = tap.as_deref_mut() {
                 t.record("bn1", &self.bn1, &x)?;
             }
-            self.bn1.forward_prelu_t(&x, &self.prelu, train)?
+            self.bn1.forward_prelu_t(&x, &prelu, train)?
         };
-        if let Some((_, act)) = &self.quant {
-            x = act.forward_t(&x, train)?;
+        if let Some(q) = q {
+            x = q.act.forward_t(&x, train)?;
         }
         for (li, blocks) in self.layers.iter().enumerate() {
             for (bi, block) in blocks.iter().enumerate() {
@@ -551,8 +567,8 @@ impl IResNet {
             x
         };
         // Detached inside `fr_kernels::no_grad`, like the other layers.
-        let weight = match &self.quant {
-            Some((bits, _)) => fake_quantize_weight(self.fc.weight(), *bits)?,
+        let weight = match q {
+            Some(q) => fake_quantize_weight(self.fc.weight(), q.weight_bits)?,
             None => self.fc.weight().clone(),
         };
         let fc = Linear::new(
@@ -570,48 +586,6 @@ impl ModuleT for IResNet {
     }
 }
 
-/// Batch statistics of the input `(B, C, H, W)` of one BatchNorm2d layer, next to the layer's
-/// running statistics ([`IResNet::forward_with_bn_stats`]).
-#[derive(Debug, Clone)]
-pub struct BnBatchStats {
-    /// The layer's state-dict prefix: `bn1`, `layer2.0.bn3`, `layer1.0.downsample.1`, `bn2`.
-    pub name: String,
-    /// Per-channel mean over `(B, H, W)`, `(C,)`, on the autograd graph of the input.
-    pub mean: Tensor,
-    /// Per-channel biased variance over `(B, H, W)`, `(C,)`, on the autograd graph.
-    pub var: Tensor,
-    /// The layer's running mean `(C,)` (detached).
-    pub running_mean: Tensor,
-    /// The layer's running variance `(C,)` (detached).
-    pub running_var: Tensor,
-}
-
-/// Collects [`BnBatchStats`] during a forward; `prefix` is the current block's path.
-#[derive(Default)]
-struct BnTap {
-    prefix: String,
-    stats: Vec<BnBatchStats>,
-}
-
-impl BnTap {
-    fn record(&mut self, name: &str, bn: &BatchNorm, x: &Tensor) -> candle_core::Result<()> {
-        let x = fr_kernels::track(x);
-        let c = x.dim(1)?;
-        // (B, C, H, W) → (C, B·H·W); the biased variance, as DeepInversion's hook.
-        let flat = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
-        let mean = flat.mean(1)?;
-        let var = flat.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
-        self.stats.push(BnBatchStats {
-            name: format!("{}{name}", self.prefix),
-            mean,
-            var,
-            running_mean: bn.running_mean().detach(),
-            running_var: bn.running_var().detach(),
-        });
-        Ok(())
-    }
-}
-
 impl crate::Backbone for IResNet {
     fn embedding_size(&self) -> usize {
         self.cfg.embedding_size
@@ -619,5 +593,18 @@ impl crate::Backbone for IResNet {
 
     fn is_trainable(&self, name: &str) -> bool {
         IResNet::is_trainable(name)
+    }
+}
+
+impl BnStatsForward for IResNet {
+    fn forward_with_bn_stats(
+        &self,
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
+        IResNet::forward_with_bn_stats(self, x)
+    }
+
+    fn input_shape(&self) -> (usize, usize) {
+        self.cfg.input_shape()
     }
 }

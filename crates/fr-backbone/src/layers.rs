@@ -1,14 +1,12 @@
-//! Building blocks shared by the lightweight backbones: convolution → BatchNorm (→ PReLU)
-//! on this project's kernels, with the fused inference path.
+//! Building blocks shared by the lightweight backbones: convolution geometry, BatchNorm and
+//! PReLU on this project's kernels (the `conv → BN (→ PReLU)` unit is [`crate::conv_bn`]).
 
-use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::{Init, VarBuilder};
 use fr_kernels::nn::{BatchNorm, Conv2d, PReLU};
 use fr_kernels::{ConvParams, Kernels};
 
 use crate::error::Result;
 use crate::iresnet::BN_EPS;
-use crate::quant::{quantized_conv, QuantAct, QuantBits};
 
 /// Geometry of a square convolution.
 #[derive(Debug, Clone, Copy)]
@@ -56,79 +54,6 @@ impl ConvSpec {
             ..Default::default()
         };
         Ok(Conv2d::new(weight, bias, params, kernels))
-    }
-}
-
-/// `conv → BatchNorm (→ PReLU)`, optionally followed by a residual addition.
-#[derive(Debug, Clone)]
-pub(crate) struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
-    prelu: Option<PReLU>,
-    quant: Option<ConvQuant>,
-}
-
-/// Fake quantisation of a [`ConvBn`]: weight bits, the kernels to rebuild the convolution
-/// with, and the output's activation quantiser (after a PReLU or a residual addition).
-#[derive(Debug, Clone)]
-struct ConvQuant {
-    weight_bits: u32,
-    kernels: Kernels,
-    output: Option<QuantAct>,
-}
-
-impl ConvBn {
-    pub fn new(conv: Conv2d, bn: BatchNorm, prelu: Option<PReLU>) -> Self {
-        Self {
-            conv,
-            bn,
-            prelu,
-            quant: None,
-        }
-    }
-
-    /// Fake-quantises the weight (per output channel) and, when the block ends in a PReLU or
-    /// `residual` is true, the output (per tensor, running range).
-    pub fn quantize(&mut self, bits: QuantBits, kernels: Kernels, residual: bool) {
-        let output = (self.prelu.is_some() || residual)
-            .then(|| QuantAct::new(bits.activation, bits.freeze_after));
-        self.quant = Some(ConvQuant {
-            weight_bits: bits.weight,
-            kernels,
-            output,
-        });
-    }
-
-    /// `(B, Cin, H, W)` → `(B, Cout, Ho, Wo)`, plus `residual` (of the output's shape).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        train: bool,
-        residual: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let (bits, kernels) = match &self.quant {
-            Some(q) => (Some(q.weight_bits), q.kernels),
-            None => (None, Kernels::Auto),
-        };
-        let conv = quantized_conv(&self.conv, bits, kernels)?;
-        let y = if !train {
-            // Inside `no_grad` on the CPU kernels: one convolution with a fused epilogue.
-            conv.forward_eval_fused(x, &self.bn, self.prelu.as_ref(), residual)?
-        } else {
-            let y = conv.forward(x)?;
-            let y = match &self.prelu {
-                Some(p) => self.bn.forward_prelu_t(&y, p, train)?,
-                None => self.bn.forward_t(&y, train)?,
-            };
-            match residual {
-                Some(r) => (y + r)?,
-                None => y,
-            }
-        };
-        match self.quant.as_ref().and_then(|q| q.output.as_ref()) {
-            Some(act) => act.forward_t(&y, train),
-            None => Ok(y),
-        }
     }
 }
 

@@ -21,14 +21,17 @@
 //! ```
 //!
 //! From a config file, [`BackboneConfig`] (`type = "iresnet"`, …) and [`build_backbone`] give a
-//! `Box<dyn Backbone>`.
+//! `Box<dyn Backbone>`. [`BnStatsForward`] adds an eval forward that also reports the batch
+//! statistics of every BatchNorm2d input (DeepInversion's prior; `fr_train::invert`).
 //!
 //! Pretrained weights from a file, a checkpoint folder or a Hugging Face Hub repository
 //! (`hf://owner/name`, cached, offline with `HF_HUB_OFFLINE=1`): [`pretrained`], with the key
 //! maps of the public layouts in [`keymap`] and the model card (`config.json`) in
 //! [`model_card`]. The Hub client is the default cargo feature `hub`.
 
+pub mod bn_stats;
 pub mod complexity;
+mod conv_bn;
 pub mod error;
 pub mod hub;
 pub mod iresnet;
@@ -43,6 +46,7 @@ pub mod registry;
 pub mod spherenet;
 pub mod weights;
 
+pub use bn_stats::{BnBatchStats, BnStatsForward};
 pub use complexity::{parameter_shapes, Complexity, Counter, ParameterShape};
 pub use error::{Error, Misshapen, Result};
 pub use hub::{HubOptions, HubRepo};

@@ -29,9 +29,11 @@ use fr_kernels::nn::BatchNorm;
 use fr_kernels::Kernels;
 use serde::{Deserialize, Serialize};
 
+use crate::bn_stats::{check_input, BnBatchStats, BnStatsForward, BnTap};
 use crate::complexity::{Complexity, Counter};
+use crate::conv_bn::ConvBn;
 use crate::error::{Error, Result};
-use crate::layers::{self, ConvBn, ConvSpec};
+use crate::layers::{self, ConvSpec};
 use crate::quant::{fake_quantize_weight, QuantBits};
 
 /// Architecture of a [`MobileFaceNet`]. Defaults: insightface's `mbf` at 112×112, 512-d.
@@ -203,7 +205,7 @@ fn block(spec: ConvSpec, prelu: bool, kernels: Kernels, vb: VarBuilder) -> Resul
     } else {
         None
     };
-    Ok(ConvBn::new(conv, bn, prelu))
+    Ok(ConvBn::new(conv, bn, vb.pp("1").prefix(), prelu))
 }
 
 /// The reference's `DepthWise`: 1×1 expansion → depthwise 3×3 (stride) → 1×1 projection, plus
@@ -259,11 +261,20 @@ impl DepthWise {
         self.project.quantize(bits, kernels, self.residual);
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.expand.forward(x, train, None)?;
-        let y = self.depthwise.forward(&y, train, None)?;
-        self.project
-            .forward(&y, train, if self.residual { Some(x) } else { None })
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        mut tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
+        let y = self
+            .expand
+            .forward_tapped(x, train, None, tap.as_deref_mut())?;
+        let y = self
+            .depthwise
+            .forward_tapped(&y, train, None, tap.as_deref_mut())?;
+        let residual = if self.residual { Some(x) } else { None };
+        self.project.forward_tapped(&y, train, residual, tap)
     }
 }
 
@@ -279,13 +290,18 @@ enum Stage {
 }
 
 impl Stage {
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        mut tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            Stage::Conv(c) => c.forward(x, train, None),
-            Stage::Down(d) => d.forward(x, train),
+            Stage::Conv(c) => c.forward_tapped(x, train, None, tap),
+            Stage::Down(d) => d.forward(x, train, tap),
             Stage::Residual(blocks) => blocks
                 .iter()
-                .try_fold(x.clone(), |x, b| b.forward(&x, train)),
+                .try_fold(x.clone(), |x, b| b.forward(&x, train, tap.as_deref_mut())),
         }
     }
 }
@@ -389,10 +405,13 @@ impl MobileFaceNet {
 
     /// The same network (sharing its parameters) with QuantFace fake quantisation
     /// ([`crate::quant`]): every convolution and the linear layer at `bits.weight` bits per
-    /// output channel, activations at `bits.activation` bits per tensor after every PReLU
-    /// and residual addition (running ranges, frozen after `bits.freeze_after` training
-    /// forwards); BatchNorm in float; straight-through gradients. Boutros et al., QuantFace
-    /// (ICPR 2022); reference `fdbtrs/QuantFace` `quantization_utils`.
+    /// output channel, every PReLU's slopes `(C,)` at `bits.activation` bits with one min / max
+    /// range over the vector ([`crate::quant::fake_quantize_prelu_slopes`]), activations at
+    /// `bits.activation` bits per tensor after every PReLU and residual addition (running
+    /// ranges, frozen after `bits.freeze_after` training forwards); BatchNorm in float;
+    /// straight-through gradients. Boutros et al., QuantFace (ICPR 2022); reference
+    /// `fdbtrs/QuantFace` `quantization_utils/quant_modules.py` (`Quant_Conv2d`,
+    /// `Quant_Linear`, `QuantAct`, `QuantActPreLu`).
     ///
     /// # Errors
     /// A bit width outside 2..=16.
@@ -424,19 +443,25 @@ impl MobileFaceNet {
     }
 }
 
-impl ModuleT for MobileFaceNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let s = self.cfg.input_size;
-        match x.dims() {
-            [_, 3, h, w] if *h == s && *w == s => {}
-            d => candle_core::bail!("MobileFaceNet expects input (B, 3, {s}, {s}), got {d:?}"),
-        }
+impl MobileFaceNet {
+    fn forward_tapped(
+        &self,
+        x: &Tensor,
+        train: bool,
+        mut tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
+        check_input("MobileFaceNet", x, self.cfg.input_shape())?;
         let mut x = x.clone();
         for stage in &self.layers {
-            x = stage.forward(&x, train)?;
+            x = stage.forward(&x, train, tap.as_deref_mut())?;
         }
-        let x = self.conv_sep.forward(&x, train, None)?;
-        let x = self.gdc.forward(&x, train, None)?.flatten_from(1)?;
+        let x = self
+            .conv_sep
+            .forward_tapped(&x, train, None, tap.as_deref_mut())?;
+        let x = self
+            .gdc
+            .forward_tapped(&x, train, None, tap)?
+            .flatten_from(1)?;
         let weight = match self.linear_bits {
             Some(bits) => fake_quantize_weight(self.linear.weight(), bits)?,
             None => self.linear.weight().clone(),
@@ -444,6 +469,31 @@ impl ModuleT for MobileFaceNet {
         let linear = Linear::new(fr_kernels::track(&weight), None);
         let x = linear.forward(&x)?;
         self.features.forward_t(&x, train)
+    }
+}
+
+impl ModuleT for MobileFaceNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_tapped(x, train, None)
+    }
+}
+
+/// Every BatchNorm2d in forward order, named by its state-dict prefix: `layers.N.layers.1`
+/// (ConvBlock), `layers.N[.layers.J].layers.K.layers.1` (DepthWise / Residual),
+/// `conv_sep.layers.1`, `features.layers.0.layers.1` (the GDC's, on `(B, 512, 1, 1)`); the
+/// final BatchNorm1d `features.layers.3` is left out (DeepInversion hooks BatchNorm2d only).
+impl BnStatsForward for MobileFaceNet {
+    fn forward_with_bn_stats(
+        &self,
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
+        let mut tap = BnTap::default();
+        let y = self.forward_tapped(x, false, Some(&mut tap))?;
+        Ok((y, tap.stats))
+    }
+
+    fn input_shape(&self) -> (usize, usize) {
+        self.cfg.input_shape()
     }
 }
 

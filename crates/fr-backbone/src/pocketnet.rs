@@ -20,21 +20,27 @@
 //! PoolBN = 3×3 pool (padding 1) → BN (`bn`); skip = identity; none = zeros
 //! ```
 //!
+//! `channels` and `cells` override the size's `C` and `n` (e.g. `size = "s"`, `channels = 8`,
+//! `cells = 6`, `input_size = 64` for CPU-sized experiments; at least 4 cells, so that the
+//! three reductions are distinct); unset, the published networks are built unchanged.
+//!
 //! The tail's width is 1024 for a 512-d embedding and 512 otherwise, as in the reference.
 //! PocketNetS (C = 16, 18 cells) has 0.92 M parameters at 128-d and 0.99 M at 256-d; PocketNetM
 //! (C = 32, 9 cells) 1.68 M and 1.75 M (the paper's Table; conventions in
 //! [`crate::complexity`]). The reference's tail kernel is a fixed 7×7 (input 112); here it is
 //! `input_size / 16`, which is 7 at 112.
 
-use candle_core::{Module, ModuleT, Tensor, D};
+use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::{Init, VarBuilder};
-use fr_kernels::nn::{BatchNorm, Conv2d, PReLU};
-use fr_kernels::Kernels;
+use fr_kernels::nn::{BatchNorm, Conv2d, PReLU, Pool3x3};
+use fr_kernels::{Kernels, PoolKind};
 use serde::{Deserialize, Serialize};
 
+use crate::bn_stats::{check_input, tapped_bn, BnBatchStats, BnStatsForward, BnTap};
 use crate::complexity::{Complexity, Counter};
+use crate::conv_bn::ConvBn;
 use crate::error::{Error, Result};
-use crate::layers::{self, ConvBn, ConvSpec};
+use crate::layers::{self, ConvSpec};
 
 /// The two published sizes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,8 +75,18 @@ impl PocketNetSize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PocketNetConfig {
-    /// `s` (PocketNetS) or `m` (PocketNetM).
+    /// `s` (PocketNetS) or `m` (PocketNetM): the published initial channels and cell count,
+    /// unless `channels` / `cells` override them.
     pub size: PocketNetSize,
+    /// Override of the initial channels `C` (the stem has `4C`); `None` (default): the
+    /// size's (16 for S, 32 for M). At least 1. For CPU-sized experiments, e.g. 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    /// Override of the number of cells `n`; `None` (default): the size's (18 for S, 9 for M).
+    /// At least 4, so that the three reduction cells `n/3`, `2n/3` and `n − 1` are distinct
+    /// (with 3 cells `2n/3 = n − 1`) and the last feature map is `input_size / 16`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cells: Option<usize>,
     /// Embedding dimension `D` of the output `(B, D)` (128, 256 or 512 in the paper).
     pub embedding_size: usize,
     /// Side of the square input in pixels (112 in the reference; a multiple of 16).
@@ -137,6 +153,8 @@ impl PocketNetConfig {
     pub fn s() -> Self {
         Self {
             size: PocketNetSize::S,
+            channels: None,
+            cells: None,
             embedding_size: 128,
             input_size: 112,
             kernels: Kernels::Auto,
@@ -169,6 +187,28 @@ impl PocketNetConfig {
         self
     }
 
+    /// Overrides the initial channels `C` (see [`PocketNetConfig::channels`]).
+    pub fn with_channels(mut self, channels: usize) -> Self {
+        self.channels = Some(channels);
+        self
+    }
+
+    /// Overrides the number of cells `n` (see [`PocketNetConfig::cells`]).
+    pub fn with_cells(mut self, cells: usize) -> Self {
+        self.cells = Some(cells);
+        self
+    }
+
+    /// The initial channels `C` in effect: the override, else the size's.
+    pub fn channels(&self) -> usize {
+        self.channels.unwrap_or(self.size.channels())
+    }
+
+    /// The number of cells `n` in effect: the override, else the size's.
+    pub fn cells(&self) -> usize {
+        self.cells.unwrap_or(self.size.cells())
+    }
+
     /// Input `(H, W)` in pixels.
     pub fn input_shape(&self) -> (usize, usize) {
         (self.input_size, self.input_size)
@@ -188,14 +228,28 @@ impl PocketNetConfig {
         }
     }
 
-    /// Whether cell `i` is a reduction cell: `i ∈ {n/3, 2n/3, n−1}`.
+    /// Whether cell `i` is a reduction cell: `i ∈ {n/3, 2n/3, n−1}` with `n` =
+    /// [`PocketNetConfig::cells`].
     pub fn is_reduction(&self, i: usize) -> bool {
-        let n = self.size.cells();
-        i == n / 3 || i == 2 * n / 3 || i == n - 1
+        let n = self.cells();
+        i == n / 3 || i == 2 * n / 3 || i + 1 == n
     }
 
-    /// Checks every field; the error names the offending key.
+    /// Checks every field; the error names the offending key (`channels`, `cells`,
+    /// `embedding_size`, `input_size`).
     pub fn validate(&self) -> Result<()> {
+        if self.channels == Some(0) {
+            return Err(Error::config("channels", "must be at least 1"));
+        }
+        if let Some(n) = self.cells.filter(|&n| n < 4) {
+            return Err(Error::config(
+                "cells",
+                format!(
+                    "{n} cells: at least 4 are needed for three distinct reduction cells \
+                     (n/3, 2n/3, n − 1)"
+                ),
+            ));
+        }
         if self.embedding_size == 0 {
             return Err(Error::config("embedding_size", "must be at least 1"));
         }
@@ -212,11 +266,11 @@ impl PocketNetConfig {
     }
 
     /// `(C_pp, C_p, C_cur, reduction_p, reduction)` of every cell.
-    fn cells(&self) -> Vec<(usize, usize, usize, bool, bool)> {
-        let c = self.size.channels();
+    fn cell_specs(&self) -> Vec<(usize, usize, usize, bool, bool)> {
+        let c = self.channels();
         let (mut c_pp, mut c_p, mut c_cur) = (STEM_MULTIPLIER * c, STEM_MULTIPLIER * c, c);
         let mut reduction_p = false;
-        (0..self.size.cells())
+        (0..self.cells())
             .map(|i| {
                 let reduction = self.is_reduction(i);
                 if reduction {
@@ -237,7 +291,7 @@ impl PocketNetConfig {
     /// An invalid configuration ([`PocketNetConfig::validate`]).
     pub fn complexity(&self) -> Result<Complexity> {
         self.validate()?;
-        let c = self.size.channels();
+        let c = self.channels();
         let mut n = Counter::new(3, self.input_size, self.input_size);
         n.conv(STEM_MULTIPLIER * c, 3, 2, 1, 1, false).bn();
         let sep = |n: &mut Counter, out: usize, k: usize, stride: usize| {
@@ -246,7 +300,7 @@ impl PocketNetConfig {
             n.conv(out, 1, 1, 0, 1, false).bn();
         };
         let (mut s0, mut s1) = (n.branch(), n.branch());
-        for (_, _, c_cur, reduction_p, reduction) in self.cells() {
+        for (_, _, c_cur, reduction_p, reduction) in self.cell_specs() {
             let mut p0 = s0.branch();
             if reduction_p {
                 let (c_in, h, w) = p0.shape();
@@ -371,14 +425,20 @@ impl SepConv {
             pointwise: ConvBn::new(
                 conv(in_c, out_c, 1, 1, 1, kernels, vb.pp("2"))?,
                 layers::bn(out_c, kernels, vb.pp("3"))?,
+                vb.pp("3").prefix(),
                 None,
             ),
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
         let y = self.depthwise.forward(&self.prelu.forward(x)?)?;
-        self.pointwise.forward(&y, train, None)
+        self.pointwise.forward_tapped(&y, train, None, tap)
     }
 }
 
@@ -392,6 +452,7 @@ struct FactorizedReduce {
     conv21: Conv2d,
     conv22: Conv2d,
     bn: BatchNorm,
+    bn_name: String,
 }
 
 impl FactorizedReduce {
@@ -403,80 +464,43 @@ impl FactorizedReduce {
             conv21: conv(in_c, in_c, 1, 2, in_c, kernels, vb.pp("conv21"))?,
             conv22: conv(in_c, out_c / 2, 1, 1, 1, kernels, vb.pp("conv22"))?,
             bn: layers::bn(out_c, kernels, vb.pp("bn"))?,
+            bn_name: vb.pp("bn").prefix(),
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
         let x = self.prelu.forward(x)?;
         let first = self.conv12.forward(&self.conv11.forward(&x)?)?;
         let (h, w) = (x.dim(2)?, x.dim(3)?);
         let shifted = x.narrow(2, 1, h - 1)?.narrow(3, 1, w - 1)?;
         let second = self.conv22.forward(&self.conv21.forward(&shifted)?)?;
-        self.bn
-            .forward_t(&Tensor::cat(&[&first, &second], 1)?, train)
+        let y = Tensor::cat(&[&first, &second], 1)?;
+        tapped_bn(&self.bn, &self.bn_name, &y, train, tap)
     }
 }
 
-/// The nine shifted (strided) views of a 3×3, padding-1 window over `x` `(B, C, H, W)`,
-/// each `(B, C, Ho, Wo)`; the padding is `-inf` for max pooling, zeros otherwise.
-fn windows3(x: &Tensor, stride: usize, neg_inf_pad: bool) -> candle_core::Result<Vec<Tensor>> {
-    let (b, c, h, w) = x.dims4()?;
-    let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
-    // Padding 1 before, and enough after that every view has `stride · out` rows.
-    let (after_h, after_w) = (stride * ho + 1 - h, stride * wo + 1 - w);
-    let pad = |x: &Tensor, dim: usize, after: usize| -> candle_core::Result<Tensor> {
-        if neg_inf_pad {
-            let mut dims = x.dims().to_vec();
-            dims[dim] = 1;
-            let lo =
-                Tensor::full(f32::NEG_INFINITY, dims.clone(), x.device())?.to_dtype(x.dtype())?;
-            dims[dim] = after;
-            let hi = Tensor::full(f32::NEG_INFINITY, dims, x.device())?.to_dtype(x.dtype())?;
-            Tensor::cat(&[&lo, x, &hi], dim)
-        } else {
-            x.pad_with_zeros(dim, 1, after)
-        }
-    };
-    let xp = pad(&pad(x, 2, after_h)?, 3, after_w)?;
-    let mut views = Vec::with_capacity(9);
-    for di in 0..3 {
-        for dj in 0..3 {
-            let v = xp.narrow(2, di, stride * ho)?.narrow(3, dj, stride * wo)?;
-            views.push(if stride == 1 {
-                v
-            } else {
-                v.reshape((b, c, ho, stride, wo, stride))?
-                    .narrow(3, 0, 1)?
-                    .narrow(5, 0, 1)?
-                    .reshape((b, c, ho, wo))?
-            });
-        }
-    }
-    Ok(views)
-}
-
-/// 3×3 pooling with padding 1 `(B, C, H, W)` → `(B, C, ⌈H/s⌉, ⌈W/s⌉)`, from the stacked
-/// window views so that the gradient is exact (candle 0.11's `max_pool2d` backward is wrong
-/// and has no padding). Average pooling does not count the padding (`count_include_pad =
-/// False`, as the reference).
-fn pool3(x: &Tensor, stride: usize, max: bool) -> candle_core::Result<Tensor> {
-    let stacked = Tensor::stack(&windows3(x, stride, max)?, D::Minus1)?;
-    if max {
-        return stacked.max(D::Minus1);
-    }
-    let (_, _, h, w) = x.dims4()?;
-    let ones = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?;
-    let count = Tensor::stack(&windows3(&ones, stride, false)?, D::Minus1)?.sum(D::Minus1)?;
-    stacked.sum(D::Minus1)?.broadcast_div(&count)
+/// DARTS' `max_pool_3x3` / `avg_pool_3x3` (`ops.py`: `nn.MaxPool2d(3, stride, 1)` /
+/// `nn.AvgPool2d(3, stride, 1, count_include_pad=False)`), `(B, C, H, W)` →
+/// `(B, C, ⌈H/s⌉, ⌈W/s⌉)`: fr-kernels' [`fr_kernels::pool3x3`] with its exact backward on the
+/// CPU, the windowed candle path elsewhere (candle 0.11's `max_pool2d` backward is wrong and
+/// has no padding).
+fn pool3(max: bool, stride: usize, kernels: Kernels) -> Pool3x3 {
+    let kind = if max { PoolKind::Max } else { PoolKind::Avg };
+    Pool3x3::new(kind, stride, kernels)
 }
 
 /// One edge of a cell: an op with its input node.
 #[derive(Debug, Clone)]
 enum Op {
     Pool {
-        max: bool,
-        stride: usize,
+        pool: Pool3x3,
         bn: BatchNorm,
+        bn_name: String,
     },
     Identity,
     Reduce(FactorizedReduce),
@@ -496,9 +520,9 @@ impl Op {
     ) -> Result<Self> {
         Ok(match prim {
             Primitive::MaxPool3 | Primitive::AvgPool3 => Op::Pool {
-                max: prim == Primitive::MaxPool3,
-                stride,
+                pool: pool3(prim == Primitive::MaxPool3, stride, kernels),
                 bn: layers::bn(c, kernels, vb.pp("bn"))?,
+                bn_name: vb.pp("bn").prefix(),
             },
             Primitive::Skip if stride == 1 => Op::Identity,
             Primitive::Skip => Op::Reduce(FactorizedReduce::new(c, c, kernels, vb)?),
@@ -507,12 +531,17 @@ impl Op {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            Op::Pool { max, stride, bn } => bn.forward_t(&pool3(x, *stride, *max)?, train),
+            Op::Pool { pool, bn, bn_name } => tapped_bn(bn, bn_name, &pool.forward(x)?, train, tap),
             Op::Identity => Ok(x.clone()),
-            Op::Reduce(r) => r.forward(x, train),
-            Op::Sep(s) => s.forward(x, train),
+            Op::Reduce(r) => r.forward(x, train, tap),
+            Op::Sep(s) => s.forward(x, train, tap),
             Op::Zero { stride } => {
                 let (b, c, h, w) = x.dims4()?;
                 Tensor::zeros(
@@ -541,16 +570,23 @@ struct Cell {
 }
 
 impl Cell {
-    fn forward(&self, s0: &Tensor, s1: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        s0: &Tensor,
+        s1: &Tensor,
+        train: bool,
+        mut tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
         let s0 = match &self.preproc0 {
-            Preproc::Std(s) => s.forward(s0, train)?,
-            Preproc::Reduce(r) => r.forward(s0, train)?,
+            Preproc::Std(s) => s.forward(s0, train, tap.as_deref_mut())?,
+            Preproc::Reduce(r) => r.forward(s0, train, tap.as_deref_mut())?,
         };
-        let mut states = vec![s0, self.preproc1.forward(s1, train)?];
+        let s1 = self.preproc1.forward(s1, train, tap.as_deref_mut())?;
+        let mut states = vec![s0, s1];
         for edges in &self.dag {
             let mut sum: Option<Tensor> = None;
             for (op, from) in edges {
-                let y = op.forward(&states[*from], train)?;
+                let y = op.forward(&states[*from], train, tap.as_deref_mut())?;
                 sum = Some(match sum {
                     Some(s) => (s + y)?,
                     None => y,
@@ -581,14 +617,16 @@ impl PocketNet {
     pub fn new(cfg: &PocketNetConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let k = cfg.kernels;
-        let c_stem = STEM_MULTIPLIER * cfg.size.channels();
+        let c_stem = STEM_MULTIPLIER * cfg.channels();
         let stem = ConvBn::new(
             conv(3, c_stem, 3, 2, 1, k, vb.pp("stem").pp("0"))?,
             layers::bn(c_stem, k, vb.pp("stem").pp("1"))?,
+            vb.pp("stem").pp("1").prefix(),
             None,
         );
         let mut cells = Vec::new();
-        for (i, (c_pp, c_p, c, reduction_p, reduction)) in cfg.cells().into_iter().enumerate() {
+        for (i, (c_pp, c_p, c, reduction_p, reduction)) in cfg.cell_specs().into_iter().enumerate()
+        {
             let vb = vb.pp("cells").pp(i.to_string());
             let preproc0 = if reduction_p {
                 Preproc::Reduce(FactorizedReduce::new(c_pp, c, k, vb.pp("preproc0"))?)
@@ -622,7 +660,7 @@ impl PocketNet {
                 dag,
             });
         }
-        let c_p = cfg.cells().last().map_or(c_stem, |c| NODES * c.2);
+        let c_p = cfg.cell_specs().last().map_or(c_stem, |c| NODES * c.2);
         let (con, f, d) = (cfg.tail_channels(), cfg.final_size(), cfg.embedding_size);
         let vb_t = vb.pp("tail");
         let tail_prelu = layers::prelu(c_p, k, vb_t.pp("0"))?;
@@ -630,6 +668,7 @@ impl PocketNet {
             ConvBn::new(
                 conv(c_p, con, 1, 1, 1, k, vb_t.pp("1"))?,
                 layers::bn(con, k, vb_t.pp("2"))?,
+                vb_t.pp("2").prefix(),
                 Some(layers::prelu(con, k, vb_t.pp("3"))?),
             ),
             ConvBn::new(
@@ -655,11 +694,13 @@ impl PocketNet {
                     vb_t.pp("4"),
                 )?,
                 layers::bn(con, k, vb_t.pp("5"))?,
+                vb_t.pp("5").prefix(),
                 None,
             ),
             ConvBn::new(
                 conv(con, d, 1, 1, 1, k, vb_t.pp("6"))?,
                 layers::bn(d, k, vb_t.pp("7"))?,
+                vb_t.pp("7").prefix(),
                 None,
             ),
         ];
@@ -684,24 +725,53 @@ impl PocketNet {
     }
 }
 
-impl ModuleT for PocketNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let s = self.cfg.input_size;
-        match x.dims() {
-            [_, 3, h, w] if *h == s && *w == s => {}
-            d => candle_core::bail!("PocketNet expects input (B, 3, {s}, {s}), got {d:?}"),
-        }
-        let stem = self.stem.forward(x, train, None)?;
+impl PocketNet {
+    fn forward_tapped(
+        &self,
+        x: &Tensor,
+        train: bool,
+        mut tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
+        check_input("PocketNet", x, self.cfg.input_shape())?;
+        let stem = self
+            .stem
+            .forward_tapped(x, train, None, tap.as_deref_mut())?;
         let (mut s0, mut s1) = (stem.clone(), stem);
         for cell in &self.cells {
-            let out = cell.forward(&s0, &s1, train)?;
+            let out = cell.forward(&s0, &s1, train, tap.as_deref_mut())?;
             (s0, s1) = (s1, out);
         }
         let mut y = self.tail_prelu.forward(&s1)?;
         for block in &self.tail {
-            y = block.forward(&y, train, None)?;
+            y = block.forward_tapped(&y, train, None, tap.as_deref_mut())?;
         }
         y.flatten_from(1)
+    }
+}
+
+impl ModuleT for PocketNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_tapped(x, train, None)
+    }
+}
+
+/// Every BatchNorm2d in forward order, named by its state-dict prefix: `stem.1`; per cell
+/// `cells.i.preproc0.net.3` (or `….preproc0.bn` after a reduction), `cells.i.preproc1.net.3`,
+/// then the edges' `cells.i.dag.j.e.net.3` / `….bn` (pooling, strided skip); the tail's
+/// `tail.2`, `tail.5` and `tail.7` (the last on `(B, D, 1, 1)`, a BatchNorm2d in the
+/// reference too).
+impl BnStatsForward for PocketNet {
+    fn forward_with_bn_stats(
+        &self,
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
+        let mut tap = BnTap::default();
+        let y = self.forward_tapped(x, false, Some(&mut tap))?;
+        Ok((y, tap.stats))
+    }
+
+    fn input_shape(&self) -> (usize, usize) {
+        self.cfg.input_shape()
     }
 }
 
@@ -750,34 +820,37 @@ mod tests {
 
     #[test]
     fn pooling_equals_the_direct_computation_and_routes_max_gradients() {
-        for (h, w) in [(6, 6), (5, 7)] {
-            let data: Vec<f64> = (0..h * w).map(|i| ((i * 37 % 23) as f64).sin()).collect();
-            let x = Var::from_vec(data.clone(), (1, 1, h, w), &Device::Cpu).unwrap();
-            for stride in [1, 2] {
-                for max in [true, false] {
-                    let y = pool3(x.as_tensor(), stride, max).unwrap();
-                    let got: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
-                    let want = direct(&data, h, w, stride, max);
-                    assert_eq!(got.len(), want.len());
-                    for (g, e) in got.iter().zip(&want) {
-                        assert!(
-                            (g - e).abs() < 1e-12,
-                            "{h}x{w} s{stride} max={max}: {g} vs {e}"
-                        );
-                    }
-                    if max {
-                        // d sum / dx = how many windows take x as their maximum.
-                        let grads = y.sum_all().unwrap().backward().unwrap();
-                        let g: Vec<f64> = grads
-                            .get(x.as_tensor())
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1()
-                            .unwrap();
-                        assert_eq!(g.iter().sum::<f64>(), want.len() as f64);
-                        for (k, &gk) in g.iter().enumerate() {
-                            assert!(gk == 0.0 || want.contains(&data[k]), "{k}: {gk}");
+        // Both implementations: fr-kernels' op (CPU) and the windowed candle path (GPUs).
+        for kernels in [Kernels::Fused, Kernels::Candle] {
+            for (h, w) in [(6, 6), (5, 7)] {
+                let data: Vec<f64> = (0..h * w).map(|i| ((i * 37 % 23) as f64).sin()).collect();
+                let x = Var::from_vec(data.clone(), (1, 1, h, w), &Device::Cpu).unwrap();
+                for stride in [1, 2] {
+                    for max in [true, false] {
+                        let y = pool3(max, stride, kernels).forward(x.as_tensor()).unwrap();
+                        let got: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
+                        let want = direct(&data, h, w, stride, max);
+                        assert_eq!(got.len(), want.len());
+                        for (g, e) in got.iter().zip(&want) {
+                            assert!(
+                                (g - e).abs() < 1e-12,
+                                "{kernels:?} {h}x{w} s{stride} max={max}: {g} vs {e}"
+                            );
+                        }
+                        if max {
+                            // d sum / dx = how many windows take x as their maximum.
+                            let grads = y.sum_all().unwrap().backward().unwrap();
+                            let g: Vec<f64> = grads
+                                .get(x.as_tensor())
+                                .unwrap()
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1()
+                                .unwrap();
+                            assert_eq!(g.iter().sum::<f64>(), want.len() as f64);
+                            for (k, &gk) in g.iter().enumerate() {
+                                assert!(gk == 0.0 || want.contains(&data[k]), "{k}: {gk}");
+                            }
                         }
                     }
                 }

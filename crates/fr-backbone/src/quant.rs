@@ -23,14 +23,20 @@
 //! `freeze_after` training forwards (300 in QuantFace), then frozen ([`QuantAct`]). The
 //! backward pass is the identity (straight-through estimator).
 //!
+//! PReLU slopes (`QuantActPreLu` in `quant_modules.py`) are fake-quantised too, at the
+//! *activation* width, with one range for the whole slope vector `(C,)`: `lo` and `hi` are the
+//! minimum and maximum over the channels of the current (detached) slopes, recomputed every
+//! forward ([`fake_quantize_prelu_slopes`]). The PReLU then runs with the quantised slopes and
+//! its output goes through the per-tensor activation quantiser.
+//!
 //! [`crate::IResNet::quantize`] and [`crate::MobileFaceNet::quantize`] switch a built backbone
-//! to fake-quantised convolution / linear weights and activations ([`QuantBits::w8a8`],
-//! [`QuantBits::w6a6`]); BatchNorm stays in float, as in QuantFace.
+//! to fake-quantised convolution / linear weights, PReLU slopes and activations
+//! ([`QuantBits::w8a8`], [`QuantBits::w6a6`]); BatchNorm stays in float, as in QuantFace.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
-use fr_kernels::nn::Conv2d;
+use fr_kernels::nn::{Conv2d, PReLU};
 use fr_kernels::Kernels;
 use serde::{Deserialize, Serialize};
 
@@ -273,13 +279,36 @@ pub fn fake_quantize_range(x: &Tensor, bits: u32, lo: f64, hi: f64) -> candle_co
     straight_through(x, q)
 }
 
+/// Fake-quantises a PReLU slope vector `(C,)` (or a shared slope `(1,)`) with one range for
+/// the whole vector: `lo` / `hi` are the minimum / maximum over its channels, read from the
+/// detached values on every call, and `bits` is the network's *activation* width. Same shape
+/// and dtype out; straight-through gradient (the slope receives the gradient its quantised
+/// value gets). QuantFace's `QuantActPreLu` (`fdbtrs/QuantFace`,
+/// `quantization_utils/quant_modules.py`).
+///
+/// # Errors
+/// An empty tensor, a dtype other than f32 / f64, or `bits` outside 2..=16.
+pub fn fake_quantize_prelu_slopes(slopes: &Tensor, bits: u32) -> candle_core::Result<Tensor> {
+    if slopes.elem_count() == 0 {
+        candle_core::bail!("fake quantisation of an empty PReLU slope vector");
+    }
+    let d = slopes.detach().flatten_all()?.to_dtype(DType::F64)?;
+    // f32 bounds are exact in f64, so `fake_quantize_range` sees them unchanged.
+    let (lo, hi) = (
+        d.min_all()?.to_scalar::<f64>()?,
+        d.max_all()?.to_scalar::<f64>()?,
+    );
+    fake_quantize_range(slopes, bits, lo, hi)
+}
+
 /// Bit widths of a quantised backbone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantBits {
     /// Bits of convolution and linear weights (per output channel).
     pub weight: u32,
-    /// Bits of activations (per tensor, after every PReLU and residual addition).
+    /// Bits of activations (per tensor, after every PReLU and residual addition) and of the
+    /// PReLU slopes (one range per slope vector).
     pub activation: u32,
     /// Training forwards during which the activation ranges are updated (QuantFace: 300).
     pub freeze_after: usize,
@@ -395,6 +424,22 @@ pub(crate) fn quantized_conv(
             fake_quantize_weight(conv.weight(), b)?,
             None,
             conv.params(),
+            kernels,
+        )),
+    })
+}
+
+/// `prelu` with its slopes fake-quantised to `bits` bits ([`fake_quantize_prelu_slopes`]),
+/// rebuilt on `kernels`.
+pub(crate) fn quantized_prelu(
+    prelu: &PReLU,
+    bits: Option<u32>,
+    kernels: Kernels,
+) -> candle_core::Result<std::borrow::Cow<'_, PReLU>> {
+    Ok(match bits {
+        None => std::borrow::Cow::Borrowed(prelu),
+        Some(b) => std::borrow::Cow::Owned(PReLU::new(
+            fake_quantize_prelu_slopes(prelu.weight(), b)?,
             kernels,
         )),
     })

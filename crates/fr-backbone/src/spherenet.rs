@@ -23,6 +23,7 @@ use fr_kernels::nn::{Conv2d, PReLU};
 use fr_kernels::Kernels;
 use serde::{Deserialize, Serialize};
 
+use crate::bn_stats::{check_input, BnBatchStats, BnStatsForward};
 use crate::complexity::{Complexity, Counter};
 use crate::error::{Error, Result};
 use crate::layers::{self, ConvSpec};
@@ -256,11 +257,7 @@ impl SphereNet {
 impl ModuleT for SphereNet {
     /// `train` changes nothing (no BatchNorm, no dropout).
     fn forward_t(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
-        let [h, w] = self.cfg.input_size;
-        match x.dims() {
-            [_, 3, xh, xw] if *xh == h && *xw == w => {}
-            d => candle_core::bail!("SphereNet expects input (B, 3, {h}, {w}), got {d:?}"),
-        }
+        check_input("SphereNet", x, self.cfg.input_shape())?;
         let mut x = x.clone();
         for stage in &self.stages {
             x = stage.down.forward(&x)?;
@@ -283,5 +280,19 @@ impl crate::Backbone for SphereNet {
 
     fn is_trainable(&self, name: &str) -> bool {
         SphereNet::is_trainable(name)
+    }
+}
+
+/// SphereNet has no BatchNorm: the eval forward (with gradients) and an empty list.
+impl BnStatsForward for SphereNet {
+    fn forward_with_bn_stats(
+        &self,
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
+        Ok((self.forward_t(x, false)?, Vec::new()))
+    }
+
+    fn input_shape(&self) -> (usize, usize) {
+        self.cfg.input_shape()
     }
 }

@@ -249,3 +249,106 @@ fn configs_names_and_toml() {
     let reductions: Vec<usize> = (0..9).filter(|&i| cfg.is_reduction(i)).collect();
     assert_eq!(reductions, [3, 6, 8]);
 }
+
+/// Elements of the learnable variables of a built network (running statistics excluded).
+fn varmap_params(varmap: &VarMap) -> u64 {
+    varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| PocketNet::is_trainable(name))
+        .map(|(_, v)| v.as_tensor().elem_count() as u64)
+        .sum()
+}
+
+#[test]
+fn channel_and_cell_overrides_build_the_smaller_network() {
+    let cpu = PocketNetConfig::s()
+        .with_channels(8)
+        .with_cells(6)
+        .with_input_size(64);
+    assert_eq!((cpu.channels(), cpu.cells()), (8, 6));
+    let reductions: Vec<usize> = (0..6).filter(|&i| cpu.is_reduction(i)).collect();
+    assert_eq!(reductions, [2, 4, 5]);
+    let (net, varmap) = build(&cpu, DType::F32, 2);
+    let params = cpu.complexity().unwrap().params;
+    assert_eq!(params, varmap_params(&varmap), "counter vs built module");
+    assert_eq!(params, walked_params(&cpu));
+    // Smaller than PocketNetS, larger than with fewer cells or channels.
+    let s_params = PocketNetConfig::s().complexity().unwrap().params;
+    let fewer_cells = cpu.clone().with_cells(4).complexity().unwrap().params;
+    let fewer_channels = cpu.clone().with_channels(4).complexity().unwrap().params;
+    println!("PocketNet C=8, 6 cells: {params} parameters (S: {s_params})");
+    assert!(params < s_params && fewer_cells < params && fewer_channels < params);
+    let sd = state_dict(cpu.clone());
+    assert_eq!(sd.get("stem.0.weight"), Some(&vec![32, 3, 3, 3]));
+    // Cell 2 (= 6/3) reduces to 16 channels; cell 5 is the last (64 channels), no cell 6.
+    assert_eq!(
+        sd.get("cells.2.dag.0.1.net.1.weight"),
+        Some(&vec![16, 1, 7, 7])
+    );
+    assert_eq!(
+        sd.get("cells.5.dag.0.0.net.1.weight"),
+        Some(&vec![64, 1, 3, 3])
+    );
+    assert!(!sd.contains_key("cells.6.preproc1.net.0.weight"));
+    assert_eq!(sd.get("tail.0.weight"), Some(&vec![4 * 64]));
+    // The forward runs at 64×64 (4×4 tail kernel) and at the smallest cell count.
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 64, 64), &Device::Cpu).unwrap();
+    let y = fr_kernels::no_grad(|| net.forward_t(&x, false)).unwrap();
+    assert_eq!(y.dims(), &[2, 128]);
+    let four = cpu.clone().with_cells(4).with_input_size(32);
+    let (net4, varmap4) = build(&four, DType::F32, 2);
+    assert_eq!(four.complexity().unwrap().params, varmap_params(&varmap4));
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    assert_eq!(net4.forward_t(&x, true).unwrap().dims(), &[2, 128]);
+}
+
+#[test]
+fn overrides_are_optional_keys_and_bad_values_name_the_key() {
+    let cfg: BackboneConfig = toml::from_str(
+        "type = \"pocketnet\"\nsize = \"s\"\nchannels = 8\ncells = 6\ninput_size = 64",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg,
+        BackboneConfig::Pocketnet(
+            PocketNetConfig::s()
+                .with_channels(8)
+                .with_cells(6)
+                .with_input_size(64)
+        )
+    );
+    // Unset overrides are not written, so existing configs and model cards stay as they were.
+    let json = serde_json::to_value(PocketNetConfig::m()).unwrap();
+    assert!(
+        json.get("channels").is_none() && json.get("cells").is_none(),
+        "{json}"
+    );
+    let explicit = PocketNetConfig::m().with_channels(32).with_cells(9);
+    assert_eq!(
+        explicit.complexity().unwrap(),
+        PocketNetConfig::m().complexity().unwrap(),
+        "overrides equal to the size's give the published network"
+    );
+    for (cfg, key) in [
+        (PocketNetConfig::s().with_channels(0), "channels"),
+        (PocketNetConfig::s().with_cells(3), "cells"),
+        (PocketNetConfig::s().with_cells(0), "cells"),
+    ] {
+        let err = cfg.validate();
+        assert!(
+            matches!(err, Err(Error::Config { key: ref k, .. }) if k == key),
+            "{cfg:?}: {err:?}"
+        );
+        let err = cfg.complexity().unwrap_err().to_string();
+        assert!(err.contains(key), "{err}");
+        let built = PocketNet::new(
+            &cfg,
+            SeededVarMap::new(1).var_builder(DType::F32, &Device::Cpu),
+        );
+        assert!(built.is_err());
+    }
+    assert!(PocketNetConfig::s().with_cells(4).validate().is_ok());
+}

@@ -29,7 +29,9 @@
 //! - [`prelu`]: one fused pass each way, and [`batch_norm_prelu_train`], the two as one op that
 //!   does not store the BatchNorm output;
 //! - [`conv2d_eval_fused`]: inference convolution with BatchNorm, PReLU and the residual add
-//!   applied in the GEMM epilogue.
+//!   applied in the GEMM epilogue;
+//! - [`pool3x3`]: 3×3, padding-1 max / average pooling (DARTS' pooling primitives) with an exact
+//!   backward (candle's `max_pool2d` backward is scaled wrongly and has no padding).
 //!
 //! The layers in [`nn`] pick these kernels or candle's own ops (the reference path) through
 //! [`Kernels`]; on a GPU they always use candle's. [`no_grad`] runs inference without an
@@ -46,6 +48,7 @@ mod depthwise;
 mod elem;
 mod grad;
 pub mod nn;
+mod pool;
 mod prelu;
 
 pub use alloc::{tune_allocator, tune_cpu_runtime};
@@ -56,4 +59,5 @@ pub use conv2d_eval::conv2d_eval_fused;
 pub use elem::Elem;
 pub use grad::{is_grad_enabled, no_grad, track};
 pub use nn::Kernels;
+pub use pool::{pool3x3, PoolKind};
 pub use prelu::prelu;

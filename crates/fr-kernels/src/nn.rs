@@ -9,6 +9,7 @@ use crate::bn_prelu::batch_norm_prelu_train;
 use crate::conv2d::{conv2d, ConvParams};
 use crate::conv2d_eval::conv2d_eval_fused;
 use crate::grad::track;
+use crate::pool::{pool3x3, pool3x3_windowed, PoolKind};
 use crate::prelu::prelu;
 
 /// Which implementation a layer runs.
@@ -352,6 +353,51 @@ impl Module for PReLU {
             prelu(&x, &weight)
         } else {
             candle_nn::PReLU::new(weight.clone(), weight.elem_count() == 1).forward(&x)
+        }
+    }
+}
+
+/// 3×3 pooling with padding 1, `(B, C, H, W)` → `(B, C, (H − 1)/stride + 1, (W − 1)/stride + 1)`:
+/// DARTS' `max_pool_3x3` / `avg_pool_3x3` (PyTorch's `MaxPool2d(3, stride, padding=1)` /
+/// `AvgPool2d(3, stride, padding=1, count_include_pad=False)`). [`pool3x3`] on the CPU kernels;
+/// otherwise (a GPU, [`Kernels::Candle`]) the same pooling from stacked shifted views and
+/// candle's reductions, which gives the gradient of a max-pooling output to every tied maximum
+/// instead of only the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool3x3 {
+    kind: PoolKind,
+    stride: usize,
+    kernels: Kernels,
+}
+
+impl Pool3x3 {
+    /// A pooling layer of the given kind and stride (≥ 1).
+    pub fn new(kind: PoolKind, stride: usize, kernels: Kernels) -> Self {
+        Self {
+            kind,
+            stride,
+            kernels,
+        }
+    }
+
+    /// Max or average.
+    pub fn kind(&self) -> PoolKind {
+        self.kind
+    }
+
+    /// The stride.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
+impl Module for Pool3x3 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = track(x);
+        if self.kernels.fused_for(&x) {
+            pool3x3(&x, self.kind, self.stride)
+        } else {
+            pool3x3_windowed(&x, self.kind, self.stride)
         }
     }
 }

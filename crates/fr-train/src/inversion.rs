@@ -8,11 +8,18 @@
 //!   + λ_tv · R_TV(x) + λ_l2 · ‖x‖₂                                  image priors
 //! ```
 //!
-//! with `f` the backbone in eval mode, `t_i` a target embedding or class centre (cosine is
+//! with `f` the backbone in eval mode (any [`BnStatsForward`] backbone: IResNet,
+//! MobileFaceNet, PocketNet, SphereNet), `t_i` a target embedding or class centre (cosine is
 //! scale-free, so neither needs normalising), `μ_l, σ²_l` the per-channel batch mean and biased
 //! variance of the input of BatchNorm2d layer `l` over the generated batch, `w_0` =
-//! `first_bn_multiplier` and `w_l = 1` after, `R_TV` the sum of the ℓ2 norms of the
-//! horizontal, vertical and both diagonal neighbour differences.
+//! `first_bn_multiplier` and `w_l = 1` after (a backbone without BatchNorm, such as SphereNet,
+//! has no such term), `R_TV` the sum of the ℓ2 norms of the horizontal, vertical and both
+//! diagonal neighbour differences.
+//!
+//! The images are `(N, 3, H, W)` with `(H, W)` the backbone's input shape
+//! ([`BnStatsForward::input_shape`]; 112×96 for SphereFace's networks);
+//! [`InversionConfig::image_size`] is 0 (the default: take it from the backbone) or, for a
+//! square backbone, its side as a check.
 //!
 //! The BatchNorm-statistics prior, the image priors, the optimiser (Adam, β = (0.5, 0.9)), the
 //! random-normal initialisation, the cosine schedule with warm-up and the clipping of the image
@@ -31,8 +38,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
-use fr_backbone::iresnet::BnBatchStats;
-use fr_backbone::IResNet;
+use fr_backbone::{BnBatchStats, BnStatsForward};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -42,7 +48,7 @@ use crate::{AdamW, AdamWConfig, Error, LrSchedule, Result};
 
 /// Hyper-parameters of [`invert`]. Defaults are DeepInversion's (NVlabs/DeepInversion,
 /// `imagenet_inversion.py` and `deepinversion.py`, for ImageNet ResNet-50 at 224×224), with the
-/// image side set to insightface's 112; the weights act on sums of norms, so another image
+/// image shape taken from the backbone; the weights act on sums of norms, so another image
 /// size or batch size may need other weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -72,8 +78,9 @@ pub struct InversionConfig {
     /// Standard deviation of the initial image, normalised units, before clipping to [−1, 1]
     /// (DeepInversion: `randn`, 1).
     pub init_std: f64,
-    /// Side of the generated square images in pixels; must equal the backbone's input size
-    /// (insightface: 112).
+    /// Side of the generated square images in pixels, checked against the backbone's input
+    /// size (insightface: 112); 0 (the default) takes the image shape `(H, W)` from the
+    /// backbone ([`BnStatsForward::input_shape`]), square or not (SphereFace: 112×96).
     pub image_size: usize,
     /// Seed of the initial image; the same seed gives the same images on the CPU.
     pub seed: u64,
@@ -96,7 +103,7 @@ impl Default for InversionConfig {
             tv_l2_weight: 1e-4,
             l2_weight: 1e-5,
             init_std: 1.0,
-            image_size: 112,
+            image_size: 0,
             seed: 0,
         }
     }
@@ -110,9 +117,6 @@ impl InversionConfig {
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 {
             return Err(Error::config("steps", "must be at least 1"));
-        }
-        if self.image_size == 0 {
-            return Err(Error::config("image_size", "must be at least 1"));
         }
         let weights = [
             ("identity_weight", self.identity_weight),
@@ -169,7 +173,8 @@ pub struct InversionStep {
 /// What [`invert`] returns.
 #[derive(Debug, Clone)]
 pub struct InversionResult {
-    /// Generated images `(N, 3, S, S)`, f32, recognition normalisation ([−1, 1]).
+    /// Generated images `(N, 3, H, W)` (the backbone's input shape), f32, recognition
+    /// normalisation ([−1, 1]).
     pub images: Tensor,
     /// `cos(f(image_i), target_i)` of the final images (eval forward), one per target.
     pub cosines: Vec<f32>,
@@ -177,28 +182,31 @@ pub struct InversionResult {
     pub history: Vec<InversionStep>,
 }
 
-/// Generates one image per row of `targets` `(N, D)` (embeddings or class centres; any
-/// scale) by optimising the input of the frozen `backbone` (module doc: the loss and its
-/// sources). The backbone runs in eval mode and is not modified: its parameters receive
-/// gradients in the backward pass but are never updated, and its running statistics stay.
-/// All `N` images are optimised together, so the BatchNorm prior acts on their joint batch
-/// statistics, as in DeepInversion.
+/// Generates one image `(3, H, W)` per row of `targets` `(N, D)` (embeddings or class
+/// centres; any scale) by optimising the input of the frozen `backbone` (module doc: the loss
+/// and its sources); `(H, W)` is the backbone's input shape. Any [`BnStatsForward`] backbone
+/// (`&IResNet`, `&MobileFaceNet`, `&PocketNet`, `&SphereNet` or a `&dyn BnStatsForward`). The
+/// backbone runs in eval mode and is not modified: its parameters receive gradients in the
+/// backward pass but are never updated, and its running statistics stay. All `N` images are
+/// optimised together, so the BatchNorm prior acts on their joint batch statistics, as in
+/// DeepInversion.
 ///
 /// # Errors
-/// An invalid config, `image_size` different from the backbone's input size, `targets` not
-/// `(N, D)` with `N ≥ 1` and `D` the backbone's embedding size, or a non-finite loss.
-pub fn invert(
-    backbone: &IResNet,
+/// An invalid config, a nonzero `image_size` that is not the side of the backbone's square
+/// input, `targets` not `(N, D)` with `N ≥ 1` and `D` the backbone's embedding size, or a
+/// non-finite loss.
+pub fn invert<B: BnStatsForward + ?Sized>(
+    backbone: &B,
     targets: &Tensor,
     cfg: &InversionConfig,
 ) -> Result<InversionResult> {
     cfg.validate()?;
-    let s = backbone.config().input_size;
-    if cfg.image_size != s {
+    let (h, w) = backbone.input_shape();
+    if cfg.image_size != 0 && (cfg.image_size, cfg.image_size) != (h, w) {
         return Err(Error::config(
             "image_size",
             format!(
-                "{} differs from the backbone's input size {s}",
+                "{} differs from the backbone's input size {h}×{w} (0 takes the backbone's)",
                 cfg.image_size
             ),
         ));
@@ -217,10 +225,10 @@ pub fn invert(
     let targets = targets.to_dtype(DType::F32)?.detach();
 
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let init: Vec<f32> = (0..n * 3 * s * s)
+    let init: Vec<f32> = (0..n * 3 * h * w)
         .map(|_| (cfg.init_std * rng.sample::<f64, _>(StandardNormal)).clamp(-1.0, 1.0) as f32)
         .collect();
-    let image = Var::from_tensor(&Tensor::from_vec(init, (n, 3, s, s), &device)?)?;
+    let image = Var::from_tensor(&Tensor::from_vec(init, (n, 3, h, w), &device)?)?;
     let mut adam = AdamW::new_named(vec![("image".to_string(), image.clone())], cfg.adam())?;
 
     let mut history = Vec::with_capacity(cfg.steps);
@@ -267,7 +275,7 @@ pub fn invert(
     }
 
     let images = image.as_tensor().detach();
-    let emb = fr_kernels::no_grad(|| candle_core::ModuleT::forward_t(backbone, &images, false))?;
+    let emb = fr_kernels::no_grad(|| backbone.forward_t(&images, false))?;
     let cosines = cosine(&emb, &targets)?.to_vec1::<f32>()?;
     Ok(InversionResult {
         images,

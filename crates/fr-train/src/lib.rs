@@ -3,7 +3,9 @@
 //! seeded (order-independent) parameter initialisation, crash-safe checksummed checkpoints
 //! (with a write check of the output directory before a run) and a
 //! [`Trainer`] that runs one step of backbone → head (+ an optional [`AuxiliaryLoss`]) → clip →
-//! update; [`invert`] generates images from a frozen backbone's embeddings (ArcFace
+//! update; [`Distillation`] adds embedding distillation from a frozen teacher (fixed, or
+//! PocketNet's multi-step schedule over per-epoch teacher checkpoints) as that auxiliary loss;
+//! [`invert`] generates images from a frozen backbone's embeddings (ArcFace
 //! inversion with DeepInversion's BatchNorm-statistics prior).
 //!
 //! Using the pieces alone, on any candle model:
@@ -29,6 +31,7 @@
 pub mod auxiliary;
 pub mod checkpoint;
 pub mod clip;
+pub mod distill;
 pub mod error;
 pub mod inversion;
 pub mod optim;
@@ -42,6 +45,7 @@ pub use checkpoint::{
     prune_checkpoints, save_checkpoint, verify_checkpoint, TrainState,
 };
 pub use clip::{all_finite, clip_grad_norm, grad_norm, scale_grads};
+pub use distill::{Distillation, Teacher, TeacherSchedule};
 pub use error::{Error, Result};
 pub use inversion::{
     invert, save_png_grid, InversionConfig, InversionResult, InversionStep, GRID_GAP,

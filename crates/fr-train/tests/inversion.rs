@@ -1,8 +1,12 @@
-//! ArcFace inversion on a tiny IResNet (32×32 input, widths 8–32) whose BatchNorm running
-//! statistics come from training-mode forwards on structured random images.
+//! ArcFace inversion on a tiny IResNet (32×32 input, widths 8–32), a small MobileFaceNet and a
+//! small PocketNet whose BatchNorm running statistics come from training-mode forwards on
+//! structured random images, and on a SphereNet with non-square input (no BatchNorm).
 
 use candle_core::{DType, Device, ModuleT, Tensor};
-use fr_backbone::{IResNet, IResNetConfig};
+use fr_backbone::{
+    BnStatsForward, IResNet, IResNetConfig, MobileFaceNet, MobileFaceNetConfig, PocketNet,
+    PocketNetConfig, SphereNet, SphereNetConfig,
+};
 use fr_train::{
     invert, save_png_grid, InversionConfig, InversionResult, LrSchedule, SeededVarMap, GRID_GAP,
 };
@@ -22,10 +26,15 @@ fn backbone_config() -> IResNetConfig {
     }
 }
 
-/// `n` smooth "faces": a per-image colour, a vertical and a horizontal ramp, and a little
-/// noise, in [−1, 1]. Their statistics differ from the optimiser's uniform-noise start.
+/// `n` smooth square "faces" of side [`SIZE`] ([`structured_images_hw`]).
 fn structured_images(n: usize, rng: &mut ChaCha8Rng) -> Tensor {
-    let mut v = Vec::with_capacity(n * 3 * SIZE * SIZE);
+    structured_images_hw(n, SIZE, SIZE, rng)
+}
+
+/// `n` smooth `h × w` "faces": a per-image colour, a vertical and a horizontal ramp, and a
+/// little noise, in [−1, 1]. Their statistics differ from the optimiser's uniform-noise start.
+fn structured_images_hw(n: usize, h: usize, w: usize, rng: &mut ChaCha8Rng) -> Tensor {
+    let mut v = Vec::with_capacity(n * 3 * h * w);
     for _ in 0..n {
         let base: [f32; 3] = [
             rng.random_range(0.1..0.6),
@@ -37,16 +46,16 @@ fn structured_images(n: usize, rng: &mut ChaCha8Rng) -> Tensor {
             rng.random_range(-0.4f32..0.4),
         );
         for b in base {
-            for y in 0..SIZE {
-                for x in 0..SIZE {
-                    let (fy, fx) = (y as f32 / SIZE as f32 - 0.5, x as f32 / SIZE as f32 - 0.5);
+            for y in 0..h {
+                for x in 0..w {
+                    let (fy, fx) = (y as f32 / h as f32 - 0.5, x as f32 / w as f32 - 0.5);
                     let noise: f32 = rng.random_range(-0.1..0.1);
                     v.push((b + gy * fy + gx * fx + noise).clamp(-1.0, 1.0));
                 }
             }
         }
     }
-    Tensor::from_vec(v, (n, 3, SIZE, SIZE), &Device::Cpu).unwrap()
+    Tensor::from_vec(v, (n, 3, h, w), &Device::Cpu).unwrap()
 }
 
 /// The frozen backbone (BN running statistics set by 40 training forwards of 8 images, so
@@ -304,4 +313,337 @@ fn class_centres_can_be_inverted() {
     let out = run(&net, &centres, &config(150));
     eprintln!("class-centre cosines {:?}", out.cosines);
     assert!(out.cosines.iter().all(|&c| c > 0.8), "{:?}", out.cosines);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Other backbones through `BnStatsForward`.
+// ---------------------------------------------------------------------------------------------
+
+/// MobileFaceNet with one block per stage at 16×16 (1×1 GDC; its expansions stay 128–512
+/// wide whatever the scale, so a larger input costs most of the test's time).
+fn mobilefacenet_config() -> MobileFaceNetConfig {
+    MobileFaceNetConfig {
+        blocks: [1, 1, 1, 1],
+        scale: 1,
+        embedding_size: EMB,
+        input_size: 16,
+        ..MobileFaceNetConfig::mbf()
+    }
+}
+
+/// PocketNetS scaled down by the overrides: C = 4, 4 cells, 32×32.
+fn pocketnet_config() -> PocketNetConfig {
+    PocketNetConfig::s()
+        .with_channels(4)
+        .with_cells(4)
+        .with_input_size(SIZE)
+        .with_embedding_size(EMB)
+}
+
+/// Settles the BatchNorm running statistics of `net` with `rounds` training forwards of 8
+/// structured images (no gradients recorded); returns 3 reference images and their eval
+/// embeddings as targets.
+fn settle(net: &dyn BnStatsForward, rounds: usize) -> (Tensor, Tensor) {
+    let (h, w) = net.input_shape();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for _ in 0..rounds {
+        let batch = structured_images_hw(8, h, w, &mut rng);
+        fr_kernels::no_grad(|| net.forward_t(&batch, true)).unwrap();
+    }
+    let refs = structured_images_hw(3, h, w, &mut rng);
+    let targets = net.forward_t(&refs, false).unwrap().detach();
+    (refs, targets)
+}
+
+/// [`config`] for the lightweight backbones: the image shape from the backbone, and a 10×
+/// smaller BatchNorm weight, as the prior sums over many more BatchNorm layers (about 20 in
+/// the small MobileFaceNet, 60 in the small PocketNet, against 18 in the tiny IResNet) and
+/// would otherwise outweigh the identity term.
+fn light_config(steps: usize) -> InversionConfig {
+    InversionConfig {
+        bn_weight: 0.005,
+        image_size: 0,
+        ..config(steps)
+    }
+}
+
+/// Inverts `targets` through the `dyn` interface and checks every generated image: cos > 0.8
+/// to its target, nearer to it than to the others, the reported cosines; and that the
+/// BatchNorm prior fell.
+fn assert_inverts(what: &str, net: &dyn BnStatsForward, targets: &Tensor, steps: usize) {
+    let started = std::time::Instant::now();
+    let out = invert(net, targets, &light_config(steps)).unwrap();
+    let emb = net
+        .forward_t(&out.images, false)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let tgt = targets.to_vec2::<f32>().unwrap();
+    let (first, last) = (&out.history[0], out.history.last().unwrap());
+    eprintln!(
+        "{what}: {steps} steps in {:.1} s; initial mean cos {:.3}; final cosines {:?}; \
+         bn prior {:.3} → {:.3}",
+        started.elapsed().as_secs_f64(),
+        1.0 - first.identity,
+        out.cosines,
+        first.bn_prior,
+        last.bn_prior
+    );
+    assert!(
+        1.0 - first.identity < 0.5,
+        "{what}: the start already matches"
+    );
+    for (i, (e, t)) in emb.iter().zip(&tgt).enumerate() {
+        let c = cos(e, t);
+        assert!(
+            (c - out.cosines[i]).abs() < 1e-3,
+            "{what} {i}: {c} vs {}",
+            out.cosines[i]
+        );
+        assert!(c > 0.8, "{what}: image {i}: cos {c} ≤ 0.8");
+        for (j, u) in tgt.iter().enumerate().filter(|(j, _)| *j != i) {
+            assert!(cos(e, u) < c, "{what}: image {i} is nearer to target {j}");
+        }
+    }
+    assert!(
+        last.bn_prior < first.bn_prior,
+        "{what}: bn prior {} → {}",
+        first.bn_prior,
+        last.bn_prior
+    );
+}
+
+#[test]
+fn mobilefacenet_inversion_matches_its_targets() {
+    let params = SeededVarMap::new(7);
+    let net = MobileFaceNet::new(
+        &mobilefacenet_config(),
+        params.var_builder(DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    // 100 rounds: the running mean of the last BatchNorm (1-D) has to cancel an offset common
+    // to all images before their embeddings point in different directions.
+    let (_refs, targets) = settle(&net, 100);
+    assert_inverts("MobileFaceNet", &net, &targets, 100);
+}
+
+#[test]
+fn pocketnet_inversion_matches_its_targets() {
+    let params = SeededVarMap::new(7);
+    let net = PocketNet::new(
+        &pocketnet_config(),
+        params.var_builder(DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let (_refs, targets) = settle(&net, 20);
+    assert_inverts("PocketNet", &net, &targets, 120);
+}
+
+#[test]
+fn spherenet_inversion_runs_on_non_square_images() {
+    let (h, w) = (32, 24);
+    let cfg = SphereNetConfig {
+        units: [1, 0, 0, 0],
+        widths: [4, 8, 8, 16],
+        embedding_size: 16,
+        ..SphereNetConfig::sphere20()
+    }
+    .with_input_size(h, w);
+    let net = SphereNet::new(
+        &cfg,
+        SeededVarMap::new(3).var_builder(DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let (refs, _) = settle(&net, 0);
+    // Random directions as targets: this untrained network maps every image to nearly the
+    // same direction, so its own embeddings would be matched from the start.
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let v: Vec<f32> = (0..3 * 16).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let targets = Tensor::from_vec(v, (3, 16), &Device::Cpu).unwrap();
+    let (_, stats) = net.forward_with_bn_stats(&refs).unwrap();
+    assert!(stats.is_empty(), "SphereNet has no BatchNorm");
+    let mut cfg = config(20);
+    cfg.image_size = 0; // from the backbone: 32×24
+    let out = invert(&net, &targets, &cfg).unwrap();
+    assert_eq!(out.images.dims(), &[3, 3, h, w]);
+    let (first, last) = (&out.history[0], out.history.last().unwrap());
+    eprintln!(
+        "SphereNet 32x24: total {:.4} → {:.4}, mean cos {:.3} → cosines {:?}",
+        first.total,
+        last.total,
+        1.0 - first.identity,
+        out.cosines
+    );
+    assert!(last.total < first.total && last.identity < first.identity - 0.05);
+    assert!(out.history.iter().all(|s| s.bn_prior == 0.0));
+    // A square image size cannot describe a 32×24 input.
+    cfg.image_size = h;
+    let err = invert(&net, &targets, &cfg).unwrap_err().to_string();
+    assert!(err.contains("image_size"), "{err}");
+
+    // The PNG grid keeps H ≠ W apart: 3 (reference | generated) tiles, 2 columns × 2 rows.
+    let dir = std::env::temp_dir().join(format!("fr-inversion-hw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("grid.png");
+    save_png_grid(&path, &out.images, Some(&refs)).unwrap();
+    let img = image::open(&path).unwrap().to_rgb8();
+    let (gw, gh) = (2 * 2 * w + 3 * GRID_GAP, 2 * h + 3 * GRID_GAP);
+    assert_eq!((img.width() as usize, img.height() as usize), (gw, gh));
+    // The bottom-right pixel of generated image 1 (top row, second column, right half): with
+    // H and W swapped anywhere in the layout it would be read from elsewhere.
+    let flat = out.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let plane = h * w;
+    for (ch, c) in [0usize, 1, 2].into_iter().enumerate() {
+        let v = flat[3 * plane + c * plane + (h - 1) * w + (w - 1)];
+        let expect = (v * 127.5 + 127.5).round().clamp(0.0, 255.0) as u8;
+        let (x, y) = (
+            GRID_GAP + (2 * w + GRID_GAP) + w + (w - 1),
+            GRID_GAP + (h - 1),
+        );
+        assert_eq!(img.get_pixel(x as u32, y as u32)[ch], expect, "channel {c}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Per-channel mean and biased variance over (B, H, W) of a `(B, C, H, W)` tensor, on the host.
+fn manual_stats(t: &Tensor) -> (Vec<f64>, Vec<f64>) {
+    let (b, c, h, w) = t.dims4().unwrap();
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (mut mean, mut var) = (vec![0f64; c], vec![0f64; c]);
+    for ch in 0..c {
+        let vals: Vec<f64> = (0..b)
+            .flat_map(|i| {
+                let start = (i * c + ch) * h * w;
+                v[start..start + h * w].iter().map(|&x| x as f64)
+            })
+            .collect();
+        let m = vals.iter().sum::<f64>() / vals.len() as f64;
+        mean[ch] = m;
+        var[ch] = vals.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / vals.len() as f64;
+    }
+    (mean, var)
+}
+
+/// The taps of `net`: the first one (the stem's BatchNorm, on the stem convolution's output)
+/// equals the manual statistics of `conv2d(x, stem_weight, stride 2, padding 1)`, the running
+/// statistics are the variables', every BatchNorm2d is tapped once, the embedding is the eval
+/// forward's, and the last tap carries a gradient back to the image.
+fn check_taps(
+    what: &str,
+    net: &dyn BnStatsForward,
+    varmap: &candle_nn::VarMap,
+    stem: (&str, &str),
+    batch_norms_1d: usize,
+) {
+    let (h, w) = net.input_shape();
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let x = candle_core::Var::from_tensor(&structured_images_hw(4, h, w, &mut rng)).unwrap();
+    let (emb, stats) = net.forward_with_bn_stats(x.as_tensor()).unwrap();
+    let eval = fr_kernels::no_grad(|| net.forward_t(x.as_tensor(), false)).unwrap();
+    let d = (&emb - &eval)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-4, "{what}: tapped forward differs from eval by {d}");
+
+    let data = varmap.data().lock().unwrap();
+    let (conv_name, bn_name) = stem;
+    assert_eq!(stats[0].name, bn_name, "{what}");
+    let weight = data[&format!("{conv_name}.weight")].as_tensor().clone();
+    let y = x.as_tensor().conv2d(&weight, 1, 2, 1, 1).unwrap();
+    let (mean, var) = manual_stats(&y);
+    let got_mean = stats[0].mean.to_vec1::<f32>().unwrap();
+    let got_var = stats[0].var.to_vec1::<f32>().unwrap();
+    assert_eq!(got_mean.len(), mean.len());
+    for c in 0..mean.len() {
+        let tol = 1e-5 * (1.0 + mean[c].abs().max(var[c]));
+        assert!(
+            (got_mean[c] as f64 - mean[c]).abs() < tol,
+            "{what} mean {c}"
+        );
+        assert!((got_var[c] as f64 - var[c]).abs() < tol, "{what} var {c}");
+    }
+    for st in &stats {
+        let rm = data[&format!("{}.running_mean", st.name)].as_tensor();
+        let rv = data[&format!("{}.running_var", st.name)].as_tensor();
+        assert_eq!(
+            st.running_mean.to_vec1::<f32>().unwrap(),
+            rm.to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(
+            st.running_var.to_vec1::<f32>().unwrap(),
+            rv.to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(st.mean.dims(), rm.dims(), "{what} {}", st.name);
+    }
+    let bn_layers = data.keys().filter(|k| k.ends_with(".running_mean")).count();
+    assert_eq!(
+        stats.len() + batch_norms_1d,
+        bn_layers,
+        "{what}: one tap per BatchNorm2d"
+    );
+    let mut names: Vec<&str> = stats.iter().map(|s| s.name.as_str()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        stats.len(),
+        "{what}: each BatchNorm tapped once"
+    );
+    drop(data);
+    let grads = stats
+        .last()
+        .unwrap()
+        .var
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = grads
+        .get(x.as_tensor())
+        .expect("no gradient reaches the image");
+    let g = g
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(g > 0.0, "{what}: zero gradient from the last tap");
+}
+
+#[test]
+fn bn_taps_of_mobilefacenet_and_pocketnet_equal_a_manual_computation() {
+    let params = SeededVarMap::new(5);
+    let mbf = MobileFaceNet::new(
+        &mobilefacenet_config(),
+        params.var_builder(DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    settle(&mbf, 3);
+    check_taps(
+        "MobileFaceNet",
+        &mbf,
+        params.varmap(),
+        ("layers.0.layers.0", "layers.0.layers.1"),
+        1, // features.layers.3
+    );
+    let params = SeededVarMap::new(5);
+    let pocket = PocketNet::new(
+        &pocketnet_config(),
+        params.var_builder(DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    settle(&pocket, 3);
+    check_taps(
+        "PocketNet",
+        &pocket,
+        params.varmap(),
+        ("stem.0", "stem.1"),
+        0,
+    );
 }

@@ -561,3 +561,100 @@ fn non_finite_auxiliary_loss_skips_the_step() {
     assert_eq!(snapshot(t.varmap()), before);
     assert_eq!(t.state().skipped_steps, 1);
 }
+
+/// A frozen teacher: a fixed random linear map of the flattened images.
+fn teacher(seed: u64) -> fr_train::Teacher {
+    let params = SeededVarMap::new(seed);
+    let fc = candle_nn::linear(
+        IN,
+        EMB,
+        params.var_builder(DType::F32, &Device::Cpu).pp("fc"),
+    )
+    .unwrap();
+    Box::new(TinyBackbone {
+        fc,
+        running_mean: Var::zeros(EMB, DType::F32, &Device::Cpu).unwrap(),
+    })
+}
+
+/// MSE of the row-normalised `a` and `b`, computed by hand.
+fn normalized_mse_by_hand(a: &Tensor, b: &Tensor) -> f64 {
+    let rows = |t: &Tensor| -> Vec<Vec<f64>> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let n = r.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+                r.into_iter().map(|x| x / n).collect()
+            })
+            .collect()
+    };
+    let (a, b) = (rows(a), rows(b));
+    let (mut sum, mut count) = (0.0, 0);
+    for (ra, rb) in a.iter().zip(&b) {
+        for (x, y) in ra.iter().zip(rb) {
+            sum += (x - y) * (x - y);
+            count += 1;
+        }
+    }
+    sum / count as f64
+}
+
+#[test]
+fn distillation_adds_weighted_normalised_mse_to_the_head_loss() {
+    let weight = 100.0;
+    let mut t = trainer(7, config())
+        .with_auxiliary(Box::new(
+            fr_train::Distillation::new(teacher(99), weight).unwrap(),
+        ))
+        .unwrap();
+    let mut plain = trainer(7, config());
+    let b = batch(0);
+    // The student's embeddings before the step, and the teacher's, by hand.
+    let student = t.backbone().forward_t(&b.images, false).unwrap();
+    let target = teacher(99).forward_t(&b.images, false).unwrap();
+    let expected = normalized_mse_by_hand(&student, &target);
+    let out = t.step(&b, 10).unwrap();
+    let reference = plain.step(&b, 10).unwrap();
+    assert_eq!(out.stats["head_loss"].to_bits(), reference.loss.to_bits());
+    assert!(
+        (out.stats["kd_mse"] - expected).abs() < 1e-6,
+        "{out:?} vs {expected}"
+    );
+    assert!((out.loss - reference.loss - weight * out.stats["kd_mse"]).abs() < 1e-4);
+    // The pull towards the teacher lowers the MSE over a few steps.
+    let first = out.stats["kd_mse"];
+    let mut last = first;
+    for i in 1..20 {
+        last = t.step(&batch(i), 20).unwrap().stats["kd_mse"];
+    }
+    assert!(last < first * 0.5, "kd_mse {first} → {last}");
+}
+
+#[test]
+fn multi_step_distillation_follows_the_epoch_plus_one_teacher() {
+    let teachers = (0..3).map(|k| teacher(200 + k)).collect();
+    let mut t = trainer(7, config())
+        .with_auxiliary(Box::new(
+            fr_train::Distillation::multi_step(teachers, 1.0).unwrap(),
+        ))
+        .unwrap();
+    let b = batch(0);
+    for (epoch, want) in [(0usize, 1u64), (1, 2), (2, 2), (5, 2)] {
+        t.set_epoch(epoch);
+        let student = t.backbone().forward_t(&b.images, false).unwrap();
+        let target = teacher(200 + want).forward_t(&b.images, false).unwrap();
+        let out = t.step(&b, 10).unwrap();
+        assert_eq!(out.stats["kd_teacher"], want as f64, "epoch {epoch}");
+        let expected = normalized_mse_by_hand(&student, &target);
+        assert!(
+            (out.stats["kd_mse"] - expected).abs() < 1e-6,
+            "epoch {epoch}"
+        );
+    }
+    assert!(fr_train::Distillation::multi_step(Vec::new(), 1.0).is_err());
+    assert!(fr_train::Distillation::new(teacher(1), -1.0).is_err());
+    assert!(fr_train::Distillation::new(teacher(1), f64::NAN).is_err());
+}
