@@ -12,6 +12,9 @@
 //! - `cargo xtask weights convert <in.pth> <out.safetensors>` / `weights info <file | dir |
 //!   hf://owner/name>` — pretrained weights (insightface `.pth` read natively, Hub repositories).
 //! - `cargo xtask info <backbone | config.toml>` — parameters, MACs, input and embedding size.
+//! - `cargo xtask study backbone-size | data-distribution [--head NAME,...]` — the survey's
+//!   studies on IResNet depth and on the training data's identities × images and long tail;
+//!   write `target/study/<study>/{report.md, metrics.json, <study>.png}` (resumable).
 
 mod bench;
 mod config_file;
@@ -21,6 +24,7 @@ mod pack;
 mod preset;
 mod report;
 mod reproduce;
+mod study;
 mod weights;
 
 use std::path::PathBuf;
@@ -48,6 +52,9 @@ enum Command {
     Weights(weights::WeightsArgs),
     /// Parameters, MACs, input and embedding size of a backbone (a name or a config file).
     Info(info::InfoArgs),
+    /// Studies on top of the trainer: `backbone-size` (IResNet depth) or `data-distribution`
+    /// (identities × images per identity, balanced vs long-tailed).
+    Study(study::StudyArgs),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -76,5 +83,6 @@ fn main() -> anyhow::Result<()> {
         Command::Pack(args) => pack::run(&args),
         Command::Weights(args) => weights::run(&args),
         Command::Info(args) => info::run(&args),
+        Command::Study(args) => study::run(&args, &workspace_root()),
     }
 }

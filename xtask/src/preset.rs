@@ -44,6 +44,95 @@ pub struct Preset {
     /// fine-tuned by label-free distillation from it. Absent: none.
     #[serde(default)]
     pub quant: Option<QuantSection>,
+    /// Students trained after the methods, each from scratch, with a head and / or
+    /// distillation from a trained method (`[[student]]` tables: SFace's CLS / KT / CL,
+    /// PocketNet's KD and multi-step KD). Absent: none.
+    #[serde(default, rename = "student")]
+    pub students: Vec<StudentSection>,
+    /// The students' own training identities (SFace: synthetic faces, while the teacher saw
+    /// the "real" `[synthetic.train]` ones). Absent: the methods' training set.
+    #[serde(default)]
+    pub student_data: Option<SyntheticConfig>,
+    /// ArcFace inversion of a trained method: images generated from embeddings and class
+    /// centres. Absent: none.
+    #[serde(default)]
+    pub inversion: Option<InversionSection>,
+}
+
+/// How a distilling student picks its teacher (fr-train's [`fr_train::TeacherSchedule`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KdSchedule {
+    /// The teacher at the end of its training, for every student epoch.
+    #[default]
+    Fixed,
+    /// PocketNet's multi-step KD: student epoch e (1-based) learns from the teacher's
+    /// checkpoint of epoch e + 1 (the last one once the teacher's run is exhausted).
+    MultiStep,
+}
+
+/// One `[[student]]` table: a backbone trained from scratch after the methods, with
+/// `L = L_head + kd_weight · MSE(normalise(f_s), normalise(f_t))` (fr-heads `kd`), or with the
+/// MSE alone when it has no head (label-free, SFace's KT).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentSection {
+    /// Row label in the report, and its checkpoint folder name.
+    pub name: String,
+    /// The student's backbone. Default: the preset's `[backbone]` (input size must match it).
+    #[serde(default)]
+    pub backbone: Option<BackboneConfig>,
+    /// Its classification head: a key of `[heads]`. Absent: label-free distillation only.
+    #[serde(default)]
+    pub head: Option<String>,
+    /// The teacher: one of `methods`, trained before the students. Needed when `kd_weight` > 0
+    /// or without a head.
+    #[serde(default)]
+    pub teacher: Option<String>,
+    /// λ of the MSE term (SFace CL: 10000, PocketNet: 100; 0 = no distillation). Without a
+    /// head the loss is `λ·MSE` and λ must be > 0 (with plain SGD it scales the step like a
+    /// learning-rate factor, weight decay aside).
+    #[serde(default)]
+    pub kd_weight: f64,
+    /// Which teacher checkpoint each student epoch learns from.
+    #[serde(default)]
+    pub schedule: KdSchedule,
+    /// Base learning rate of the label-free run (no head). Default: the preset's.
+    #[serde(default)]
+    pub lr: Option<f64>,
+}
+
+impl StudentSection {
+    /// Whether a teacher is involved (a positive `kd_weight`, or no head).
+    pub fn distills(&self) -> bool {
+        self.head.is_none() || self.kd_weight > 0.0
+    }
+}
+
+/// The `[inversion]` section: after training `method`, images are generated from `embeddings`
+/// held-out test embeddings and from `centres` class centres of its head by optimising the
+/// input of the frozen backbone (fr-train's [`fr_train::invert`]; IResNet backbones).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InversionSection {
+    /// The method whose backbone is inverted. Default: the first method.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Held-out test identities whose first image's embedding is a target.
+    pub embeddings: usize,
+    /// Training classes whose class centre (the head's weight row) is a target.
+    pub centres: usize,
+    /// Optimiser and prior settings (fr-train's `InversionConfig`; `image_size` is the
+    /// backbone's).
+    #[serde(default)]
+    pub config: fr_train::InversionConfig,
+}
+
+impl InversionSection {
+    /// The inverted method's name.
+    pub fn method<'a>(&'a self, preset: &'a Preset) -> &'a str {
+        self.method.as_deref().unwrap_or(&preset.methods[0])
+    }
 }
 
 /// The `[quant]` section (QuantFace, ICPR 2022): after training, each bit setting quantises a
@@ -292,6 +381,104 @@ impl Preset {
                 bail!("config key `backbone.type`: quantisation needs iresnet or mobilefacenet");
             }
         }
+        self.validate_students()?;
+        if let Some(inv) = &self.inversion {
+            let m = inv.method(self);
+            if !self.methods.iter().any(|x| x == m) {
+                bail!("config key `inversion.method`: `{m}` is not one of `methods`");
+            }
+            if !matches!(self.backbone, BackboneConfig::Iresnet(_)) {
+                bail!("config key `backbone.type`: the inversion step needs an iresnet backbone");
+            }
+            if inv.embeddings + inv.centres == 0 {
+                bail!("config key `inversion.embeddings`: ask for at least one image (embeddings + centres ≥ 1)");
+            }
+            if inv.embeddings > self.synthetic.test_identities {
+                bail!(
+                    "config key `inversion.embeddings`: {} > synthetic.test_identities {}",
+                    inv.embeddings,
+                    self.synthetic.test_identities
+                );
+            }
+            if let Err(e) = inv.config.validate() {
+                match e {
+                    fr_train::Error::Config { key, reason } => {
+                        bail!("config key `inversion.config.{key}`: {reason}")
+                    }
+                    e => bail!("config key `inversion.config`: {e}"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks of the `[[student]]` tables and `[student_data]`.
+    fn validate_students(&self) -> Result<()> {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, st) in self.students.iter().enumerate() {
+            let key = format!("student[{i}]");
+            if st.name.is_empty()
+                || !st
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                bail!("config key `{key}.name`: `{}` must be non-empty ASCII letters, digits, `-`, `_` or `.` (it names a folder)", st.name);
+            }
+            if self.methods.contains(&st.name) || !names.insert(st.name.clone()) {
+                bail!(
+                    "config key `{key}.name`: `{}` is already a method or student",
+                    st.name
+                );
+            }
+            if let Some(h) = &st.head {
+                if !self.heads.contains_key(h) {
+                    bail!("config key `{key}.head`: `{h}` has no [heads.{h}] section");
+                }
+            }
+            if !(st.kd_weight >= 0.0 && st.kd_weight.is_finite()) {
+                bail!(
+                    "config key `{key}.kd_weight`: must be finite and ≥ 0, got {}",
+                    st.kd_weight
+                );
+            }
+            if st.head.is_none() && st.kd_weight <= 0.0 {
+                bail!("config key `{key}.kd_weight`: a student without a head learns from the MSE alone: the weight must be > 0");
+            }
+            if st.distills() {
+                let Some(t) = &st.teacher else {
+                    bail!("config key `{key}.teacher`: a student that distils (kd_weight > 0 or no head) needs a teacher method");
+                };
+                if !self.methods.contains(t) {
+                    bail!("config key `{key}.teacher`: `{t}` is not one of `methods`");
+                }
+            }
+            if let Some(lr) = st.lr {
+                if !(lr > 0.0 && lr.is_finite()) {
+                    bail!("config key `{key}.lr`: must be > 0, got {lr}");
+                }
+            }
+            if let Some(b) = &st.backbone {
+                if let Err(e) = b.complexity() {
+                    bail!("config key `{key}.backbone`: {e}");
+                }
+                if b.input_shape() != self.backbone.input_shape() {
+                    bail!(
+                        "config key `{key}.backbone.input_size`: {:?} differs from the preset backbone's {:?} (teacher and evaluation images are rendered at that size)",
+                        b.input_shape(),
+                        self.backbone.input_shape()
+                    );
+                }
+                if st.distills() && b.embedding_size() != self.backbone.embedding_size() {
+                    bail!("config key `{key}.backbone.embedding_size`: a distilling student needs the teacher's embedding size {}", self.backbone.embedding_size());
+                }
+            }
+        }
+        if let Some(d) = &self.student_data {
+            if let Err(e) = d.validate() {
+                bail!("config key `student_data`: {e}");
+            }
+        }
         Ok(())
     }
 
@@ -393,6 +580,104 @@ mod tests {
         assert!(e.contains("quant.lr"), "{e}");
         let e = err(&["quant.epoch=3"]);
         assert!(e.contains("epoch"), "{e}");
+    }
+
+    fn load_preset(name: &str) -> Preset {
+        let p: Preset = crate::config_file::load(&preset_path(name), &[]).unwrap();
+        p.validate().unwrap();
+        p
+    }
+
+    #[test]
+    fn shipped_sface_preset_has_the_three_strategies() {
+        let p = load_preset("sface");
+        let names: Vec<&str> = p.students.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["sface-cls", "sface-kt", "sface-cl"]);
+        let (cls, kt, cl) = (&p.students[0], &p.students[1], &p.students[2]);
+        assert!(!cls.distills() && cls.head.as_deref() == Some("cosface"));
+        assert!(kt.distills() && kt.head.is_none() && kt.teacher.as_deref() == Some("cosface"));
+        assert_eq!(cl.kd_weight, fr_heads::kd::SFACE_CL_WEIGHT);
+        let data = p.student_data.as_ref().expect("[student_data]");
+        assert!(data.first_identity >= p.synthetic.train.num_identities as u64);
+    }
+
+    #[test]
+    fn bad_student_tables_are_named() {
+        let base = load_preset("sface");
+        let err = |f: &dyn Fn(&mut Preset)| {
+            let mut p = base.clone();
+            f(&mut p);
+            format!("{:#}", p.validate().unwrap_err())
+        };
+        let e = err(&|p| p.students[0].name = "a b".into());
+        assert!(e.contains("student[0].name"), "{e}");
+        let e = err(&|p| p.students[1].name = "sface-cls".into());
+        assert!(
+            e.contains("student[1].name") && e.contains("already"),
+            "{e}"
+        );
+        let e = err(&|p| p.students[0].head = Some("arcface".into()));
+        assert!(
+            e.contains("student[0].head") && e.contains("arcface"),
+            "{e}"
+        );
+        let e = err(&|p| p.students[1].teacher = None);
+        assert!(e.contains("student[1].teacher"), "{e}");
+        let e = err(&|p| p.students[2].teacher = Some("softmax".into()));
+        assert!(
+            e.contains("student[2].teacher") && e.contains("softmax"),
+            "{e}"
+        );
+        let e = err(&|p| p.students[2].kd_weight = -1.0);
+        assert!(e.contains("student[2].kd_weight"), "{e}");
+        let e = err(&|p| p.students[1].kd_weight = 0.0);
+        assert!(
+            e.contains("student[1].kd_weight") && e.contains("without a head"),
+            "{e}"
+        );
+        let e = err(&|p| p.students[1].lr = Some(0.0));
+        assert!(e.contains("student[1].lr"), "{e}");
+        let e = err(&|p| {
+            let mut b = p.backbone.clone();
+            if let BackboneConfig::Iresnet(c) = &mut b {
+                c.input_size = 64;
+            }
+            p.students[0].backbone = Some(b);
+        });
+        assert!(e.contains("student[0].backbone.input_size"), "{e}");
+        let e = err(&|p| {
+            let mut b = p.backbone.clone();
+            if let BackboneConfig::Iresnet(c) = &mut b {
+                c.embedding_size = 64;
+            }
+            p.students[2].backbone = Some(b);
+        });
+        assert!(e.contains("student[2].backbone.embedding_size"), "{e}");
+        let e = err(&|p| {
+            if let Some(d) = p.student_data.as_mut() {
+                d.num_identities = 0;
+            }
+        });
+        assert!(e.contains("student_data"), "{e}");
+    }
+
+    #[test]
+    fn shipped_inversion_preset_and_bad_inversion_keys() {
+        let p = load_preset("arcface-inversion");
+        let inv = p.inversion.as_ref().expect("[inversion]");
+        assert_eq!(inv.method(&p), "arcface");
+        assert!(inv.embeddings > 0 && inv.centres > 0);
+        let err = |f: &dyn Fn(&mut Preset)| {
+            let mut q = p.clone();
+            f(&mut q);
+            format!("{:#}", q.validate().unwrap_err())
+        };
+        let e = err(&|q| q.inversion.as_mut().unwrap().method = Some("cosface".into()));
+        assert!(e.contains("inversion.method"), "{e}");
+        let e = err(&|q| q.inversion.as_mut().unwrap().embeddings = 100_000);
+        assert!(e.contains("inversion.embeddings"), "{e}");
+        let e = err(&|q| q.inversion.as_mut().unwrap().config.steps = 0);
+        assert!(e.contains("inversion.config.steps"), "{e}");
     }
 
     #[test]

@@ -117,6 +117,12 @@ pub fn markdown_table(rows: &[Row], fars: &[f64]) -> String {
 
 const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
+/// Registers the embedded plot font as `sans-serif` (ab_glyph needs it once per process; a
+/// second registration is harmless).
+pub(crate) fn register_font() {
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+}
+
 /// Draw ROC curves (TAR against log-scale FAR from 1e-4) into a PNG.
 ///
 /// # Errors
@@ -130,8 +136,7 @@ pub fn plot_roc(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
 /// # Errors
 /// Drawing or writing the file fails.
 pub fn plot_roc_from(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<()> {
-    // ab_glyph needs the font registered once per process; a second registration is harmless.
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    register_font();
     let root = BitMapBackend::new(path, (900, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut chart = ChartBuilder::on(&root)
@@ -166,7 +171,7 @@ pub fn plot_roc_from(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Res
 /// # Errors
 /// Drawing or writing the file fails.
 pub fn plot_det(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<()> {
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    register_font();
     let root = BitMapBackend::new(path, (900, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let floor = 1e-4f64;

@@ -28,13 +28,15 @@ use ndarray::{Array2, Array4, ArrayView4};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::preset::{Preset, Scoring};
+use crate::preset::{KdSchedule, Preset, Scoring};
 use crate::report::{self, Curve, Row};
 
+mod inversion;
 mod quantface;
+mod student;
 
 /// Below this many pairs per fold, verification is scored as a single fold.
-const MIN_PAIRS_PER_FOLD: usize = 10;
+pub(crate) const MIN_PAIRS_PER_FOLD: usize = 10;
 
 /// Command-line options of `reproduce`.
 #[derive(Debug, Clone, clap::Args)]
@@ -68,7 +70,7 @@ pub struct ReproduceArgs {
 }
 
 /// Images to embed once, and the pair protocols scored on those embeddings.
-struct EvalSet {
+pub(crate) struct EvalSet {
     /// `(N, 3, S, S)` normalised images.
     images: Array4<f32>,
     protocols: Vec<Protocol>,
@@ -84,20 +86,20 @@ struct Protocol {
 
 /// What one method produced, for metrics.json.
 #[derive(Debug, Serialize)]
-struct MethodResult {
+pub(crate) struct MethodResult {
     method: String,
     head: fr_heads::HeadConfig,
-    train_seconds: f64,
-    images_per_second: f64,
-    steps: u64,
-    skipped_steps: u64,
+    pub(crate) train_seconds: f64,
+    pub(crate) images_per_second: f64,
+    pub(crate) steps: u64,
+    pub(crate) skipped_steps: u64,
     /// Mean loss of each epoch.
-    epoch_loss: Vec<f64>,
+    pub(crate) epoch_loss: Vec<f64>,
     /// Images per step actually used (the preset's, or the whole set when it is smaller).
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Training images skipped because they failed to decode.
-    skipped_images: usize,
-    protocols: Vec<(String, VerificationReport)>,
+    pub(crate) skipped_images: usize,
+    pub(crate) protocols: Vec<(String, VerificationReport)>,
     /// With `eval.scoring = "qmagface"`: the fitted ω and the quality-aware reports.
     #[serde(skip_serializing_if = "Option::is_none")]
     qmagface: Option<QmagfaceResult>,
@@ -160,7 +162,7 @@ impl MeanStd {
 
 /// Ground truth for the depth correlation: the held-out test identities (in the evaluation
 /// set's order) and the template shape.
-struct DepthTruth {
+pub(crate) struct DepthTruth {
     test: SyntheticFaces,
     template: DepthMap,
 }
@@ -200,6 +202,12 @@ struct Metrics<'a> {
     /// QuantFace's step (`[quant]`): sizes and the students' reports.
     #[serde(skip_serializing_if = "Option::is_none")]
     quant: Option<quantface::QuantResult>,
+    /// The `[[student]]` runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    students: Vec<student::StudentResult>,
+    /// The `[inversion]` step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inversion: Option<inversion::InversionSummary>,
     total_seconds: f64,
 }
 
@@ -260,7 +268,7 @@ fn to_array(images: &[RgbImage], size: u32) -> Result<Array4<f32>> {
 
 /// Held-out synthetic identities: every image rendered and embedded once; the pairs of each
 /// subset index into them.
-fn synthetic_eval(preset: &Preset, size: u32) -> Result<EvalSet> {
+pub(crate) fn synthetic_eval(preset: &Preset, size: u32) -> Result<EvalSet> {
     let syn = &preset.synthetic;
     let test = synthetic_test_faces(preset)?;
     let rendered = InMemoryDataset::from_dataset(&test, size)?;
@@ -319,7 +327,7 @@ fn synthetic_validation(preset: &Preset, size: u32) -> Result<EvalSet> {
 }
 
 /// Verification .bin files: one set each, pair i = images 2i and 2i+1.
-fn bin_eval(paths: &[PathBuf], size: u32) -> Result<Vec<EvalSet>> {
+pub(crate) fn bin_eval(paths: &[PathBuf], size: u32) -> Result<Vec<EvalSet>> {
     paths
         .iter()
         .map(|p| {
@@ -402,7 +410,6 @@ fn folds_for(vcfg: &VerificationConfig, p: &Protocol) -> VerificationConfig {
     vcfg
 }
 
-/// Train one method and evaluate it; also returns the trained variables.
 /// The training loader's settings of a preset: shuffled with the preset's seed, `drop_last`,
 /// the preset's corrupt-image policy and prefetch depth, at `input_size` pixels.
 fn train_loader_config(preset: &Preset, batch_size: usize, input_size: u32) -> LoaderConfig {
@@ -418,8 +425,9 @@ fn train_loader_config(preset: &Preset, batch_size: usize, input_size: u32) -> L
     }
 }
 
+/// Train one method and evaluate it; also returns the trained variables.
 #[allow(clippy::too_many_arguments)]
-fn run_method(
+pub(crate) fn run_method(
     preset: &Preset,
     method: &str,
     train_set: Arc<dyn FaceDataset>,
@@ -431,6 +439,52 @@ fn run_method(
     depth_truth: Option<&DepthTruth>,
     grid_path: &Path,
     data_desc: &str,
+) -> Result<(MethodResult, candle_nn::VarMap)> {
+    run_method_with(
+        preset,
+        method,
+        train_set,
+        sets,
+        fit_set,
+        device,
+        input_size,
+        out_dir,
+        depth_truth,
+        grid_path,
+        data_desc,
+        MethodExtras::default(),
+    )
+}
+
+/// Optional additions to one method's training run ([`run_method_with`]).
+#[derive(Default)]
+pub(crate) struct MethodExtras<'a> {
+    /// An extra objective added to the head's loss each step (distillation); not combinable
+    /// with the reconstruction branch, which is one too.
+    pub auxiliary: Option<Box<dyn fr_train::AuxiliaryLoss>>,
+    /// Called after every epoch with the number of epochs done and the run's variables (a
+    /// teacher's per-epoch snapshots for multi-step distillation).
+    pub on_epoch: Option<&'a mut EpochHook<'a>>,
+}
+
+/// A callback after each epoch: epochs done, the run's variables.
+pub(crate) type EpochHook<'a> = dyn FnMut(usize, &candle_nn::VarMap) -> Result<()> + 'a;
+
+/// [`run_method`] with `extras`.
+#[allow(clippy::too_many_arguments)]
+fn run_method_with(
+    preset: &Preset,
+    method: &str,
+    train_set: Arc<dyn FaceDataset>,
+    sets: &[EvalSet],
+    fit_set: Option<&EvalSet>,
+    device: &Device,
+    input_size: u32,
+    out_dir: &Path,
+    depth_truth: Option<&DepthTruth>,
+    grid_path: &Path,
+    data_desc: &str,
+    mut extras: MethodExtras<'_>,
 ) -> Result<(MethodResult, candle_nn::VarMap)> {
     let checkpoints = out_dir.join("checkpoints");
     let head_cfg = preset.heads[method].clone();
@@ -479,8 +533,13 @@ fn run_method(
         trainer_cfg,
         move |n: &str| !frozen.iter().any(|f| f == n),
     )?;
-    if let Some(o) = objective {
-        trainer = trainer.with_auxiliary(Box::new(o))?;
+    match (objective, extras.auxiliary.take()) {
+        (Some(_), Some(_)) => bail!(
+            "{method}: the reconstruction branch and distillation cannot be combined in one run"
+        ),
+        (Some(o), None) => trainer = trainer.with_auxiliary(Box::new(o))?,
+        (None, Some(aux)) => trainer = trainer.with_auxiliary(aux)?,
+        (None, None) => {}
     }
     // The model card written beside every checkpoint (config.json), so that a step folder
     // loads by path or, uploaded, by Hub repository id.
@@ -565,6 +624,9 @@ fn run_method(
         // One checkpoint per epoch (atomic; the trainer keeps the newest few).
         let ckpt = trainer.save(&ckpt_dir)?;
         tracing::debug!(path = %ckpt.display(), "checkpoint written");
+        if let Some(f) = extras.on_epoch.as_mut() {
+            f(epoch + 1, trainer.varmap())?;
+        }
         let mean = if count > 0 {
             sum / count as f64
         } else {
@@ -1165,13 +1227,33 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     };
     let mut methods = Vec::new();
     let mut quant = None;
+    let mut inverted = None;
+    // Methods that students learn from, and those whose per-epoch snapshots they need.
+    let teacher_names: Vec<&str> = preset
+        .students
+        .iter()
+        .filter(|s| s.distills())
+        .filter_map(|s| s.teacher.as_deref())
+        .collect();
+    let multi_step: Vec<&str> = preset
+        .students
+        .iter()
+        .filter(|s| s.distills() && s.schedule == KdSchedule::MultiStep)
+        .filter_map(|s| s.teacher.as_deref())
+        .collect();
+    let mut teachers = student::Teachers::default();
     for method in &preset.methods {
         let grid = if render_methods.len() > 1 {
             format!("render_grid_{method}.png")
         } else {
             "render_grid.png".to_string()
         };
-        let (result, vars) = run_method(
+        let mut snapshots = Vec::new();
+        let mut snapshot = |_epochs: usize, vars: &candle_nn::VarMap| -> Result<()> {
+            snapshots.push(student::copy_backbone_vars(vars)?);
+            Ok(())
+        };
+        let (result, vars) = run_method_with(
             &preset,
             method,
             train_set.clone(),
@@ -1183,8 +1265,31 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
             depth_truth.as_ref(),
             &out_dir.join(grid),
             &data_desc,
+            MethodExtras {
+                auxiliary: None,
+                on_epoch: if multi_step.contains(&method.as_str()) {
+                    Some(&mut snapshot)
+                } else {
+                    None
+                },
+            },
         )?;
+        if !snapshots.is_empty() {
+            teachers.snapshots.insert(method.clone(), snapshots);
+        }
+        if teacher_names.contains(&method.as_str()) {
+            teachers.finals.insert(method.clone(), vars.clone());
+        }
         methods.push(result);
+        if let Some(inv) = preset
+            .inversion
+            .as_ref()
+            .filter(|i| i.method(&preset) == method)
+        {
+            inverted = Some(inversion::run(
+                &preset, inv, method, &vars, &sets[0], &device, &out_dir,
+            )?);
+        }
         // QuantFace: the trained method is the teacher of its quantised students.
         if let Some(q) = preset
             .quant
@@ -1203,6 +1308,49 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
             )?);
         }
     }
+
+    // Students, on their own data when the preset gives one (synthetic runs only).
+    let students = if preset.students.is_empty() {
+        Vec::new()
+    } else {
+        let (student_set, student_desc): (Arc<dyn FaceDataset>, String) = match (
+            &preset.student_data,
+            &args.train_rec,
+        ) {
+            (Some(d), None) => {
+                info!("rendering the students' training identities");
+                (
+                        Arc::new(InMemoryDataset::from_dataset(
+                            &SyntheticFaces::new(d.clone())?,
+                            size,
+                        )?),
+                        format!(
+                            "students: their own synthetic identities ({} ids × {} images from id {}, hard fraction {}, low-quality fraction {})",
+                            d.num_identities,
+                            d.images_per_identity,
+                            d.first_identity,
+                            d.hard_fraction,
+                            d.low_quality_fraction
+                        ),
+                    )
+            }
+            (Some(_), Some(_)) => {
+                warn!("[student_data] is for the synthetic default: students train on --train-rec");
+                (train_set.clone(), data_desc.clone())
+            }
+            (None, _) => (train_set.clone(), data_desc.clone()),
+        };
+        student::run(
+            &preset,
+            &teachers,
+            student_set,
+            &sets,
+            &device,
+            size,
+            &out_dir,
+            &student_desc,
+        )?
+    };
 
     let mut rows = Vec::new();
     for m in &methods {
@@ -1248,6 +1396,16 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
             }
         }
     }
+    for st in &students {
+        for (name, r) in &st.protocols {
+            rows.push(Row::from_report(
+                &st.config.name,
+                name,
+                r,
+                Some((st.train_seconds, st.images_per_second)),
+            ));
+        }
+    }
     for (name, r) in &raw_pixels {
         rows.push(Row::from_report("raw pixels", name, r, None));
     }
@@ -1255,6 +1413,11 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     let curves: Vec<Curve> = methods
         .iter()
         .map(|m| (m.method.clone(), &m.protocols[0].1))
+        .chain(
+            students
+                .iter()
+                .map(|s| (s.config.name.clone(), &s.protocols[0].1)),
+        )
         .chain(std::iter::once((
             "raw pixels".to_string(),
             &raw_pixels[0].1,
@@ -1317,6 +1480,10 @@ reconstruction branch.",
             .context("QuantFace teacher missing from the results")?;
         render_md += &quantface::section(q, teacher);
     }
+    render_md += &student::section(&students, &preset);
+    if let Some(inv) = &inverted {
+        render_md += &inversion::section(inv);
+    }
     let md = format!(
         "# Reproduction: {}\n\n{}\n\nPublished headline (full scale): {}\n\nData: {}.{}\n\n\
 Every method is trained with the same seed ({}), backbone and budget ({} epochs, batch {}; {} \
@@ -1353,6 +1520,8 @@ the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC]
             methods,
             rows,
             quant,
+            students,
+            inversion: inverted,
             total_seconds,
         },
     )?;
@@ -1590,6 +1759,7 @@ fn list_table(configs: &Path) -> Result<String> {
             .methods
             .iter()
             .map(|m| format!("{m} ({})", p.heads[m].name()))
+            .chain(p.students.iter().map(|s| format!("student {}", s.name)))
             .collect();
         out += &format!(
             "| {name} | {} | configs/{name}.toml: {} | {} |\n",
@@ -1601,7 +1771,7 @@ fn list_table(configs: &Path) -> Result<String> {
     Ok(out)
 }
 
-fn list_presets(dir: &Path) -> Vec<String> {
+pub(crate) fn list_presets(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
@@ -1756,6 +1926,21 @@ mod tests {
             if name == "quantface" {
                 extra.extend(["quant.epochs=1", "quant.calibration_batches=2"]);
             }
+            if name == "arcface-inversion" {
+                extra.extend([
+                    "inversion.embeddings=3",
+                    "inversion.centres=2",
+                    "inversion.config.steps=5",
+                ]);
+            }
+            if name == "sface" || name == "pocketnet" {
+                extra.extend([
+                    "student_data.num_identities=12",
+                    "student_data.images_per_identity=4",
+                    // Two epochs: the multi-step student switches teacher checkpoints.
+                    "train.epochs=2",
+                ]);
+            }
             run(&args(&name, &[], tiny(&extra), &out), &root)
                 .unwrap_or_else(|e| panic!("preset {name}: {e:#}"));
             let report = std::fs::read_to_string(out.join("report.md")).unwrap();
@@ -1823,6 +2008,36 @@ mod tests {
                 }
             } else {
                 assert!(!report.contains("## QuantFace"), "{name}");
+            }
+            if name == "arcface-inversion" {
+                assert!(
+                    report.contains("## ArcFace inversion of `arcface`"),
+                    "{report}"
+                );
+                assert!(report.contains("| test embeddings"), "{report}");
+                assert!(report.contains("| class centres"), "{report}");
+                let grid = image::open(out.join("inversion_embeddings.png")).unwrap();
+                // 3 images with their sources: 2 columns × 2 rows of (2 × 56)-pixel tiles.
+                assert_eq!(grid.width() as usize, 2 * 2 * 56 + 3 * fr_train::GRID_GAP);
+                assert!(out.join("inversion_centres.png").is_file());
+            } else {
+                assert!(!report.contains("## ArcFace inversion"), "{name}");
+            }
+            if name == "sface" || name == "pocketnet" {
+                let metrics: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(out.join("metrics.json")).unwrap(),
+                )
+                .unwrap();
+                let students = metrics["students"].as_array().unwrap();
+                assert_eq!(students.len(), 3, "{name}");
+                for st in students {
+                    let n = st["config"]["name"].as_str().unwrap();
+                    assert!(report.contains(&format!("| {n} | all |")), "{n}: {report}");
+                    assert!(st["epoch_loss"][1].as_f64().unwrap().is_finite(), "{n}");
+                }
+                assert!(report.contains("## Students"), "{report}");
+            } else {
+                assert!(!report.contains("## Students"), "{name}");
             }
             if name == "subcenter-arcface" {
                 let list =

@@ -3,19 +3,19 @@
 //! frozen full-precision model, `L = MSE(normalise(f_q), normalise(f_fp))`.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use fr_backbone::{BackboneConfig, IResNet, MobileFaceNet, QuantBits};
 use fr_data::loader::BatchLoader;
 use fr_data::FaceDataset;
-use fr_train::{clip_grad_norm, grad_norm};
+use fr_train::TeacherSchedule;
 use serde::Serialize;
 use tracing::info;
 
-use super::{evaluate_all, progress_bar, train_loader_config, EvalSet, Reports};
+use super::student::{copy_backbone_vars, distill_label_free};
+use super::{evaluate_all, train_loader_config, EvalSet, Reports};
 use crate::preset::{Preset, QuantSection};
 
 /// One bit setting of the QuantFace step.
@@ -52,23 +52,6 @@ pub(super) struct QuantResult {
     pub float_size_bytes: u64,
     /// One entry per bit setting, in the order of `quant.bits`.
     pub settings: Vec<QuantSetting>,
-}
-
-/// A deep copy of the backbone variables of `teacher` (everything but `head.` and `render.`),
-/// so that a quantised student trains without touching the teacher.
-fn copy_backbone_vars(teacher: &VarMap) -> Result<VarMap> {
-    let copy = VarMap::new();
-    {
-        let src = teacher.data().lock().expect("teacher VarMap lock");
-        let mut dst = copy.data().lock().expect("fresh VarMap lock");
-        for (name, var) in src.iter() {
-            if name.starts_with("head.") || name.starts_with("render.") {
-                continue;
-            }
-            dst.insert(name.clone(), Var::from_tensor(&var.as_tensor().copy()?)?);
-        }
-    }
-    Ok(copy)
 }
 
 /// A float or fake-quantised backbone over `varmap`'s variables, with its trainable rule.
@@ -145,7 +128,6 @@ pub(super) fn run(
             }
         }
         params_t.sort_by(|a, b| a.0.cmp(&b.0));
-        let plain: Vec<Var> = params_t.iter().map(|(_, v)| v.clone()).collect();
 
         // Calibration: training-mode forwards set the activation ranges; BatchNorm's running
         // statistics are put back afterwards, so only the ranges change.
@@ -180,42 +162,18 @@ pub(super) fn run(
         )?;
 
         // Distillation from the frozen teacher, labels unused.
-        let mut optimizer = preset.train.trainer.optimizer.build(params_t)?;
-        let total = per_epoch * q.epochs as u64;
-        let pb = progress_bar(total, &name);
-        let start = Instant::now();
-        let mut steps = 0u64;
-        let mut epoch_loss = Vec::new();
-        for epoch in 0..q.epochs {
-            let (mut sum, mut count) = (0.0, 0usize);
-            for batch in loader.epoch(epoch as u64) {
-                let batch = batch?;
-                let lr = preset.train.trainer.schedule.lr_at(q.lr, steps, total);
-                optimizer.set_learning_rate(lr);
-                let target = fr_kernels::no_grad(|| teacher_model.forward_t(&batch.images, false))?;
-                let out = student.forward_t(&batch.images, true)?;
-                let loss = fr_heads::kd::normalized_mse(&out, &target)?;
-                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                let mut grads = loss.backward()?;
-                let norm = grad_norm(&grads, &plain)?;
-                if value.is_finite() && norm.is_finite() {
-                    if let Some(max) = preset.train.trainer.clip_max_norm {
-                        clip_grad_norm(&mut grads, &plain, max)?;
-                    }
-                    optimizer.step(&grads)?;
-                    sum += value;
-                    count += 1;
-                }
-                steps += 1;
-                pb.set_message(format!("kd epoch {} loss {value:.2e}", epoch + 1));
-                pb.inc(1);
-            }
-            let mean = sum / count.max(1) as f64;
-            info!(setting = %name, epoch = epoch + 1, loss = format!("{mean:.3e}"), "distillation epoch done");
-            epoch_loss.push(mean);
-        }
-        pb.finish_and_clear();
-        let train_seconds = start.elapsed().as_secs_f64();
+        let run = distill_label_free(
+            preset,
+            student.as_ref(),
+            params_t,
+            &[teacher_model.as_ref() as &dyn ModuleT],
+            TeacherSchedule::Fixed,
+            &loader,
+            q.epochs,
+            q.lr,
+            1.0,
+            &name,
+        )?;
         let (distilled, _) = evaluate_all(&mut embedder, sets, preset, &format!("{label} + KD"))?;
         settings.push(QuantSetting {
             size_bytes: fr_backbone::quant::backbone_size_bytes(&preset.backbone, bits.weight)?,
@@ -223,9 +181,9 @@ pub(super) fn run(
             bits,
             calibrated,
             distilled,
-            epoch_loss,
-            steps,
-            train_seconds,
+            epoch_loss: run.epoch_loss,
+            steps: run.steps,
+            train_seconds: run.train_seconds,
         });
     }
     Ok(QuantResult {
