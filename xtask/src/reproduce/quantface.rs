@@ -208,9 +208,9 @@ pub(super) fn section(r: &QuantResult, teacher_reports: &Reports) -> String {
     let mut md = format!(
         "\n## QuantFace: model size and accuracy at 32 / {} bits\n\n\
 Backbone of `{}` ({} parameters). Each student is a deep copy of it with fake-quantised \
-convolution / linear weights (per output channel) and activations (per tensor, after every PReLU \
-and residual addition; running min / max frozen after {} training forwards); BatchNorm stays in \
-float. \"calibration only\": the activation ranges set by {} training-mode forwards, no gradient \
+convolution / linear weights (per output channel), PReLU slopes (one range per layer, at the \
+activation width) and activations (per tensor, after every PReLU and residual addition; running \
+min / max frozen after {} training forwards); BatchNorm stays in float. \"calibration only\": the activation ranges set by {} training-mode forwards, no gradient \
 step. \"+ KD\": then {} epochs of label-free distillation, L = MSE(normalise(f_q), \
 normalise(f_fp)) against the frozen teacher, lr {}. Size: every parameter at the weight width. \
 Accuracy on `{protocol}`.\n\n\
