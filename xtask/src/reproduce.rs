@@ -1126,6 +1126,15 @@ pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
     }
     let preset = resolve_preset(args, &configs)?;
     preset.validate()?;
+    if let (Some(inv), Some(_)) = (&preset.inversion, &args.train_rec) {
+        if inv.embeddings > 0 {
+            bail!(
+                "config key `inversion.embeddings`: inverting test embeddings needs the synthetic \
+held-out identities (their other images score the result); with --train-rec set it to 0 and \
+invert class centres only"
+            );
+        }
+    }
     match (&args.train_rec, args.val_bin.is_empty()) {
         (Some(_), true) => bail!("--train-rec needs at least one --val-bin FILE to evaluate on"),
         (None, false) => bail!("--val-bin is for real data: pass --train-rec DIR as well"),
@@ -2123,5 +2132,12 @@ mod tests {
         };
         let err = run(&args, &root).unwrap_err().to_string();
         assert!(err.contains("--val-bin"), "{err}");
+        // Inverting test embeddings scores them against the synthetic identities' other images.
+        let args = ReproduceArgs {
+            paper: Some("arcface-inversion".into()),
+            ..args
+        };
+        let err = run(&args, &root).unwrap_err().to_string();
+        assert!(err.contains("inversion.embeddings"), "{err}");
     }
 }
