@@ -111,7 +111,7 @@ impl StudentSection {
 
 /// The `[inversion]` section: after training `method`, images are generated from `embeddings`
 /// held-out test embeddings and from `centres` class centres of its head by optimising the
-/// input of the frozen backbone (fr-train's [`fr_train::invert`]; IResNet backbones).
+/// input of the frozen backbone (fr-train's [`fr_train::invert`]; any registered backbone).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InversionSection {
@@ -386,9 +386,6 @@ impl Preset {
             let m = inv.method(self);
             if !self.methods.iter().any(|x| x == m) {
                 bail!("config key `inversion.method`: `{m}` is not one of `methods`");
-            }
-            if !matches!(self.backbone, BackboneConfig::Iresnet(_)) {
-                bail!("config key `backbone.type`: the inversion step needs an iresnet backbone");
             }
             if inv.embeddings + inv.centres == 0 {
                 bail!("config key `inversion.embeddings`: ask for at least one image (embeddings + centres ≥ 1)");

@@ -57,7 +57,9 @@ pub use model_card::{ColourOrder, ModelCard, Normalisation, MODEL_CARD_FILE};
 pub use pocketnet::{PocketNet, PocketNetConfig, PocketNetSize};
 pub use pretrained::{ConfigOrigin, LoadOptions, Pretrained, Source};
 pub use quant::{model_size_bytes, QuantAct, QuantBits};
-pub use registry::{build_backbone, Backbone, BackboneConfig, NAMED_BACKBONES};
+pub use registry::{
+    build_backbone, build_bn_stats_backbone, Backbone, BackboneConfig, NAMED_BACKBONES,
+};
 pub use spherenet::{SphereNet, SphereNetConfig};
 pub use weights::{
     backbone_from_tensors, load_pth, load_safetensors, read_pth, read_safetensors, read_weights,

@@ -48,6 +48,17 @@ macro_rules! registry {
             }
         }
 
+        /// [`build_backbone`] as a [`crate::BnStatsForward`] (every registered backbone is
+        /// one): for ArcFace inversion and other users of the BatchNorm-statistics taps.
+        pub fn build_bn_stats_backbone(
+            cfg: &BackboneConfig,
+            vb: VarBuilder,
+        ) -> Result<Box<dyn crate::BnStatsForward>> {
+            match cfg {
+                $(BackboneConfig::$variant(c) => Ok(Box::new(<$model>::new(c, vb)?)),)+
+            }
+        }
+
         impl BackboneConfig {
             /// Parameters and operations of one forward pass of one image, computed from the
             /// configuration (conventions in [`crate::complexity`]).

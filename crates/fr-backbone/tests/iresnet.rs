@@ -236,6 +236,26 @@ fn registry_builds_from_toml() {
     assert_eq!(net.embedding_size(), 8);
     assert!(!net.is_trainable("features.weight"));
     assert_eq!(net.forward_t(&images(2, 56), true).unwrap().dims(), &[2, 8]);
+    // The same network as a BatchNorm-statistics backbone (inversion), over the same variables:
+    // same eval embeddings, one tap per BatchNorm2d.
+    let taps = fr_backbone::build_bn_stats_backbone(
+        &cfg,
+        SeededVarMap::with_varmap(varmap.clone(), 0).var_builder(DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    assert_eq!(taps.input_shape(), (56, 56));
+    let x = images(2, 56);
+    let (emb, stats) = taps.forward_with_bn_stats(&x).unwrap();
+    let plain = net.forward_t(&x, false).unwrap();
+    let diff = (emb - plain).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+    // bn1, three per block (4 blocks), one downsample BN per stage, bn2.
+    assert_eq!(
+        stats.len(),
+        1 + 4 * 3 + 4 + 1,
+        "{:?}",
+        stats.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
     assert_eq!(
         BackboneConfig::default(),
         BackboneConfig::Iresnet(IResNetConfig::r50())

@@ -16,7 +16,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use fr_backbone::{BackboneConfig, IResNet};
+use fr_backbone::build_bn_stats_backbone;
 use fr_train::{invert, save_png_grid};
 use ndarray::{s, Array2, Axis};
 use serde::Serialize;
@@ -66,7 +66,7 @@ fn to_array2(t: &Tensor) -> Result<Array2<f32>> {
     Ok(Array2::from_shape_vec((n, d), v)?)
 }
 
-fn embed(model: &dyn ModuleT, x: &Tensor) -> Result<Array2<f32>> {
+fn embed<M: ModuleT + ?Sized>(model: &M, x: &Tensor) -> Result<Array2<f32>> {
     let y = fr_kernels::no_grad(|| model.forward_t(x, false))?;
     to_array2(&y)
 }
@@ -76,8 +76,7 @@ fn embed(model: &dyn ModuleT, x: &Tensor) -> Result<Array2<f32>> {
 /// `inversion_embeddings.png` (source image | generated) and `inversion_centres.png`.
 ///
 /// # Errors
-/// A non-IResNet backbone, a missing head weight, fewer test identities than asked, or an
-/// optimisation failure.
+/// A missing head weight, fewer test identities than asked, or an optimisation failure.
 pub(super) fn run(
     preset: &Preset,
     section: &InversionSection,
@@ -87,12 +86,14 @@ pub(super) fn run(
     device: &Device,
     out_dir: &Path,
 ) -> Result<InversionSummary> {
-    let BackboneConfig::Iresnet(cfg) = &preset.backbone else {
-        bail!("config key `backbone.type`: the inversion step needs an iresnet backbone");
-    };
-    let backbone = IResNet::new(cfg, VarBuilder::from_varmap(vars, DType::F32, device))?;
+    let backbone = build_bn_stats_backbone(
+        &preset.backbone,
+        VarBuilder::from_varmap(vars, DType::F32, device),
+    )?;
+    let backbone = backbone.as_ref();
+    // The generated images take the backbone's input shape.
     let mut config = section.config.clone();
-    config.image_size = cfg.input_size;
+    config.image_size = 0;
     let start = std::time::Instant::now();
     let per = preset.synthetic.test_images_per_identity;
     let n_test = test.images.shape()[0];
@@ -123,7 +124,7 @@ pub(super) fn run(
             steps = config.steps,
             "inverting test embeddings"
         );
-        let result = invert(&backbone, &targets, &config)?;
+        let result = invert(backbone, &targets, &config)?;
         save_png_grid(
             &out_dir.join("inversion_embeddings.png"),
             &result.images,
@@ -132,13 +133,13 @@ pub(super) fn run(
         embedding_cosines = result.cosines.clone();
         identity_first_last.push(first_last(&result.history));
         // Recognition of the generated images against the identities' other images.
-        let generated = rows_normalized(&embed(&backbone, &result.images)?);
+        let generated = rows_normalized(&embed(backbone, &result.images)?);
         let rest: Vec<u32> = (0..e * per)
             .filter(|i| i % per != 0)
             .map(|i| i as u32)
             .collect();
         let rest_emb = rows_normalized(&embed(
-            &backbone,
+            backbone,
             &all.index_select(&Tensor::new(rest, device)?, 0)?,
         )?);
         let others = per - 1;
@@ -203,11 +204,11 @@ pub(super) fn run(
             steps = config.steps,
             "inverting class centres"
         );
-        let result = invert(&backbone, &targets, &config)?;
+        let result = invert(backbone, &targets, &config)?;
         save_png_grid(&out_dir.join("inversion_centres.png"), &result.images, None)?;
         centre_cosines = result.cosines.clone();
         identity_first_last.push(first_last(&result.history));
-        let generated = rows_normalized(&embed(&backbone, &result.images)?);
+        let generated = rows_normalized(&embed(backbone, &result.images)?);
         let centres = rows_normalized(&to_array2(&weight)?);
         let scores = generated.dot(&centres.t());
         let correct = scores
