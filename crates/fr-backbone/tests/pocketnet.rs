@@ -209,18 +209,14 @@ fn fused_kernels_equal_the_candle_reference_path() {
         (y, g, e)
     };
     let (fused, candle) = (run(Kernels::Fused), run(Kernels::Candle));
-    for (a, b, what) in [
-        (&fused.0, &candle.0, "train output"),
-        (&fused.1, &candle.1, "strided 7x7 depthwise gradient"),
-        (&fused.2, &candle.2, "eval output"),
-    ] {
-        let d = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        assert!(d < 1e-8, "{what}: max difference {d}");
-    }
+    common::assert_max_abs_diff_below(
+        &[
+            (&fused.0, &candle.0, "train output"),
+            (&fused.1, &candle.1, "strided 7x7 depthwise gradient"),
+            (&fused.2, &candle.2, "eval output"),
+        ],
+        1e-8,
+    );
 }
 
 #[test]

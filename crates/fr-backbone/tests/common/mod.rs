@@ -99,3 +99,17 @@ pub fn assert_trainable_gradients(
     }
     trained
 }
+
+/// Asserts, for each `(a, b, what)`, that the largest `|a_i − b_i|` is below `tol` (the fused
+/// CPU kernels against candle's reference path).
+pub fn assert_max_abs_diff_below(pairs: &[(&[f64], &[f64], &str)], tol: f64) {
+    for (a, b, what) in pairs {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        let d = a
+            .iter()
+            .zip(b.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(d < tol, "{what}: max difference {d}");
+    }
+}
