@@ -12,6 +12,10 @@
 //! - `cargo xtask weights convert <in.pth> <out.safetensors>` / `weights info <file | dir |
 //!   hf://owner/name>` — pretrained weights (insightface `.pth` read natively, Hub repositories).
 //! - `cargo xtask info <backbone | config.toml>` — parameters, MACs, input and embedding size.
+//! - `cargo xtask train <preset> [--method M] [--gpus N | --nproc N] [--nnodes M --node-rank R
+//!   --master-addr A --master-port P] [--precision bf16]` — train one method of a preset on one
+//!   process or data-parallel over several (NCCL on GPUs, TCP on the CPU); rank 0 writes
+//!   `target/train/<preset>-<method>/{checkpoints, train.json}`.
 //! - `cargo xtask study backbone-size | data-distribution [--head NAME,...]` — the survey's
 //!   studies on IResNet depth and on the training data's identities × images and long tail;
 //!   write `target/study/<study>/{report.md, metrics.json, <study>.png}` (resumable).
@@ -25,6 +29,7 @@ mod preset;
 mod report;
 mod reproduce;
 mod study;
+mod train;
 mod weights;
 
 use std::path::PathBuf;
@@ -55,6 +60,9 @@ enum Command {
     /// Studies on top of the trainer: `backbone-size` (IResNet depth) or `data-distribution`
     /// (identities × images per identity, balanced vs long-tailed).
     Study(study::StudyArgs),
+    /// Train one method of a preset, on one process or data-parallel over several
+    /// (`--gpus N` over NCCL, `--nproc N` on the CPU over TCP; `--nnodes` for several nodes).
+    Train(train::TrainArgs),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -84,5 +92,6 @@ fn main() -> anyhow::Result<()> {
         Command::Weights(args) => weights::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Study(args) => study::run(&args, &workspace_root()),
+        Command::Train(args) => train::run(&args, &workspace_root()),
     }
 }

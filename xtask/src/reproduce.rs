@@ -1109,7 +1109,7 @@ kept {} of {} training samples; one dataset index per line",
     })
 }
 
-fn input_size(preset: &Preset) -> u32 {
+pub(crate) fn input_size(preset: &Preset) -> u32 {
     preset.backbone.input_shape().0 as u32
 }
 

@@ -55,6 +55,15 @@ pub struct LoaderConfig {
     /// jitter, grayscale), seeded per `(seed, epoch, index)`; all off by default.
     #[serde(default)]
     pub augment: AugmentConfig,
+    /// Data-parallel training: this process's rank among `world_size` (arcface_torch's
+    /// `DistributedSampler`). Every rank shuffles the same order; each global batch of
+    /// `batch_size × world_size` images is cut in rank order and rank `r` loads slice `r`, so
+    /// `K` ranks with `batch_size` B see exactly the batches one process with `batch_size`
+    /// `K·B` would, and an epoch has `⌊N / (K·B)⌋` steps. Needs `drop_last` (every rank must
+    /// take the same number of equal-sized steps) and no `identities_per_batch`. Default 0.
+    pub rank: usize,
+    /// Number of data-parallel ranks; 1 (default) is single-process loading.
+    pub world_size: usize,
 }
 
 impl Default for LoaderConfig {
@@ -70,6 +79,8 @@ impl Default for LoaderConfig {
             prefetch: 2,
             identities_per_batch: None,
             augment: AugmentConfig::default(),
+            rank: 0,
+            world_size: 1,
         }
     }
 }
@@ -129,6 +140,27 @@ impl BatchLoader {
         };
         if config.batch_size == 0 {
             return Err(bad("batch_size", "must be at least 1"));
+        }
+        if config.world_size == 0 || config.rank >= config.world_size {
+            return Err(bad(
+                "rank",
+                &format!(
+                    "must be below world_size ({} of {})",
+                    config.rank, config.world_size
+                ),
+            ));
+        }
+        if config.world_size > 1 && !config.drop_last {
+            return Err(bad(
+                "drop_last",
+                "must be true with world_size > 1 (every rank takes equal-sized steps)",
+            ));
+        }
+        if config.world_size > 1 && config.identities_per_batch.is_some() {
+            return Err(bad(
+                "identities_per_batch",
+                "cannot be combined with world_size > 1 yet",
+            ));
         }
         if config.image_size == 0 {
             return Err(bad("image_size", "must be at least 1"));
@@ -192,7 +224,10 @@ impl BatchLoader {
         if let Some(pk) = &self.pk {
             return pk.epoch(0).len();
         }
-        let (n, b) = (self.dataset.len(), self.config.batch_size);
+        let (n, b) = (
+            self.dataset.len(),
+            self.config.batch_size * self.config.world_size,
+        );
         if self.config.drop_last {
             n / b
         } else {
@@ -309,10 +344,15 @@ impl BatchLoader {
             None => {
                 let order = self.epoch_order(epoch);
                 let n_batches = self.batches_per_epoch();
+                let (b, rank) = (self.config.batch_size, self.config.rank);
                 order
-                    .chunks(self.config.batch_size)
+                    .chunks(b * self.config.world_size)
                     .take(n_batches)
-                    .map(<[usize]>::to_vec)
+                    .map(|global| {
+                        // This rank's slice of the global batch (the whole chunk on one rank).
+                        let end = ((rank + 1) * b).min(global.len());
+                        global[(rank * b).min(end)..end].to_vec()
+                    })
                     .collect()
             }
         };

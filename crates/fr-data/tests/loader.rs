@@ -341,3 +341,76 @@ fn augmentations_are_off_by_default_and_applied_before_normalisation() {
         .to_string();
     assert!(err.contains("augment.crop_prob"), "{err}");
 }
+
+/// Data-parallel loading: `K` ranks with batch `B` load, step by step, the slices of the
+/// batches one process with batch `K·B` loads (same indices, same flipped pixels), and bad
+/// rank settings are refused naming the key.
+#[test]
+fn ranks_split_the_global_batches() {
+    let (k, b) = (3usize, 4usize);
+    let cfg = |rank, world_size, batch_size| LoaderConfig {
+        batch_size,
+        image_size: 8,
+        seed: 7,
+        drop_last: true,
+        rank,
+        world_size,
+        ..LoaderConfig::default()
+    };
+    let single = BatchLoader::new(Halves::new(50), cfg(0, 1, k * b)).unwrap();
+    assert_eq!(single.batches_per_epoch(), 50 / (k * b));
+    let whole: Vec<_> = single.epoch(1).map(|x| x.unwrap()).collect();
+    let ranks: Vec<Vec<_>> = (0..k)
+        .map(|r| {
+            let l = BatchLoader::new(Halves::new(50), cfg(r, k, b)).unwrap();
+            assert_eq!(l.batches_per_epoch(), whole.len());
+            l.epoch(1).map(|x| x.unwrap()).collect()
+        })
+        .collect();
+    for (step, global) in whole.iter().enumerate() {
+        let mut indices: Vec<usize> = Vec::new();
+        let mut pixels = Vec::new();
+        for rank in &ranks {
+            let part = &rank[step];
+            assert_eq!(part.indices.len(), b);
+            indices.extend(&part.indices);
+            pixels.extend(part.images.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        assert_eq!(indices, global.indices, "step {step}");
+        assert_eq!(
+            pixels,
+            global
+                .images
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
+    for (bad, key) in [
+        (cfg(3, 3, b), "rank"),
+        (cfg(0, 0, b), "rank"),
+        (
+            LoaderConfig {
+                drop_last: false,
+                ..cfg(0, 2, b)
+            },
+            "drop_last",
+        ),
+        (
+            LoaderConfig {
+                identities_per_batch: Some(2),
+                ..cfg(0, 2, b)
+            },
+            "identities_per_batch",
+        ),
+    ] {
+        match BatchLoader::new(Halves::new(50), bad) {
+            Err(Error::Config { key: k, .. }) => assert_eq!(k, key),
+            other => panic!(
+                "expected a config error naming {key}, got {:?}",
+                other.err()
+            ),
+        }
+    }
+}

@@ -31,9 +31,9 @@
 //!
 //! The ranks talk through the [`Collective`] trait. [`SimulatedCollective`] runs all `K` ranks in
 //! one process (CPU or one device), which is how the sharding math is tested: `K` ranks give the
-//! same loss and gradients as the single-process ArcFace head. An NCCL implementation (one
-//! process per GPU holding one rank) is meant to implement the same trait; it does not exist
-//! yet, and nothing here runs across devices or processes.
+//! same loss and gradients as the single-process ArcFace head. The `fr-dist` crate implements
+//! the trait across processes (one rank per process): over TCP for CPU ranks and over NCCL for
+//! GPUs.
 //!
 //! What differs from arcface_torch: negatives come from a ChaCha8 stream keyed by
 //! `(seed, step, rank)` rather than `torch.rand` + top-k; in eval mode
@@ -75,8 +75,8 @@ pub enum ReduceOp {
 ///
 /// Every method takes one input per rank *held by this process* (in the order of
 /// [`Collective::local_ranks`]) and returns one output per held rank: all `K` ranks for
-/// [`SimulatedCollective`], exactly one for a multi-process backend (NCCL, one process per
-/// GPU), which is meant to implement this same trait. Values cross ranks without autograd (as
+/// [`SimulatedCollective`], exactly one for a multi-process backend (`fr-dist`'s TCP and NCCL
+/// collectives, one process per rank). Values cross ranks without autograd (as
 /// `torch.distributed` collectives): gradients are moved explicitly with
 /// [`Collective::reduce_scatter`].
 pub trait Collective {
@@ -108,6 +108,37 @@ pub trait Collective {
     /// [`Error::Shape`] for a wrong number of inputs, mismatched shapes or counts that do not
     /// add up to the first dimension; backend errors.
     fn reduce_scatter(&self, parts: &[Tensor], counts: &[usize]) -> Result<Vec<Tensor>>;
+
+    /// Every held rank receives rank `root`'s tensor (the parts of the other ranks only give
+    /// the shape and dtype). The default sends zeros from every rank but `root` through an
+    /// [`ReduceOp::Sum`] all-reduce, which is exact (`x + 0 = x`); backends with a native
+    /// broadcast override it.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a wrong number of inputs, mismatched shapes or `root ≥ K`;
+    /// backend errors.
+    fn broadcast(&self, parts: &[Tensor], root: usize) -> Result<Vec<Tensor>> {
+        if root >= self.world_size() {
+            return Err(Error::Shape {
+                what: "broadcast root".into(),
+                expected: format!("a rank below {}", self.world_size()),
+                got: format!("{root}"),
+            });
+        }
+        let ranks = self.local_ranks();
+        let masked = parts
+            .iter()
+            .zip(ranks.iter().chain(std::iter::repeat(&usize::MAX)))
+            .map(|(p, &r)| {
+                if r == root {
+                    Ok(p.detach())
+                } else {
+                    p.zeros_like()
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.all_reduce(&masked, ReduceOp::Sum)
+    }
 }
 
 /// All `K` ranks in one process: gather is a concatenation, all-reduce a fold, reduce-scatter

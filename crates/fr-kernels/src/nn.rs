@@ -114,6 +114,18 @@ impl Module for Conv2d {
         let (x, weight) = (track(x), track(&self.weight));
         let y = if self.kernels.fused_for(&x) {
             conv2d(&x, &weight, p)?
+        } else if x.device().is_cpu() && x.dtype() == DType::BF16 {
+            // candle's CPU convolution has no bf16 matmul: widen to f32 and round back (the
+            // result is what a bf16 convolution with f32 accumulation gives).
+            x.to_dtype(DType::F32)?
+                .conv2d(
+                    &weight.to_dtype(DType::F32)?,
+                    p.padding,
+                    p.stride,
+                    p.dilation,
+                    p.groups,
+                )?
+                .to_dtype(DType::BF16)?
         } else {
             x.conv2d(&weight, p.padding, p.stride, p.dilation, p.groups)?
         };
@@ -265,9 +277,63 @@ impl BatchNorm {
     }
 }
 
+impl BatchNorm {
+    /// bf16 / f16 input (mixed precision): statistics and normalisation in f32, the output
+    /// rounded back to the input's dtype, the running statistics updated through the f64 host
+    /// path (candle-nn's BatchNorm adds its f32 batch statistics to half-precision running
+    /// statistics and fails). PyTorch's autocast likewise keeps batch normalisation in f32.
+    fn forward_half(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let c = x.dim(1)?;
+        let x32 = x.to_dtype(DType::F32)?;
+        // Per-channel values broadcast over `(B, C)` or `(B, C, H, W)`.
+        let mut shape = vec![1usize; x.rank()];
+        shape[1] = c;
+        let (mean, var) = if train {
+            let per_channel = x32.transpose(0, 1)?.flatten_from(1)?; // (C, N)
+            let count = per_channel.dim(1)?;
+            let mean = per_channel.mean_keepdim(1)?;
+            let var = per_channel.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+            self.update_running_stats(&BatchStats {
+                mean: Self::host(&mean.flatten_all()?)?,
+                var: Self::host(&var.flatten_all()?)?,
+                count,
+            })?;
+            (
+                mean.reshape(shape.as_slice())?,
+                var.reshape(shape.as_slice())?,
+            )
+        } else {
+            (
+                self.running_mean()
+                    .to_dtype(DType::F32)?
+                    .detach()
+                    .reshape(shape.as_slice())?,
+                self.running_var()
+                    .to_dtype(DType::F32)?
+                    .detach()
+                    .reshape(shape.as_slice())?,
+            )
+        };
+        let mut y = x32
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.inner.eps())?.sqrt()?)?;
+        if let Some((w, b)) = self.inner.weight_and_bias() {
+            let (w, b) = (track(w), track(b));
+            y = y
+                .broadcast_mul(&w.to_dtype(DType::F32)?.reshape(shape.as_slice())?)?
+                .broadcast_add(&b.to_dtype(DType::F32)?.reshape(shape.as_slice())?)?;
+        }
+        y.to_dtype(dtype)
+    }
+}
+
 impl ModuleT for BatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = &track(x);
+        if matches!(x.dtype(), DType::BF16 | DType::F16) {
+            return self.forward_half(x, train);
+        }
         let Some((w, b)) = self.inner.weight_and_bias() else {
             return self.inner.forward_t(x, train);
         };

@@ -282,3 +282,135 @@ fn batch_norm_prelu_equals_the_two_ops() {
         batch_norm_prelu_train(&rand(&[0, 3, 4, 4], DType::F32, 1), &a3, &a3, &a3, 1e-5).is_err()
     );
 }
+
+/// Mixed precision: a BatchNorm over bf16 / f16 input trains (statistics in f32, output in the
+/// input's dtype) and matches the f64 layer within the half format's rounding, in output,
+/// gradients and running statistics; eval mode uses the running statistics.
+#[test]
+fn batch_norm_half_input_matches_f64() {
+    for dtype in [DType::BF16, DType::F16] {
+        let c = 4;
+        let build = |dt: DType| {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, dt, &Device::Cpu);
+            let bn = BatchNorm::load(c, 1e-5, vb, Kernels::Auto).unwrap();
+            // γ, β away from their 1 / 0 initial values.
+            let data = vm.data().lock().unwrap();
+            data["weight"]
+                .set(
+                    &(rand(&[c], DType::F64, 7) + 1.5)
+                        .unwrap()
+                        .to_dtype(dt)
+                        .unwrap(),
+                )
+                .unwrap();
+            data["bias"]
+                .set(&rand(&[c], DType::F64, 8).to_dtype(dt).unwrap())
+                .unwrap();
+            drop(data);
+            (vm, bn)
+        };
+        let (vm64, bn64) = build(DType::F64);
+        let (vmh, bnh) = build(dtype);
+        // The half layer's inputs, widened: both layers see the same values.
+        let x = ((rand(&[6, c, 3, 3], DType::F64, 9) * 2.0).unwrap() + 0.5)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let x64 = candle_core::Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+        let xh = candle_core::Var::from_tensor(&x).unwrap();
+        let y64 = bn64.forward_t(x64.as_tensor(), true).unwrap();
+        let yh = bnh.forward_t(xh.as_tensor(), true).unwrap();
+        assert_eq!(yh.dtype(), dtype);
+        let tol = if dtype == DType::BF16 { 2e-2 } else { 3e-3 };
+        let err = max_rel(&yh.to_dtype(DType::F64).unwrap(), &y64);
+        assert!(err < tol, "{dtype:?} output: {err}");
+        // Gradients of a weighted sum with respect to x, γ and β.
+        let r = rand(&[6, c, 3, 3], DType::F64, 10);
+        let g64 = (y64 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gh = (yh.to_dtype(DType::F64).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let pick = |vm: &VarMap, g: &candle_core::backprop::GradStore, name: &str| {
+            let v = vm.data().lock().unwrap()[name].clone();
+            g.get(v.as_tensor()).unwrap().to_dtype(DType::F64).unwrap()
+        };
+        for name in ["weight", "bias"] {
+            let err = max_rel(&pick(&vmh, &gh, name), &pick(&vm64, &g64, name));
+            assert!(err < tol * 3.0, "{dtype:?} d/d{name}: {err}");
+        }
+        let err = max_rel(
+            &gh.get(xh.as_tensor())
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap(),
+            g64.get(x64.as_tensor()).unwrap(),
+        );
+        assert!(err < tol * 5.0, "{dtype:?} d/dx: {err}");
+        // Running statistics moved like the f64 layer's, and eval mode uses them.
+        for (a, b) in [
+            (bnh.running_mean(), bn64.running_mean()),
+            (bnh.running_var(), bn64.running_var()),
+        ] {
+            let err = max_rel(&a.to_dtype(DType::F64).unwrap(), b);
+            assert!(err < tol, "{dtype:?} running statistics: {err}");
+        }
+        assert_ne!(
+            bnh.running_mean()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
+            vec![0.0; c]
+        );
+        let e64 = bn64.forward_t(x64.as_tensor(), false).unwrap();
+        let eh = bnh.forward_t(xh.as_tensor(), false).unwrap();
+        let err = max_rel(&eh.to_dtype(DType::F64).unwrap(), &e64);
+        assert!(err < tol * 2.0, "{dtype:?} eval: {err}");
+    }
+}
+
+/// A bf16 convolution on the CPU (which candle cannot run in bf16) equals the f32 convolution
+/// of the same values rounded to bf16, with gradients.
+#[test]
+fn conv2d_bf16_on_cpu_runs_in_f32() {
+    use fr_kernels::nn::Conv2d;
+    use fr_kernels::ConvParams;
+    let x = rand(&[2, 3, 6, 6], DType::BF16, 1);
+    let w = rand(&[4, 3, 3, 3], DType::BF16, 2);
+    let p = ConvParams {
+        stride: 2,
+        padding: 1,
+        ..ConvParams::default()
+    };
+    let wv = candle_core::Var::from_tensor(&w).unwrap();
+    let conv = Conv2d::new(wv.as_tensor().clone(), None, p, Kernels::Auto);
+    let y = conv.forward(&x).unwrap();
+    assert_eq!(y.dtype(), DType::BF16);
+    let want = x
+        .to_dtype(DType::F32)
+        .unwrap()
+        .conv2d(&w.to_dtype(DType::F32).unwrap(), 1, 2, 1, 1)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    assert_eq!(
+        y.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        want.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(g.get(wv.as_tensor()).unwrap().dtype(), DType::BF16);
+}

@@ -5,6 +5,7 @@
 //! ```text
 //! <dir>/latest                      the name of the newest complete save, e.g. "step-00001200"
 //! <dir>/step-00001200/model.safetensors      every VarMap variable (BN running stats, centres)
+//!                                            (mixed precision: f32, from the master weights)
 //! <dir>/step-00001200/optimizer.safetensors  optimiser state by "{param}.{buffer}"
 //! <dir>/step-00001200/head.safetensors       the head's non-trainable state
 //! <dir>/step-00001200/state.json             epoch, step, schedule, seed, metrics
@@ -41,13 +42,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use fr_backbone::ModelCard;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::optim::OptimizerConfig;
+use crate::precision::LossScalerState;
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
 
@@ -110,6 +112,9 @@ pub struct TrainState {
     pub metrics: BTreeMap<String, Vec<(u64, f64)>>,
     /// Anything else the caller needs to resume (data-loader position, ...).
     pub extra: BTreeMap<String, serde_json::Value>,
+    /// The dynamic loss scaler's scale and counters, when the run uses one
+    /// ([`crate::LossScalerConfig`]); absent in older saves.
+    pub loss_scaler: Option<LossScalerState>,
     /// Optimiser state tensors, saved to `optimizer.safetensors`.
     #[serde(skip)]
     pub optimizer_state: Vec<(String, Tensor)>,
@@ -181,6 +186,23 @@ fn run_save_hook(point: SavePoint, path: &Path) {
 /// # Errors
 /// [`Error::Io`] naming the file that could not be written; candle errors serialising tensors.
 pub fn save_checkpoint(dir: &Path, varmap: &VarMap, state: &TrainState) -> Result<PathBuf> {
+    save_checkpoint_with(dir, varmap, &HashMap::new(), state)
+}
+
+/// [`save_checkpoint`], writing the tensors of `overrides` instead of the values of the
+/// VarMap variables of the same names. Mixed-precision training saves its f32 master weights
+/// this way ([`crate::MasterWeights::checkpoint_weights`]), so that the file holds f32 weights
+/// under the model's names.
+///
+/// # Errors
+/// As [`save_checkpoint`]; [`Error::Checkpoint`] for an override that names no VarMap
+/// variable or does not have its shape.
+pub fn save_checkpoint_with(
+    dir: &Path,
+    varmap: &VarMap,
+    overrides: &HashMap<String, Tensor>,
+    state: &TrainState,
+) -> Result<PathBuf> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = free_name(dir, state.step);
     let stage = dir.join(format!(".{name}.tmp"));
@@ -194,8 +216,32 @@ pub fn save_checkpoint(dir: &Path, varmap: &VarMap, state: &TrainState) -> Resul
             .data()
             .lock()
             .map_err(|_| Error::checkpoint(dir, "VarMap lock poisoned"))?;
+        for (name, t) in overrides {
+            match data.get(name) {
+                Some(v) if v.dims() == t.dims() => {}
+                Some(v) => {
+                    return Err(Error::checkpoint(
+                        dir,
+                        format!(
+                            "weight `{name}` to save has shape {:?}, the variable {:?}",
+                            t.dims(),
+                            v.dims()
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(Error::checkpoint(
+                        dir,
+                        format!("weight `{name}` to save names no variable of the model"),
+                    ))
+                }
+            }
+        }
         data.iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .map(|(k, v)| {
+                let t = overrides.get(k).unwrap_or_else(|| v.as_tensor());
+                (k.clone(), t.detach())
+            })
             .collect()
     };
     write_tensors(&stage.join(MODEL_FILE), &weights)?;
@@ -398,12 +444,29 @@ pub fn newest_good_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
 /// directory (loaded only if it verifies, see [`verify_checkpoint`]).
 ///
 /// Every variable of `varmap` must be in the checkpoint with the same shape, and the
-/// checkpoint must hold no other weights; nothing is modified unless all of them fit.
+/// checkpoint must hold no other weights; nothing is modified unless all of them fit. Saved
+/// tensors are cast to each variable's dtype (f32 weights load into a bf16 model and back).
 ///
 /// # Errors
 /// [`Error::Checkpoint`] naming the file (and the key) that is damaged, missing or does not
 /// fit; [`Error::Io`] for unreadable files.
 pub fn load_checkpoint(dir: &Path, varmap: &VarMap) -> Result<TrainState> {
+    load_checkpoint_with(dir, varmap, &[])
+}
+
+/// [`load_checkpoint`], also setting each of `extra` — variables outside the VarMap named
+/// like one of its variables, such as the f32 master weights of mixed-precision training — to
+/// the saved tensor of its name, cast to its own dtype (so an f32 master gets the saved f32
+/// value, not the value rounded to its model variable's half type).
+///
+/// # Errors
+/// As [`load_checkpoint`]; an `extra` variable whose name is not a saved weight of the model
+/// or whose shape differs is an [`Error::Checkpoint`] too, and nothing is modified.
+pub fn load_checkpoint_with(
+    dir: &Path,
+    varmap: &VarMap,
+    extra: &[(String, Var)],
+) -> Result<TrainState> {
     let save = if dir.join(STATE_FILE).is_file() || dir.join(CHECKSUMS_FILE).is_file() {
         verify_checkpoint(dir)?;
         dir.to_path_buf()
@@ -425,7 +488,8 @@ pub fn load_checkpoint(dir: &Path, varmap: &VarMap) -> Result<TrainState> {
         .unwrap_or(Device::Cpu);
     let model_path = save.join(MODEL_FILE);
     let mut weights = read_tensors(&model_path, &device)?;
-    let mut updates = Vec::with_capacity(data.len());
+    let mut updates = Vec::with_capacity(data.len() + extra.len());
+    let mut saved = HashMap::with_capacity(data.len());
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
@@ -443,7 +507,24 @@ pub fn load_checkpoint(dir: &Path, varmap: &VarMap) -> Result<TrainState> {
                 ),
             ));
         }
-        updates.push((var, t.to_dtype(var.dtype())?));
+        updates.push((var.clone(), t.to_dtype(var.dtype())?));
+        saved.insert(name.as_str(), t);
+    }
+    for (name, var) in extra {
+        let t = saved
+            .get(name.as_str())
+            .ok_or_else(|| Error::checkpoint(&model_path, format!("missing tensor `{name}`")))?;
+        if t.dims() != var.dims() {
+            return Err(Error::checkpoint(
+                &model_path,
+                format!(
+                    "tensor `{name}` has shape {:?}, its master copy {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        updates.push((var.clone(), t.to_dtype(var.dtype())?));
     }
     if !weights.is_empty() {
         let mut extra: Vec<_> = weights.keys().cloned().collect();

@@ -93,6 +93,10 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A data-parallel collective (broadcast, gradient all-reduce) failed: a lost or
+    /// mismatched rank, named in the source.
+    #[error("data parallel: {0}")]
+    Collective(#[source] fr_heads::Error),
 }
 
 fn last_finite(v: &Option<(u64, f64)>) -> String {

@@ -6,7 +6,9 @@
 //! update; [`Distillation`] adds embedding distillation from a frozen teacher (fixed, or
 //! PocketNet's multi-step schedule over per-epoch teacher checkpoints) as that auxiliary loss;
 //! [`invert`] generates images from a frozen backbone's embeddings (ArcFace
-//! inversion with DeepInversion's BatchNorm-statistics prior).
+//! inversion with DeepInversion's BatchNorm-statistics prior); [`Precision`] trains the
+//! backbone in bf16 or f16 with f32 master weights and a dynamic loss scaler;
+//! [`DataParallel`] all-reduces the gradients of one rank per process in buckets (DDP).
 //!
 //! Using the pieces alone, on any candle model:
 //!
@@ -31,26 +33,31 @@
 pub mod auxiliary;
 pub mod checkpoint;
 pub mod clip;
+pub mod data_parallel;
 pub mod distill;
 pub mod error;
 pub mod inversion;
 pub mod optim;
+pub mod precision;
 pub mod schedule;
 pub mod seeded;
 pub mod trainer;
 
 pub use auxiliary::{AuxiliaryBatch, AuxiliaryLoss, AuxiliaryOutput};
 pub use checkpoint::{
-    check_output_dir, latest_checkpoint, load_checkpoint, newest_good_checkpoint,
-    prune_checkpoints, save_checkpoint, verify_checkpoint, TrainState,
+    check_output_dir, latest_checkpoint, load_checkpoint, load_checkpoint_with,
+    newest_good_checkpoint, prune_checkpoints, save_checkpoint, save_checkpoint_with,
+    verify_checkpoint, TrainState,
 };
 pub use clip::{all_finite, clip_grad_norm, grad_norm, scale_grads};
+pub use data_parallel::{DataParallel, DataParallelConfig, GradReduction, ReduceStats};
 pub use distill::{Distillation, Teacher, TeacherSchedule};
 pub use error::{Error, Result};
 pub use inversion::{
     invert, save_png_grid, InversionConfig, InversionResult, InversionStep, GRID_GAP,
 };
 pub use optim::{AdamW, AdamWConfig, AnyOptimizer, OptimizerConfig, Sgd, SgdConfig, WeightDecayOn};
+pub use precision::{LossScaler, LossScalerConfig, LossScalerState, MasterWeights, Precision};
 pub use schedule::LrSchedule;
 pub use seeded::SeededVarMap;
 pub use trainer::{not_running_stat, StepOutcome, Trainer, TrainerConfig};

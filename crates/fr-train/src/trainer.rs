@@ -11,10 +11,23 @@
 //! advances (the batch was consumed; the schedule counts batches). After
 //! [`TrainerConfig::max_consecutive_skips`] skips in a row the step returns
 //! [`Error::Diverged`] with the learning rate, the last finite loss and the head's name.
+//!
+//! With [`TrainerConfig::precision`] bf16 or f16 ([`crate::precision`]) the images are cast to
+//! the backbone's dtype and its embeddings to f32 before the head, so the head, its softmax and
+//! the loss run in f32; the optimiser updates f32 master copies of the half-precision
+//! variables ([`MasterWeights`]), which are copied back, rounded, after each step; checkpoints
+//! hold the f32 masters. With a [`LossScaler`] (on by default for f16) the backward pass runs
+//! on `loss · scale` and the gradients are unscaled in f32; a step whose gradients overflow is
+//! skipped like a non-finite one (buffers and head state restored) but halves the scale and
+//! does not count towards [`TrainerConfig::max_consecutive_skips`], as with PyTorch's
+//! `GradScaler`. An [`AuxiliaryLoss`] then sees the images in the backbone's dtype and the
+//! f32 embeddings; what it computes through the backbone itself comes out in the backbone's
+//! dtype.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{ModuleT, VarMap};
 use fr_data::Batch;
@@ -22,9 +35,13 @@ use fr_heads::{Head, StepContext};
 use serde::{Deserialize, Serialize};
 
 use crate::auxiliary::{AuxiliaryBatch, AuxiliaryLoss};
-use crate::checkpoint::{load_checkpoint, prune_checkpoints, save_checkpoint, TrainState};
+use crate::checkpoint::{
+    load_checkpoint_with, prune_checkpoints, save_checkpoint_with, TrainState, STATE_FILE,
+};
 use crate::clip::{grad_norm, scale_grads};
+use crate::data_parallel::DataParallel;
 use crate::optim::{AnyOptimizer, OptimizerConfig};
+use crate::precision::{LossScaler, LossScalerConfig, MasterWeights, Precision};
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
 
@@ -43,8 +60,16 @@ pub struct TrainerConfig {
     /// Saves kept by [`Trainer::save`] (older ones are deleted); 0 keeps all.
     pub keep_checkpoints: usize,
     /// Non-finite steps skipped in a row after which [`Trainer::step`] stops the run with
-    /// [`Error::Diverged`]; 0 never stops.
+    /// [`Error::Diverged`]; 0 never stops. Loss-scaler overflows do not count.
     pub max_consecutive_skips: u64,
+    /// The backbone's floating-point type (`"f32"`, `"bf16"`, `"f16"`); the head and loss
+    /// are f32 in every case. The caller builds the backbone in
+    /// [`Precision::backbone_dtype`]. Default f32.
+    #[serde(default)]
+    pub precision: Precision,
+    /// The dynamic loss scaler (on by default for f16 only).
+    #[serde(default)]
+    pub loss_scaler: LossScalerConfig,
 }
 
 impl Default for TrainerConfig {
@@ -56,6 +81,8 @@ impl Default for TrainerConfig {
             seed: 0,
             keep_checkpoints: 2,
             max_consecutive_skips: 10,
+            precision: Precision::F32,
+            loss_scaler: LossScalerConfig::default(),
         }
     }
 }
@@ -77,6 +104,8 @@ impl TrainerConfig {
         self.schedule
             .validate()
             .map_err(|e| prefixed("schedule", e))?;
+        // Its keys are already `loss_scaler.*`.
+        self.loss_scaler.validate()?;
         match self.clip_max_norm {
             Some(c) if !(c.is_finite() && c > 0.0) => Err(Error::config(
                 "clip_max_norm",
@@ -107,7 +136,8 @@ pub struct StepOutcome {
     /// Whether the step was skipped (non-finite loss or gradient).
     pub skipped: bool,
     /// The head's statistics; with an auxiliary loss also its statistics and `head_loss`
-    /// (the head's loss alone).
+    /// (the head's loss alone); with a loss scaler `loss_scale`, the scale this step's
+    /// backward pass used.
     pub stats: BTreeMap<String, f64>,
 }
 
@@ -116,8 +146,14 @@ pub struct Trainer {
     backbone: Box<dyn ModuleT + Send>,
     head: Box<dyn Head>,
     varmap: VarMap,
+    /// The trainable model variables, sorted by name.
     params: Vec<(String, Var)>,
+    /// The variables the optimiser updates, in the order of `params`: the model variables
+    /// themselves, or in mixed precision their f32 masters.
     vars: Vec<Var>,
+    /// f32 masters of the half-precision trainable variables; `None` in plain f32 training.
+    masters: Option<MasterWeights>,
+    scaler: Option<LossScaler>,
     buffers: Vec<(String, Var)>,
     optimizer: AnyOptimizer,
     config: TrainerConfig,
@@ -125,6 +161,8 @@ pub struct Trainer {
     auxiliary: Option<Box<dyn AuxiliaryLoss>>,
     /// Variables in the VarMap at construction (an auxiliary must not add any later).
     known_vars: usize,
+    /// Data parallelism: the gradient all-reduce of this rank.
+    dp: Option<DataParallel>,
 }
 
 impl Trainer {
@@ -132,8 +170,14 @@ impl Trainer {
     /// [`not_running_stat`], or a backbone's own rule that also freezes `features.weight`).
     /// The backbone and head must have created all their variables in `varmap` already.
     ///
+    /// For [`TrainerConfig::precision`] bf16 / f16, build the backbone with a `VarBuilder` of
+    /// [`Precision::backbone_dtype`] and the head with an f32 one on the same VarMap
+    /// (`seeded.var_builder(DType::F32, &device).pp("head")`); every trainable variable that
+    /// is not f32 then gets an f32 master copy.
+    ///
     /// # Errors
-    /// An invalid config, or no trainable variable.
+    /// An invalid config, no trainable variable, or (`precision`) a bf16 / f16 precision
+    /// with no trainable variable of that dtype.
     pub fn new(
         backbone: Box<dyn ModuleT + Send>,
         head: Box<dyn Head>,
@@ -166,12 +210,37 @@ impl Trainer {
         // A fixed order: sums over parameters (the gradient norm) are then reproducible.
         params.sort_by(|a, b| a.0.cmp(&b.0));
         buffers.sort_by(|a, b| a.0.cmp(&b.0));
-        let vars = params.iter().map(|(_, v)| v.clone()).collect();
-        let optimizer = config.optimizer.build(params.clone())?;
+        let precision = config.precision;
+        let dtype = precision.backbone_dtype();
+        if precision.is_mixed() && params.iter().all(|(_, v)| v.dtype() != dtype) {
+            return Err(Error::config(
+                "precision",
+                format!(
+                    "{precision} training, but no trainable variable is {dtype:?}: build the \
+                     backbone with a VarBuilder of precision.backbone_dtype()"
+                ),
+            ));
+        }
+        let scaler = config
+            .loss_scaler
+            .enabled_for(precision)
+            .then(|| LossScaler::new(config.loss_scaler.clone()));
+        let masters = if precision.is_mixed() || scaler.is_some() {
+            Some(MasterWeights::new(&params)?)
+        } else {
+            None
+        };
+        let optimised = match &masters {
+            Some(m) => m.optimised(),
+            None => params.clone(),
+        };
+        let vars = optimised.iter().map(|(_, v)| v.clone()).collect();
+        let optimizer = config.optimizer.build(optimised)?;
         let state = TrainState {
             seed: config.seed,
             schedule: Some(config.schedule.clone()),
             optimizer: Some(config.optimizer.clone()),
+            loss_scaler: scaler.as_ref().map(LossScaler::state),
             ..TrainState::default()
         };
         Ok(Self {
@@ -180,13 +249,75 @@ impl Trainer {
             varmap,
             params,
             vars,
+            masters,
+            scaler,
             buffers,
             optimizer,
             config,
             state,
             auxiliary: None,
             known_vars,
+            dp: None,
         })
+    }
+
+    /// Train data-parallel as one rank of `dp` (PyTorch DDP): rank 0's weights (the f32
+    /// masters in mixed precision) and running statistics are broadcast to every rank now;
+    /// then every step broadcasts rank 0's running statistics (when
+    /// [`DataParallelConfig::broadcast_buffers`](crate::DataParallelConfig) is on), averages the
+    /// loss over ranks (so all ranks skip a non-finite step together), all-reduces the
+    /// gradients in buckets before the clip, and applies the same update on every rank. The
+    /// gradient norm is the global one; with rank-local variables
+    /// ([`DataParallel::with_local_variables`]) their squared norms are summed over ranks.
+    ///
+    /// # Errors
+    /// Collective failures ([`Error::Collective`]), candle errors.
+    pub fn with_data_parallel(mut self, dp: DataParallel) -> Result<Self> {
+        dp.broadcast_from_rank0(&self.optimised())?;
+        if let Some(masters) = &self.masters {
+            masters.sync_model()?;
+        }
+        dp.broadcast_from_rank0(&self.buffers)?;
+        self.dp = Some(dp);
+        Ok(self)
+    }
+
+    /// The data-parallel layer, when training data-parallel.
+    pub fn data_parallel(&self) -> Option<&DataParallel> {
+        self.dp.as_ref()
+    }
+
+    /// The optimised variables (`self.vars`) with their names.
+    fn optimised(&self) -> Vec<(String, Var)> {
+        self.params
+            .iter()
+            .zip(&self.vars)
+            .map(|((n, _), v)| (n.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The global gradient norm over `self.vars`: with rank-local variables, the squared
+    /// norms of the local part are summed over ranks.
+    fn global_grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let Some(dp) = self
+            .dp
+            .as_ref()
+            .filter(|dp| self.params.iter().any(|(n, _)| dp.is_local(n)))
+        else {
+            return grad_norm(grads, &self.vars);
+        };
+        let (mut shared, mut local) = (Vec::new(), Vec::new());
+        for ((name, _), var) in self.params.iter().zip(&self.vars) {
+            if dp.is_local(name) {
+                local.push(var.clone());
+            } else {
+                shared.push(var.clone());
+            }
+        }
+        let device = self.vars[0].device();
+        let local_sq = grad_norm(grads, &local)?.powi(2);
+        let total_local = dp.sum(local_sq, device)?;
+        Ok((grad_norm(grads, &shared)?.powi(2) + total_local).sqrt())
     }
 
     /// Add `auxiliary`'s loss to every step. Its variables must already be in the VarMap
@@ -240,13 +371,15 @@ impl Trainer {
     }
 
     /// One step on `images` `(B, …)` and u32 `labels` `(B,)`, at the learning rate the
-    /// schedule gives this step of `total_steps`.
+    /// schedule gives this step of `total_steps`. In mixed precision `images` may be of any
+    /// float dtype: they are cast to the backbone's.
     ///
     /// # Errors
     /// Backbone or head failures ([`Error::Head`]), candle errors. A non-finite loss or
     /// gradient is not an error: the step is skipped and reported as such, until
     /// [`TrainerConfig::max_consecutive_skips`] steps in a row were: then [`Error::Diverged`]
-    /// (the step is counted as skipped first).
+    /// (the step is counted as skipped first). A loss-scaler overflow is skipped too, but
+    /// never counted towards that limit.
     pub fn step_tensors(
         &mut self,
         images: &Tensor,
@@ -259,6 +392,10 @@ impl Trainer {
         self.optimizer.set_learning_rate(lr);
         self.state.total_steps = total_steps;
 
+        if let Some(dp) = self.dp.as_ref().filter(|dp| dp.config().broadcast_buffers) {
+            // DDP's broadcast_buffers: every replica starts the step from rank 0's statistics.
+            dp.broadcast_from_rank0(&self.buffers)?;
+        }
         let buffers: Vec<Tensor> = self
             .buffers
             .iter()
@@ -266,18 +403,24 @@ impl Trainer {
             .collect::<candle_core::Result<_>>()?;
         let head_state = self.head.state().map_err(|e| self.head_error(e))?;
 
-        let embeddings = self.backbone.forward_t(images, true)?;
+        // Mixed precision: the backbone in its dtype, the head and loss in f32.
+        let images = self.backbone_input(images)?;
+        let embeddings = self.backbone.forward_t(&images, true)?;
+        let embeddings = self.head_input(embeddings)?;
         let ctx = StepContext::train(step, self.state.epoch);
         let out = self
             .head
             .forward(&embeddings, labels, &ctx)
             .map_err(|e| self.head_error(e))?;
         let mut stats = out.stats;
+        if let Some(scaler) = &self.scaler {
+            stats.insert("loss_scale".into(), scaler.scale());
+        }
         let total = match self.auxiliary.as_mut() {
             None => out.loss,
             Some(aux) => {
                 let batch = AuxiliaryBatch {
-                    images,
+                    images: &images,
                     labels,
                     embeddings: &embeddings,
                     ctx: &ctx,
@@ -299,6 +442,11 @@ impl Trainer {
             }
         };
         let loss = self.scalar_loss(&total)?;
+        // Data parallel: the mean over ranks, so that every rank takes the same decision.
+        let loss = match &self.dp {
+            Some(dp) => dp.mean(loss, total.device())?,
+            None => loss,
+        };
         let mut outcome = StepOutcome {
             step,
             loss,
@@ -314,10 +462,22 @@ impl Trainer {
         }
         self.state.last_finite_loss = Some((step, loss));
 
-        let mut grads = total.backward()?;
-        let norm = grad_norm(&grads, &self.vars)?;
+        // Keyed by `self.vars`: in mixed precision the f32 masters, already unscaled.
+        let mut grads = self.gradients(&total)?;
+        if let Some(dp) = &self.dp {
+            let moved = dp.reduce_gradients(&mut grads, &self.optimised())?;
+            outcome
+                .stats
+                .insert("dp_buckets".into(), moved.buckets as f64);
+        }
+        let norm = self.global_grad_norm(&grads)?;
         outcome.grad_norm = Some(norm);
         if !norm.is_finite() {
+            // A loss-scaler overflow: expected while the scale adapts, not a divergence.
+            if self.scaler.as_ref().is_some_and(|s| s.absorbs_overflow()) {
+                self.skip_overflow(&buffers, head_state)?;
+                return Ok(outcome);
+            }
             tracing::warn!(
                 step,
                 loss,
@@ -333,6 +493,13 @@ impl Trainer {
             }
         }
         self.optimizer.step(&grads)?;
+        if let Some(masters) = &self.masters {
+            masters.sync_model()?;
+        }
+        if let Some(scaler) = &mut self.scaler {
+            scaler.update(false);
+            self.state.loss_scaler = Some(scaler.state());
+        }
         self.state.step += 1;
         self.state.lr = lr;
         self.state.consecutive_skips = 0;
@@ -357,20 +524,34 @@ impl Trainer {
                 classes: None,
             });
         }
-        let path = save_checkpoint(dir, &self.varmap, &state)?;
+        state.loss_scaler = self.scaler.as_ref().map(LossScaler::state);
+        // Mixed precision: the f32 masters (and widened half buffers) under the model's names.
+        let weights = match &self.masters {
+            Some(m) => m.checkpoint_weights(&self.varmap)?,
+            None => Default::default(),
+        };
+        let path = save_checkpoint_with(dir, &self.varmap, &weights, &state)?;
         if self.config.keep_checkpoints > 0 {
             prune_checkpoints(dir, self.config.keep_checkpoints)?;
         }
         Ok(path)
     }
 
-    /// Restore weights, optimiser buffers, head state and position from `dir` (a run
-    /// directory's latest save, or one save); the next step continues the saved run exactly.
+    /// Restore weights, optimiser buffers, head state, loss-scaler state and position from
+    /// `dir` (a run directory's latest save, or one save); the next step continues the saved
+    /// run exactly. In mixed precision the f32 masters get the saved (f32) weights and the
+    /// model variables those weights rounded to their dtype; a save of either precision
+    /// resumes in the other.
     ///
     /// # Errors
     /// [`Error::Checkpoint`] naming the file and key that do not fit this trainer.
     pub fn resume(&mut self, dir: &Path) -> Result<()> {
-        let mut state = load_checkpoint(dir, &self.varmap)?;
+        let masters: Vec<(String, Var)> = self
+            .masters
+            .iter()
+            .flat_map(|m| m.masters().map(|(n, v)| (n.to_string(), v.clone())))
+            .collect();
+        let mut state = load_checkpoint_with(dir, &self.varmap, &masters)?;
         if state.schedule.as_ref() != Some(&self.config.schedule)
             || state.optimizer.as_ref() != Some(&self.config.optimizer)
         {
@@ -385,6 +566,24 @@ impl Trainer {
         self.head
             .load_state(&head_state)
             .map_err(|e| self.head_error(e))?;
+        match (&mut self.scaler, state.loss_scaler) {
+            (Some(scaler), Some(saved)) => scaler.load_state(saved).map_err(|e| {
+                Error::checkpoint(dir.join(STATE_FILE), format!("`loss_scaler`: {e}"))
+            })?,
+            (Some(scaler), None) => {
+                tracing::warn!(
+                    path = %dir.display(),
+                    loss_scale = scaler.scale(),
+                    "the checkpoint has no loss-scaler state: the scaler keeps its current scale"
+                );
+                state.loss_scaler = Some(scaler.state());
+            }
+            (None, Some(_)) => {
+                tracing::info!("the checkpoint's loss-scaler state is ignored: no scaler in use");
+                state.loss_scaler = None;
+            }
+            (None, None) => {}
+        }
         state.schedule = Some(self.config.schedule.clone());
         state.optimizer = Some(self.config.optimizer.clone());
         // The card given to this trainer describes the model being trained; the saved one is
@@ -454,6 +653,56 @@ impl Trainer {
         &self.optimizer
     }
 
+    /// The backbone's precision.
+    pub fn precision(&self) -> Precision {
+        self.config.precision
+    }
+
+    /// The f32 master weights; `None` in plain f32 training.
+    pub fn master_weights(&self) -> Option<&MasterWeights> {
+        self.masters.as_ref()
+    }
+
+    /// The dynamic loss scaler, when one is on.
+    pub fn loss_scaler(&self) -> Option<&LossScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// `images` in the backbone's dtype (unchanged in f32 training).
+    fn backbone_input(&self, images: &Tensor) -> Result<Tensor> {
+        let precision = self.config.precision;
+        Ok(if precision.is_mixed() {
+            images.to_dtype(precision.backbone_dtype())?
+        } else {
+            images.clone()
+        })
+    }
+
+    /// The backbone's `embeddings` in f32 for the head (unchanged in f32 training).
+    fn head_input(&self, embeddings: Tensor) -> Result<Tensor> {
+        Ok(if self.config.precision.is_mixed() {
+            embeddings.to_dtype(DType::F32)?
+        } else {
+            embeddings
+        })
+    }
+
+    /// The gradients the optimiser uses, keyed by `self.vars`: those of `total`, or in mixed
+    /// precision those of `total · scale` cast to f32 and divided by the scale, keyed by the
+    /// masters.
+    fn gradients(&self, total: &Tensor) -> Result<GradStore> {
+        let Some(masters) = &self.masters else {
+            return Ok(total.backward()?);
+        };
+        let scale = self.scaler.as_ref().map_or(1.0, LossScaler::scale);
+        let grads = if scale == 1.0 {
+            total.backward()?
+        } else {
+            total.affine(scale, 0.0)?.backward()?
+        };
+        masters.master_grads(&grads, 1.0 / scale)
+    }
+
     /// Undo a step's side effects, count it as skipped, and stop the run after too many in a
     /// row. `what` was non-finite; `lr` is the step's learning rate.
     fn skip(
@@ -463,13 +712,7 @@ impl Trainer {
         what: &str,
         lr: f64,
     ) -> Result<()> {
-        for ((_, var), old) in self.buffers.iter().zip(buffers) {
-            var.set(old)?;
-        }
-        let head_state: BTreeMap<_, _> = head_state.into_iter().collect();
-        self.head
-            .load_state(&head_state)
-            .map_err(|e| self.head_error(e))?;
+        self.undo(buffers, head_state)?;
         let step = self.state.step;
         self.state.skipped_steps += 1;
         self.state.consecutive_skips += 1;
@@ -486,6 +729,41 @@ impl Trainer {
             });
         }
         Ok(())
+    }
+
+    /// A loss-scaler overflow: undo the step's side effects, back the scale off, and count the
+    /// step as skipped but not towards divergence (GradScaler skips such steps silently).
+    fn skip_overflow(
+        &mut self,
+        buffers: &[Tensor],
+        head_state: Vec<(String, Tensor)>,
+    ) -> Result<()> {
+        self.undo(buffers, head_state)?;
+        if let Some(scaler) = &mut self.scaler {
+            let scale = scaler.scale();
+            scaler.update(true);
+            tracing::info!(
+                step = self.state.step,
+                loss_scale = scale,
+                new_loss_scale = scaler.scale(),
+                "gradient overflow: step skipped, loss scale backed off"
+            );
+            self.state.loss_scaler = Some(scaler.state());
+        }
+        self.state.skipped_steps += 1;
+        self.state.step += 1;
+        Ok(())
+    }
+
+    /// Restore the running statistics and the head's state saved before the step.
+    fn undo(&mut self, buffers: &[Tensor], head_state: Vec<(String, Tensor)>) -> Result<()> {
+        for ((_, var), old) in self.buffers.iter().zip(buffers) {
+            var.set(old)?;
+        }
+        let head_state: BTreeMap<_, _> = head_state.into_iter().collect();
+        self.head
+            .load_state(&head_state)
+            .map_err(|e| self.head_error(e))
     }
 
     fn scalar_loss(&self, loss: &Tensor) -> Result<f64> {

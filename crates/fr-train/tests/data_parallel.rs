@@ -1,0 +1,373 @@
+//! Data-parallel training with one rank per thread over the TCP collective (each rank has its
+//! own sockets and trainer, as one process per rank would): `K` ranks with batch `B` train to
+//! the weights of one process with batch `K·B` (f64, BatchNorm-free backbone, ArcFace head,
+//! SGD with momentum and weight decay, clipping), the replicas stay bit-identical, gradient
+//! buckets and presence flags behave, and a non-finite loss on one rank makes every rank skip.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::thread;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
+use candle_nn::{Linear, VarBuilder, VarMap};
+use fr_dist::{DistEnv, TcpCollective, DEFAULT_OP_TIMEOUT};
+use fr_heads::{build_head, HeadConfig};
+use fr_train::{
+    DataParallel, DataParallelConfig, GradReduction, LrSchedule, OptimizerConfig, SeededVarMap,
+    SgdConfig, Trainer, TrainerConfig,
+};
+
+const IN: usize = 12; // images (B, 3, 2, 2)
+const EMB: usize = 8;
+const CLASSES: usize = 10;
+const B: usize = 4;
+const STEPS: usize = 4;
+
+/// Flatten → Linear: no batch statistics, so `K` slices give the gradient of the whole batch.
+struct Linear2 {
+    fc: Linear,
+}
+
+impl ModuleT for Linear2 {
+    fn forward_t(&self, xs: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+        self.fc.forward(&xs.flatten_from(1)?)
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn connect(rank: usize, k: usize, port: u16) -> TcpCollective {
+    let env = DistEnv {
+        rank,
+        world_size: k,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    TcpCollective::connect(&env, Duration::from_secs(20), DEFAULT_OP_TIMEOUT).unwrap()
+}
+
+fn trainer() -> Trainer {
+    let seeded = SeededVarMap::new(9);
+    let vb = seeded.var_builder(DType::F64, &Device::Cpu);
+    let fc = candle_nn::linear(IN, EMB, vb.pp("fc")).unwrap();
+    let head = build_head(
+        &HeadConfig::default_for("arcface").unwrap(),
+        EMB,
+        CLASSES,
+        vb.pp("head"),
+    )
+    .unwrap();
+    let cfg = TrainerConfig {
+        optimizer: OptimizerConfig::Sgd(SgdConfig {
+            lr: 0.2,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            ..SgdConfig::default()
+        }),
+        schedule: LrSchedule::Poly {
+            power: 1.0,
+            warmup_steps: 1,
+        },
+        // Small enough to clip: the clip must see the global norm.
+        clip_max_norm: Some(0.5),
+        ..TrainerConfig::default()
+    };
+    Trainer::new(
+        Box::new(Linear2 { fc }),
+        head,
+        seeded.varmap().clone(),
+        cfg,
+        |_| true,
+    )
+    .unwrap()
+}
+
+/// Global batch `step`: `(K·B, 3, 2, 2)` images and labels.
+fn global_batch(step: usize, k: usize) -> (Tensor, Tensor) {
+    let n = k * B;
+    let v: Vec<f64> = (0..n * IN)
+        .map(|i| ((i as f64) * 0.37 + step as f64 * 1.3).sin())
+        .collect();
+    let labels: Vec<u32> = (0..n).map(|i| ((i * 3 + step) % CLASSES) as u32).collect();
+    (
+        Tensor::from_vec(v, (n, 3, 2, 2), &Device::Cpu).unwrap(),
+        Tensor::new(labels.as_slice(), &Device::Cpu).unwrap(),
+    )
+}
+
+fn weights(t: &Trainer) -> BTreeMap<String, Vec<f64>> {
+    let data = t.varmap().data().lock().unwrap();
+    data.iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn k_ranks_train_like_one_process_with_the_global_batch() {
+    let k = 3;
+    let mut single = trainer();
+    let mut want_loss = Vec::new();
+    for s in 0..STEPS {
+        let (x, y) = global_batch(s, k);
+        let o = single.step_tensors(&x, &y, STEPS as u64).unwrap();
+        assert!(!o.skipped);
+        want_loss.push(o.loss);
+    }
+    let want = weights(&single);
+
+    let port = free_port();
+    let ranks: Vec<_> = (0..k)
+        .map(|rank| {
+            thread::spawn(move || {
+                let dp = DataParallel::new(
+                    Box::new(connect(rank, k, port)),
+                    DataParallelConfig::default(),
+                )
+                .unwrap();
+                let mut t = trainer().with_data_parallel(dp).unwrap();
+                let mut losses = Vec::new();
+                for s in 0..STEPS {
+                    let (x, y) = global_batch(s, k);
+                    let x = x.narrow(0, rank * B, B).unwrap();
+                    let y = y.narrow(0, rank * B, B).unwrap();
+                    let o = t.step_tensors(&x, &y, STEPS as u64).unwrap();
+                    assert!(!o.skipped);
+                    assert_eq!(o.stats.get("dp_buckets"), Some(&1.0));
+                    losses.push(o.loss);
+                }
+                (losses, weights(&t))
+            })
+        })
+        .collect();
+    let got: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    for (rank, (losses, w)) in got.iter().enumerate() {
+        // Every rank reports the global loss and holds the same weights, bit for bit.
+        assert_eq!(losses, &got[0].0, "losses on rank {rank}");
+        assert_eq!(w, &got[0].1, "weights on rank {rank}");
+    }
+    for (s, (a, b)) in got[0].0.iter().zip(&want_loss).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-12,
+            "step {s}: loss {a} vs one process {b}"
+        );
+    }
+    let mut worst = 0f64;
+    for (name, w) in &want {
+        for (a, b) in got[0].1[name].iter().zip(w) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert!(
+        worst < 1e-12,
+        "weights differ from one process by {worst:e}"
+    );
+    // Training moved the weights (the comparison is not between two initial states).
+    let init = weights(&trainer());
+    assert!(init.iter().any(|(n, w)| w != &want[n]));
+}
+
+#[test]
+fn buckets_presence_flags_and_broadcast() {
+    let k = 2;
+    let port = free_port();
+    let ranks: Vec<_> = (0..k)
+        .map(|rank| {
+            thread::spawn(move || {
+                let dev = Device::Cpu;
+                let vm = VarMap::new();
+                let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+                // Different values per rank: the broadcast must make them rank 0's.
+                let init = candle_nn::Init::Const(rank as f64 + 1.0);
+                let a = vb.get_with_hints((300, 2), "a", init).unwrap();
+                let b = vb.get_with_hints(100, "b", init).unwrap();
+                let c = vb.get_with_hints(50, "c", init).unwrap();
+                let local = vb.get_with_hints(7, "head.local", init).unwrap();
+                let _ = &local;
+                let h = VarBuilder::from_varmap(&vm, DType::F64, &dev)
+                    .get_with_hints(10, "h", init)
+                    .unwrap();
+                let vars: Vec<(String, Var)> = {
+                    let data = vm.data().lock().unwrap();
+                    let mut v: Vec<_> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+                    v.sort_by(|x, y| x.0.cmp(&y.0));
+                    v
+                };
+                let _ = (&a, &b, &c, &h);
+                let dp = DataParallel::new(
+                    Box::new(connect(rank, k, port)),
+                    DataParallelConfig {
+                        // 1.2 KiB: `a` (2400 B) alone, `b` + `c` (600 B) together.
+                        bucket_cap_mb: 1200.0 / (1024.0 * 1024.0),
+                        reduction: GradReduction::Mean,
+                        broadcast_buffers: true,
+                    },
+                )
+                .unwrap()
+                .with_local_variables(|n| n.starts_with("head."));
+                let names = |bs: Vec<Vec<usize>>| -> Vec<Vec<String>> {
+                    bs.iter()
+                        .map(|b| b.iter().map(|&i| vars[i].0.clone()).collect())
+                        .collect()
+                };
+                let plan = names(dp.buckets(&vars));
+                dp.broadcast_from_rank0(&vars).unwrap();
+                let value = |name: &str| -> f64 {
+                    let v = &vars.iter().find(|(n, _)| n == name).unwrap().1;
+                    v.as_tensor()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .mean_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                let after = (value("a"), value("h"), value("head.local"));
+                // Gradients: `a` on both ranks, `b` on rank 1 only, `c` nowhere, the local
+                // variable on both (it must stay this rank's own).
+                let mut grads = candle_core::backprop::GradStore::default();
+                let get = |name: &str| vars.iter().find(|(n, _)| n == name).unwrap().1.clone();
+                grads.insert(
+                    get("a").as_tensor(),
+                    Tensor::full(rank as f32 + 1.0, (300, 2), &dev).unwrap(),
+                );
+                if rank == 1 {
+                    grads.insert(get("b").as_tensor(), Tensor::full(4f32, 100, &dev).unwrap());
+                }
+                grads.insert(
+                    get("h").as_tensor(),
+                    Tensor::full(rank as f64 * 2.0, 10, &dev).unwrap(),
+                );
+                grads.insert(
+                    get("head.local").as_tensor(),
+                    Tensor::full(rank as f32 + 5.0, 7, &dev).unwrap(),
+                );
+                let stats = dp.reduce_gradients(&mut grads, &vars).unwrap();
+                let g = |name: &str| -> Option<f64> {
+                    grads.get(get(name).as_tensor()).map(|t| {
+                        t.to_dtype(DType::F64)
+                            .unwrap()
+                            .mean_all()
+                            .unwrap()
+                            .to_scalar::<f64>()
+                            .unwrap()
+                    })
+                };
+                let reduced = (g("a"), g("b"), g("c"), g("h"), g("head.local"));
+                (plan, after, reduced, stats)
+            })
+        })
+        .collect();
+    let got: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    for (rank, (plan, after, reduced, stats)) in got.iter().enumerate() {
+        // Reverse name order, one dtype per bucket, the cap respected, local names left out.
+        assert_eq!(
+            plan,
+            &vec![
+                vec!["h".to_string()],
+                vec!["c".into(), "b".into()],
+                vec!["a".into()]
+            ],
+            "rank {rank}"
+        );
+        assert_eq!(
+            (after.0, after.1),
+            (1.0, 1.0),
+            "rank 0's values on rank {rank}"
+        );
+        assert_eq!(
+            after.2,
+            rank as f64 + 1.0,
+            "a local variable is not broadcast"
+        );
+        assert_eq!(reduced.0, Some(1.5), "mean of 1 and 2");
+        assert_eq!(reduced.1, Some(2.0), "present on one rank: (4 + 0) / 2");
+        assert_eq!(reduced.2, None, "no gradient anywhere stays absent");
+        assert_eq!(reduced.3, Some(1.0), "f64 bucket: mean of 0 and 2");
+        assert_eq!(
+            reduced.4,
+            Some(rank as f64 + 5.0),
+            "a local gradient is not reduced"
+        );
+        assert_eq!((stats.buckets, stats.tensors), (3, 3));
+    }
+    assert!(
+        DataParallel::new(
+            Box::new(fr_heads::sharded::SimulatedCollective::new(2).unwrap()),
+            DataParallelConfig::default()
+        )
+        .is_err(),
+        "a collective holding two ranks is refused"
+    );
+    let bad = DataParallelConfig {
+        bucket_cap_mb: 0.0,
+        ..DataParallelConfig::default()
+    };
+    assert!(
+        matches!(bad.validate(), Err(fr_train::Error::Config { key, .. }) if key == "bucket_cap_mb")
+    );
+}
+
+#[test]
+fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere() {
+    let k = 2;
+    let port = free_port();
+    let ranks: Vec<_> = (0..k)
+        .map(|rank| {
+            thread::spawn(move || {
+                let dp = DataParallel::new(
+                    Box::new(connect(rank, k, port)),
+                    DataParallelConfig::default(),
+                )
+                .unwrap();
+                let mut t = trainer().with_data_parallel(dp).unwrap();
+                let before = weights(&t);
+                let (x, y) = global_batch(0, k);
+                let mut x = x.narrow(0, rank * B, B).unwrap();
+                if rank == 1 {
+                    x = (x * f64::NAN).unwrap();
+                }
+                let o = t
+                    .step_tensors(&x, &y.narrow(0, rank * B, B).unwrap(), 2)
+                    .unwrap();
+                let skipped = (o.skipped, o.loss.is_nan(), weights(&t) == before);
+                // The next (finite) step goes through on both.
+                let (x, y) = global_batch(1, k);
+                let o = t
+                    .step_tensors(
+                        &x.narrow(0, rank * B, B).unwrap(),
+                        &y.narrow(0, rank * B, B).unwrap(),
+                        2,
+                    )
+                    .unwrap();
+                (skipped, o.skipped, t.state().skipped_steps)
+            })
+        })
+        .collect();
+    for (rank, h) in ranks.into_iter().enumerate() {
+        let (skipped, next_skipped, count) = h.join().unwrap();
+        assert_eq!(
+            skipped,
+            (true, true, true),
+            "rank {rank} skipped with unchanged weights"
+        );
+        assert!(!next_skipped, "rank {rank}");
+        assert_eq!(count, 1);
+    }
+}

@@ -1,0 +1,536 @@
+//! `cargo xtask train <preset>`: train one method of a preset, on one process or data-parallel
+//! over several (`--gpus N` on GPUs over NCCL, `--nproc N` on the CPU over TCP), on one node
+//! or several (`--nnodes`, `--node-rank`, `--master-addr`, `--master-port`, as torchrun).
+//!
+//! With `--gpus N` / `--nproc N` this process is the launcher: it starts `N` copies of itself
+//! with the torchrun variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//! `MASTER_PORT`) set, waits for them, and stops them all as soon as one fails, naming the
+//! rank. Every worker reads its position from those variables, meets the others at rank 0's
+//! TCP rendezvous, loads its slice of every global batch (`train.batch_size` images per rank,
+//! as arcface_torch's `batch_size` per GPU), and trains with its gradients all-reduced in
+//! buckets. Rank 0 writes the checkpoints (one per epoch) and `train.json`.
+//!
+//! Evaluate the result with `cargo xtask eval --config <preset> --checkpoint <out>/checkpoints`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use fr_backbone::{build_backbone, Backbone};
+use fr_data::loader::{BatchLoader, LoaderConfig};
+use fr_data::recordio::RecordIoDataset;
+use fr_data::synthetic::SyntheticFaces;
+use fr_data::{FaceDataset, InMemoryDataset};
+use fr_dist::DistEnv;
+use fr_heads::build_head;
+use fr_heads::sharded::Collective;
+use fr_train::{DataParallel, DataParallelConfig, Precision, SeededVarMap, Trainer};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::preset::Preset;
+
+/// Command-line options of `train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// The preset (`configs/<preset>.toml`) whose backbone, head, data and budget to use.
+    pub preset: String,
+    /// The method (a key of the preset's `[heads]`); default: the preset's name when it is
+    /// one, else its first method.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Use this config file instead of `configs/<preset>.toml`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a config value: `--set train.epochs=3` (repeatable; value parsed as TOML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Train on an insightface RecordIO folder (train.rec, train.idx, property) instead of the
+    /// preset's synthetic identities.
+    #[arg(long, value_name = "DIR")]
+    pub train_rec: Option<PathBuf>,
+    /// Output folder (default `target/train/<preset>-<method>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// GPUs on this node: one process per GPU (`cuda:LOCAL_RANK`), NCCL collectives. Needs a
+    /// `--features cuda,nccl` build.
+    #[arg(long, conflicts_with = "nproc")]
+    pub gpus: Option<usize>,
+    /// CPU processes on this node (collectives over TCP): data parallelism without a GPU.
+    #[arg(long)]
+    pub nproc: Option<usize>,
+    /// Nodes taking part (same `--gpus`/`--nproc` on each).
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index, `0..nnodes` (node 0 hosts rank 0).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of node 0, reachable from every node.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Rendezvous port on node 0 (default: 29500 with several nodes, a free port on one).
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// Backbone precision, overriding `train.trainer.precision`: f32, bf16 or f16 (f16 with a
+    /// dynamic loss scaler); the head and the loss stay in f32.
+    #[arg(long)]
+    pub precision: Option<Precision>,
+    /// Largest gradient bucket in MiB (DDP's `bucket_cap_mb`).
+    #[arg(long, default_value_t = 25.0)]
+    pub bucket_cap_mb: f64,
+    /// Stop after this many steps (all epochs otherwise).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Seconds the ranks wait for each other at the rendezvous.
+    #[arg(long, default_value_t = 900)]
+    pub rendezvous_timeout: u64,
+    /// Set by the launcher on the processes it starts.
+    #[arg(long, hide = true)]
+    pub worker: bool,
+}
+
+/// What rank 0 writes to `train.json`.
+#[derive(Debug, Serialize)]
+struct Summary {
+    preset: String,
+    method: String,
+    world_size: usize,
+    backend: String,
+    precision: String,
+    batch_size_per_rank: usize,
+    global_batch_size: usize,
+    steps: u64,
+    skipped_steps: u64,
+    epoch_loss: Vec<f64>,
+    step_loss: Vec<f64>,
+    train_seconds: f64,
+    /// Images per second over all ranks.
+    images_per_second: f64,
+    /// Per rank: the sum of every trainable weight (f64). Equal on all ranks when the
+    /// replicas stayed in sync.
+    weight_checksums: Vec<f64>,
+    gradient_buckets: usize,
+    checkpoint: Option<PathBuf>,
+}
+
+/// Run `train`: launch workers, or be one.
+pub fn run(args: &TrainArgs, root: &Path) -> Result<()> {
+    let per_node = args.gpus.or(args.nproc).unwrap_or(1);
+    if per_node == 0 || args.nnodes == 0 {
+        bail!("--gpus / --nproc and --nnodes must be at least 1");
+    }
+    if args.node_rank >= args.nnodes {
+        bail!(
+            "--node-rank {} is not below --nnodes {}",
+            args.node_rank,
+            args.nnodes
+        );
+    }
+    if args.gpus.is_some() && !cfg!(feature = "nccl") {
+        bail!(
+            "--gpus needs the GPU build with NCCL: cargo run --release -p xtask --features \
+cuda,cudnn,nccl -- train ... (use --nproc N for CPU processes)"
+        );
+    }
+    if !args.worker && per_node * args.nnodes > 1 {
+        return launch(args, per_node);
+    }
+    worker(args, root)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Start one worker per local rank and wait for all of them.
+fn launch(args: &TrainArgs, per_node: usize) -> Result<()> {
+    let world_size = per_node * args.nnodes;
+    let master_port = match args.master_port {
+        Some(p) => p,
+        None if args.nnodes == 1 => free_port()?,
+        None => fr_dist::DEFAULT_MASTER_PORT,
+    };
+    let exe = std::env::current_exe().context("finding this program to start the workers")?;
+    let forwarded: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    info!(
+        world_size,
+        per_node,
+        node_rank = args.node_rank,
+        master = %format!("{}:{master_port}", args.master_addr),
+        "starting workers"
+    );
+    let mut children: Vec<(usize, Child)> = Vec::with_capacity(per_node);
+    for local_rank in 0..per_node {
+        let env = DistEnv {
+            rank: args.node_rank * per_node + local_rank,
+            world_size,
+            local_rank,
+            master_addr: args.master_addr.clone(),
+            master_port,
+        };
+        let mut cmd = Command::new(&exe);
+        cmd.args(&forwarded).arg("--worker");
+        for (k, v) in env.to_vars() {
+            cmd.env(k, v);
+        }
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                stop(&mut children);
+                bail!("starting rank {}: {e}", env.rank);
+            }
+        };
+        children.push((env.rank, child));
+    }
+    // Wait; the first failure stops the others (torchrun does the same).
+    let mut running = children.len();
+    while running > 0 {
+        running = 0;
+        for i in 0..children.len() {
+            let (rank, child) = &mut children[i];
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => {}
+                Ok(Some(status)) => {
+                    let rank = *rank;
+                    stop(&mut children);
+                    bail!("rank {rank} failed ({status}); the other ranks were stopped");
+                }
+                Ok(None) => running += 1,
+                Err(e) => {
+                    let rank = *rank;
+                    stop(&mut children);
+                    bail!("waiting for rank {rank}: {e}");
+                }
+            }
+        }
+        if running > 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    info!(world_size, "all ranks finished");
+    Ok(())
+}
+
+fn stop(children: &mut [(usize, Child)]) {
+    for (_, c) in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn method_of(args: &TrainArgs, preset: &Preset) -> Result<String> {
+    let method = match &args.method {
+        Some(m) => m.clone(),
+        None if preset.heads.contains_key(&preset.name) => preset.name.clone(),
+        None => preset
+            .methods
+            .first()
+            .cloned()
+            .context("the preset has no methods: pass --method")?,
+    };
+    if !preset.heads.contains_key(&method) {
+        bail!(
+            "--method {method}: not a head of preset {} (heads: {})",
+            preset.name,
+            preset.heads.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(method)
+}
+
+/// The collective of this rank, and its name; `None` for one process.
+fn collective(
+    env: &DistEnv,
+    device: &Device,
+    timeout: Duration,
+) -> Result<Option<(Box<dyn Collective>, &'static str)>> {
+    if !env.is_distributed() {
+        return Ok(None);
+    }
+    if device.is_cuda() {
+        #[cfg(feature = "nccl")]
+        {
+            let c = fr_dist::NcclCollective::connect(env, timeout)?;
+            return Ok(Some((Box::new(c), "nccl")));
+        }
+        #[cfg(not(feature = "nccl"))]
+        bail!("several GPU processes need the NCCL build (--features cuda,nccl)");
+    }
+    let c = fr_dist::TcpCollective::connect(env, timeout, fr_dist::DEFAULT_OP_TIMEOUT)?;
+    Ok(Some((Box::new(c), "tcp")))
+}
+
+fn device_for(args: &TrainArgs, env: &DistEnv) -> Result<Device> {
+    if args.gpus.is_some() {
+        return Ok(Device::new_cuda(env.local_rank)
+            .with_context(|| format!("opening cuda:{}", env.local_rank))?);
+    }
+    if args.nproc.is_some() {
+        return Ok(Device::Cpu);
+    }
+    // One process: the first GPU of a CUDA build when there is one, as `reproduce`.
+    #[cfg(feature = "cuda")]
+    return Ok(Device::cuda_if_available(0)?);
+    #[cfg(not(feature = "cuda"))]
+    Ok(Device::Cpu)
+}
+
+fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
+    let env = DistEnv::from_env()?;
+    let (rank, world_size) = (env.rank, env.world_size);
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| root.join("configs").join(format!("{}.toml", args.preset)));
+    if !config_path.exists() {
+        bail!(
+            "no preset {}: {} does not exist (presets: {})",
+            args.preset,
+            config_path.display(),
+            crate::reproduce::list_presets(&root.join("configs")).join(", ")
+        );
+    }
+    let mut preset: Preset = crate::config_file::load(&config_path, &args.sets)?;
+    preset.validate()?;
+    if let Some(p) = args.precision {
+        preset.train.trainer.precision = p;
+    }
+    let precision = preset.train.trainer.precision;
+    let method = method_of(args, &preset)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        root.join("target")
+            .join("train")
+            .join(format!("{}-{method}", preset.name))
+    });
+    let device = device_for(args, &env)?;
+    let timeout = Duration::from_secs(args.rendezvous_timeout);
+    let collective = collective(&env, &device, timeout)?;
+    let backend = collective.as_ref().map_or("none", |(_, b)| *b);
+    info!(rank, world_size, backend, device = ?device, %precision, method, "worker ready");
+    if rank == 0 {
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        fr_train::check_output_dir(&out.join("checkpoints"))?;
+    }
+
+    // Data: every rank opens the same set; the loader gives each its slice of every batch.
+    let size = crate::reproduce::input_size(&preset);
+    let train_set: Arc<dyn FaceDataset> = match &args.train_rec {
+        Some(dir) => Arc::new(
+            RecordIoDataset::open(dir)
+                .with_context(|| format!("opening RecordIO {}", dir.display()))?,
+        ),
+        None => Arc::new(InMemoryDataset::from_dataset(
+            &SyntheticFaces::new(preset.synthetic.train.clone())?,
+            size,
+        )?),
+    };
+    let loader = BatchLoader::new(
+        train_set.clone(),
+        LoaderConfig {
+            batch_size: preset.train.batch_size,
+            image_size: size,
+            shuffle: true,
+            seed: preset.seed,
+            drop_last: true,
+            skip_corrupt: preset.train.skip_corrupt,
+            prefetch: preset.train.prefetch.unwrap_or(2),
+            rank,
+            world_size,
+            ..LoaderConfig::default()
+        },
+    )?
+    .with_device(device.clone());
+    let per_epoch = loader.batches_per_epoch() as u64;
+    if per_epoch == 0 {
+        bail!(
+            "the training set ({} images) is smaller than one global batch ({} ranks × {})",
+            train_set.len(),
+            world_size,
+            preset.train.batch_size
+        );
+    }
+
+    // Model: the backbone in the training precision, the head in f32 (same seeded VarMap, so
+    // every rank starts from the same weights; rank 0's are broadcast anyway).
+    let seeded = SeededVarMap::new(preset.seed);
+    let backbone: Box<dyn Backbone> = build_backbone(
+        &preset.backbone,
+        seeded.var_builder(precision.backbone_dtype(), &device),
+    )
+    .context("building the backbone")?;
+    let head_cfg = preset.heads[&method].clone();
+    let head = build_head(
+        &head_cfg,
+        backbone.embedding_size(),
+        train_set.num_classes(),
+        seeded.var_builder(DType::F32, &device).pp("head"),
+    )
+    .with_context(|| format!("building head {method}"))?;
+    let frozen: Vec<String> = {
+        let data = seeded.varmap().data().lock().expect("fresh VarMap lock");
+        data.keys()
+            .filter(|n| !n.starts_with("head.") && !backbone.is_trainable(n))
+            .cloned()
+            .collect()
+    };
+    let mut trainer_cfg = preset.train.trainer.clone();
+    trainer_cfg.seed = preset.seed;
+    let mut trainer = Trainer::new(
+        backbone,
+        head,
+        seeded.varmap().clone(),
+        trainer_cfg,
+        move |n: &str| !frozen.iter().any(|f| f == n),
+    )?
+    .with_model_card(
+        fr_backbone::ModelCard::new(preset.backbone.clone())
+            .with_head(
+                &method,
+                serde_json::to_value(&head_cfg).ok(),
+                Some(train_set.num_classes()),
+            )
+            .with_training_set(
+                &args.train_rec.as_ref().map_or_else(
+                    || "synthetic identities".to_string(),
+                    |d| d.display().to_string(),
+                ),
+                Some(train_set.num_classes()),
+                Some(train_set.len()),
+            ),
+    );
+    if let Some((c, _)) = collective {
+        let dp = DataParallel::new(
+            c,
+            DataParallelConfig {
+                bucket_cap_mb: args.bucket_cap_mb,
+                ..DataParallelConfig::default()
+            },
+        )?;
+        trainer = trainer.with_data_parallel(dp)?;
+    }
+
+    let total = per_epoch * preset.train.epochs as u64;
+    let total = args.max_steps.map_or(total, |m| m.min(total));
+    let pb = if rank == 0 {
+        let pb = ProgressBar::new(total);
+        pb.set_style(
+            ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                .expect("static template"),
+        );
+        pb.set_prefix(method.clone());
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let ckpt_dir = out.join("checkpoints");
+    let start = Instant::now();
+    let (mut step_loss, mut epoch_loss) = (Vec::new(), Vec::new());
+    let (mut images, mut buckets, mut last_ckpt) = (0usize, 0usize, None);
+    'epochs: for epoch in 0..preset.train.epochs {
+        trainer.set_epoch(epoch);
+        let (mut sum, mut count) = (0.0, 0usize);
+        for batch in loader.epoch(epoch as u64) {
+            if trainer.state().step >= total {
+                break 'epochs;
+            }
+            let batch = batch?;
+            images += batch.indices.len() * world_size;
+            let o = trainer.step(&batch, total)?;
+            buckets = o.stats.get("dp_buckets").map_or(buckets, |b| *b as usize);
+            step_loss.push(o.loss);
+            if !o.skipped {
+                sum += o.loss;
+                count += 1;
+            }
+            pb.set_message(format!(
+                "epoch {} loss {:.3} lr {:.4}",
+                epoch + 1,
+                o.loss,
+                o.lr
+            ));
+            pb.inc(1);
+        }
+        epoch_loss.push(if count > 0 {
+            sum / count as f64
+        } else {
+            f64::NAN
+        });
+        if rank == 0 {
+            last_ckpt = Some(trainer.save(&ckpt_dir)?);
+        }
+        info!(
+            rank,
+            epoch = epoch + 1,
+            loss = format!("{:.4}", epoch_loss[epoch]),
+            "epoch done"
+        );
+    }
+    if rank == 0 && epoch_loss.len() < preset.train.epochs {
+        // Stopped inside an epoch by --max-steps: keep that state too.
+        last_ckpt = Some(trainer.save(&ckpt_dir)?);
+    }
+    pb.finish_and_clear();
+    let train_seconds = start.elapsed().as_secs_f64();
+
+    // Are the replicas still identical? Every rank's weight sum, gathered.
+    let mut checksum = 0f64;
+    for name in trainer.trainable_names() {
+        let data = trainer.varmap().data().lock().expect("VarMap lock");
+        let v = data[name]
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        checksum += v;
+    }
+    let weight_checksums = match trainer.data_parallel() {
+        Some(dp) => dp.all_gather_f64(checksum, &device)?,
+        None => vec![checksum],
+    };
+    if weight_checksums
+        .iter()
+        .any(|c| c.to_bits() != weight_checksums[0].to_bits())
+    {
+        warn!(
+            ?weight_checksums,
+            "the ranks' weights differ: the replicas are out of sync"
+        );
+    }
+    if rank == 0 {
+        let summary = Summary {
+            preset: preset.name.clone(),
+            method: method.clone(),
+            world_size,
+            backend: backend.to_string(),
+            precision: precision.to_string(),
+            batch_size_per_rank: preset.train.batch_size,
+            global_batch_size: preset.train.batch_size * world_size,
+            steps: trainer.state().step,
+            skipped_steps: trainer.state().skipped_steps,
+            epoch_loss,
+            step_loss,
+            train_seconds,
+            images_per_second: images as f64 / train_seconds.max(1e-9),
+            weight_checksums,
+            gradient_buckets: buckets,
+            checkpoint: last_ckpt,
+        };
+        let path = out.join("train.json");
+        let tmp = out.join("train.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        info!(
+            path = %path.display(),
+            images_per_second = format!("{:.1}", summary.images_per_second),
+            "trained"
+        );
+    }
+    Ok(())
+}
