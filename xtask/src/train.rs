@@ -25,9 +25,13 @@ use fr_data::recordio::RecordIoDataset;
 use fr_data::synthetic::SyntheticFaces;
 use fr_data::{FaceDataset, InMemoryDataset};
 use fr_dist::DistEnv;
+use fr_heads::arcface::ArcFaceConfig;
 use fr_heads::build_head;
-use fr_heads::sharded::Collective;
-use fr_train::{DataParallel, DataParallelConfig, Precision, SeededVarMap, Trainer};
+use fr_heads::sharded::{
+    Collective, ShardedPartialFc, ShardedPartialFcConfig, SimulatedCollective,
+};
+use fr_heads::HeadConfig;
+use fr_train::{DataParallel, DataParallelConfig, GradReduction, Precision, SeededVarMap, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -79,6 +83,12 @@ pub struct TrainArgs {
     /// dynamic loss scaler); the head and the loss stay in f32.
     #[arg(long)]
     pub precision: Option<Precision>,
+    /// Model-parallel Partial FC (arcface_torch's PartialFC_V2): shard the class centres over
+    /// the ranks and sample this fraction of each shard per step (1.0: every centre). The
+    /// method's head must be ArcFace-family (arcface, cosface); ranks `1..K` save their shard
+    /// under `checkpoints/rank-<r>`.
+    #[arg(long, value_name = "RATE")]
+    pub partial_fc_sample_rate: Option<f64>,
     /// Largest gradient bucket in MiB (DDP's `bucket_cap_mb`).
     #[arg(long, default_value_t = 25.0)]
     pub bucket_cap_mb: f64,
@@ -101,6 +111,8 @@ struct Summary {
     world_size: usize,
     backend: String,
     precision: String,
+    /// `Some(rate)`: model-parallel Partial FC with this sample rate.
+    partial_fc_sample_rate: Option<f64>,
     batch_size_per_rank: usize,
     global_batch_size: usize,
     steps: u64,
@@ -110,8 +122,8 @@ struct Summary {
     train_seconds: f64,
     /// Images per second over all ranks.
     images_per_second: f64,
-    /// Per rank: the sum of every trainable weight (f64). Equal on all ranks when the
-    /// replicas stayed in sync.
+    /// Per rank: the sum of every replicated trainable weight (f64; a sharded head's centres
+    /// are left out). Equal on all ranks when the replicas stayed in sync.
     weight_checksums: Vec<f64>,
     gradient_buckets: usize,
     checkpoint: Option<PathBuf>,
@@ -244,12 +256,15 @@ fn method_of(args: &TrainArgs, preset: &Preset) -> Result<String> {
     Ok(method)
 }
 
+/// A collective shared by the data-parallel layer and a model-parallel head.
+type Shared = Arc<dyn Collective + Send + Sync>;
+
 /// The collective of this rank, and its name; `None` for one process.
 fn collective(
     env: &DistEnv,
     device: &Device,
     timeout: Duration,
-) -> Result<Option<(Box<dyn Collective>, &'static str)>> {
+) -> Result<Option<(Shared, &'static str)>> {
     if !env.is_distributed() {
         return Ok(None);
     }
@@ -257,13 +272,34 @@ fn collective(
         #[cfg(feature = "nccl")]
         {
             let c = fr_dist::NcclCollective::connect(env, timeout)?;
-            return Ok(Some((Box::new(c), "nccl")));
+            return Ok(Some((Arc::new(c), "nccl")));
         }
         #[cfg(not(feature = "nccl"))]
         bail!("several GPU processes need the NCCL build (--features cuda,nccl)");
     }
     let c = fr_dist::TcpCollective::connect(env, timeout, fr_dist::DEFAULT_OP_TIMEOUT)?;
-    Ok(Some((Box::new(c), "tcp")))
+    Ok(Some((Arc::new(c), "tcp")))
+}
+
+/// The margin of a model-parallel Partial FC for the method's head: ArcFace's as it is,
+/// CosFace's as the combined margin `cos θ − m` (m1 = 1, m2 = 0, m3 = m).
+fn sharded_margin(method: &str, head: &HeadConfig) -> Result<ArcFaceConfig> {
+    Ok(match head {
+        HeadConfig::ArcFace(a) => a.clone(),
+        HeadConfig::CosFace(c) => ArcFaceConfig {
+            scale: c.scale,
+            margin: 0.0,
+            m1: 1.0,
+            m3: c.margin,
+            clamp_p_target: c.clamp_p_target,
+            cos_eps: c.cos_eps,
+            ..ArcFaceConfig::default()
+        },
+        _ => bail!(
+            "--partial-fc-sample-rate: model-parallel Partial FC takes an ArcFace-family margin \
+(arcface, cosface); method {method} has another head"
+        ),
+    })
 }
 
 fn device_for(args: &TrainArgs, env: &DistEnv) -> Result<Device> {
@@ -365,13 +401,37 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
     )
     .context("building the backbone")?;
     let head_cfg = preset.heads[&method].clone();
-    let head = build_head(
-        &head_cfg,
-        backbone.embedding_size(),
-        train_set.num_classes(),
-        seeded.var_builder(DType::F32, &device).pp("head"),
-    )
-    .with_context(|| format!("building head {method}"))?;
+    let head_vb = seeded.var_builder(DType::F32, &device).pp("head");
+    let head: Box<dyn fr_heads::Head> = match args.partial_fc_sample_rate {
+        None => build_head(
+            &head_cfg,
+            backbone.embedding_size(),
+            train_set.num_classes(),
+            head_vb,
+        )
+        .with_context(|| format!("building head {method}"))?,
+        Some(sample_rate) => {
+            let cfg = ShardedPartialFcConfig {
+                sample_rate,
+                seed: preset.seed,
+                margin: sharded_margin(&method, &head_cfg)?,
+            };
+            let shared: Shared = match &collective {
+                Some((c, _)) => c.clone(),
+                None => Arc::new(SimulatedCollective::new(1)?),
+            };
+            Box::new(
+                ShardedPartialFc::new(
+                    &cfg,
+                    backbone.embedding_size(),
+                    train_set.num_classes(),
+                    shared,
+                    &[head_vb],
+                )
+                .with_context(|| format!("building model-parallel Partial FC for {method}"))?,
+            )
+        }
+    };
     let frozen: Vec<String> = {
         let data = seeded.varmap().data().lock().expect("fresh VarMap lock");
         data.keys()
@@ -404,16 +464,34 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
                 Some(train_set.len()),
             ),
     );
+    let sharded = args.partial_fc_sample_rate.is_some();
     if let Some((c, _)) = collective {
-        let dp = DataParallel::new(
-            c,
+        let mut dp = DataParallel::new(
+            Box::new(c),
             DataParallelConfig {
                 bucket_cap_mb: args.bucket_cap_mb,
+                // The sharded head's loss is already the global one: its per-rank backbone
+                // gradients add up (see fr_train::data_parallel).
+                reduction: if sharded {
+                    GradReduction::Sum
+                } else {
+                    GradReduction::Mean
+                },
                 ..DataParallelConfig::default()
             },
         )?;
+        if sharded {
+            dp = dp.with_local_variables(|n| n.starts_with("head."));
+        }
         trainer = trainer.with_data_parallel(dp)?;
     }
+    // With sharded centres every rank saves (its shard); otherwise rank 0 alone.
+    let saves = rank == 0 || sharded;
+    let ckpt_dir = if rank == 0 {
+        out.join("checkpoints")
+    } else {
+        out.join("checkpoints").join(format!("rank-{rank}"))
+    };
 
     let total = per_epoch * preset.train.epochs as u64;
     let total = args.max_steps.map_or(total, |m| m.min(total));
@@ -428,7 +506,6 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    let ckpt_dir = out.join("checkpoints");
     let start = Instant::now();
     let (mut step_loss, mut epoch_loss) = (Vec::new(), Vec::new());
     let (mut images, mut buckets, mut last_ckpt) = (0usize, 0usize, None);
@@ -461,7 +538,7 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
         } else {
             f64::NAN
         });
-        if rank == 0 {
+        if saves {
             last_ckpt = Some(trainer.save(&ckpt_dir)?);
         }
         info!(
@@ -471,7 +548,7 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
             "epoch done"
         );
     }
-    if rank == 0 && epoch_loss.len() < preset.train.epochs {
+    if saves && epoch_loss.len() < preset.train.epochs {
         // Stopped inside an epoch by --max-steps: keep that state too.
         last_ckpt = Some(trainer.save(&ckpt_dir)?);
     }
@@ -480,7 +557,8 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
 
     // Are the replicas still identical? Every rank's weight sum, gathered.
     let mut checksum = 0f64;
-    for name in trainer.trainable_names() {
+    let replicated = |name: &str| !trainer.data_parallel().is_some_and(|dp| dp.is_local(name));
+    for name in trainer.trainable_names().filter(|n| replicated(n)) {
         let data = trainer.varmap().data().lock().expect("VarMap lock");
         let v = data[name]
             .as_tensor()
@@ -509,6 +587,7 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
             world_size,
             backend: backend.to_string(),
             precision: precision.to_string(),
+            partial_fc_sample_rate: args.partial_fc_sample_rate,
             batch_size_per_rank: preset.train.batch_size,
             global_batch_size: preset.train.batch_size * world_size,
             steps: trainer.state().step,

@@ -4,6 +4,7 @@
 //! compiled in CI but has not run on a GPU yet (no GPU machine was available): see
 //! `docs/scale.md`.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use candle_core::backend::BackendStorage;
@@ -25,11 +26,19 @@ use crate::{DistEnv, Error, Result};
 /// rank must gather `(B, …)` with the same `B` (checked; data-parallel training with
 /// `drop_last` always has it) and reduce-scatter with equal counts.
 pub struct NcclCollective {
-    comm: Comm,
+    comm: Mutex<SendComm>,
     rank: usize,
     world_size: usize,
     device: Device,
 }
+
+/// The communicator, movable to another thread.
+struct SendComm(Comm);
+
+// SAFETY: NCCL allows a communicator to be used from any thread as long as no two threads use
+// it at the same time; `NcclCollective` only reaches it through a `Mutex`, so calls are
+// serialised. (cudarc leaves `Comm` `!Send` because it holds a raw pointer.)
+unsafe impl Send for SendComm {}
 
 impl std::fmt::Debug for NcclCollective {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,7 +107,7 @@ impl NcclCollective {
             "NCCL communicator ready"
         );
         Ok(Self {
-            comm,
+            comm: Mutex::new(SendComm(comm)),
             rank: env.rank,
             world_size: env.world_size,
             device,
@@ -207,8 +216,13 @@ impl NcclCollective {
         out_shape: Shape,
     ) -> fr_heads::Result<Tensor> {
         let t = t.detach().contiguous()?;
+        let comm = self.comm.lock().map_err(|_| fr_heads::Error::Collective {
+            op: name.into(),
+            rank: self.rank,
+            reason: "communicator lock poisoned by an earlier panic".into(),
+        })?;
         let op = NcclOpOnStorage {
-            comm: &self.comm,
+            comm: &comm.0,
             call,
             out_shape,
         };

@@ -51,7 +51,7 @@ use serde::{Deserialize, Serialize};
 use crate::arcface::{ArcFaceConfig, MarginMode};
 use crate::common::{self, as_dtype_of};
 use crate::partial_fc::{sample_classes, ClassSample};
-use crate::{Error, Result, StepContext};
+use crate::{Error, Head, HeadOutput, Result, StepContext};
 
 /// The class range `[start, start + n)` rank `rank` of `world_size` owns out of `num_classes`
 /// (arcface_torch: `num_local = C // K + int(rank < C % K)`,
@@ -636,6 +636,97 @@ impl<C: Collective> ShardedPartialFc<C> {
             centres,
             embeddings,
         })
+    }
+}
+
+/// One rank per process: the model-parallel head as an ordinary [`Head`] of a data-parallel
+/// trainer, for a collective that holds exactly one rank.
+///
+/// [`Head::forward`] takes this rank's embeddings `(B_k, D)` and labels `(B_k,)`, runs
+/// [`ShardedPartialFc::forward`] and [`ShardedPartialFc::backward`] (the collectives happen
+/// here: every rank must call it in step), and returns a scalar whose value is the global
+/// loss `L` and whose gradient is `∂L/∂x_k` for the embeddings and `∂L/∂W_r` for this rank's
+/// centres: `(x_k · sg(g_x)).sum() + (W_r · sg(g_W)).sum()`, minus its own detached value,
+/// plus `L`. The backbone gradients of the ranks then add up to `∂L/∂θ` (all-reduce with a
+/// sum, not DDP's mean); the centres are this rank's own and are not all-reduced. `logits`
+/// of the output are this rank's `(Σ_k B_k, n'_r)` logits over its sampled centres.
+///
+/// # Errors
+/// [`Error::Shape`] when the collective holds more than one rank, and as
+/// [`ShardedPartialFc::forward`].
+impl<C: Collective + Send> Head for ShardedPartialFc<C> {
+    fn name(&self) -> &'static str {
+        "sharded_partial_fc"
+    }
+
+    fn forward(
+        &mut self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        ctx: &StepContext,
+    ) -> Result<HeadOutput> {
+        if self.shards.len() != 1 {
+            return Err(Error::Shape {
+                what: "sharded_partial_fc as a Head".into(),
+                expected: "a collective holding one rank (one process per rank)".into(),
+                got: format!("{} held ranks", self.shards.len()),
+            });
+        }
+        let out = ShardedPartialFc::forward(
+            self,
+            std::slice::from_ref(embeddings),
+            std::slice::from_ref(labels),
+            ctx,
+        )?;
+        let mut grads = self.backward(&out)?;
+        let rank = out.ranks.into_iter().next().expect("one held rank");
+        let gx = grads.embeddings.remove(0).detach();
+        let mut surrogate = embeddings
+            .mul(&gx.to_dtype(embeddings.dtype())?)?
+            .sum_all()?;
+        let weight = &self.shards[0].weight;
+        if let Some(gw) = grads.centres[0].get(weight) {
+            let term = weight
+                .mul(&gw.detach().to_dtype(weight.dtype())?)?
+                .sum_all()?;
+            let dtype = surrogate.dtype();
+            surrogate = (surrogate + term.to_dtype(dtype)?)?;
+        }
+        let global = rank.loss.detach().to_dtype(surrogate.dtype())?;
+        let loss = (surrogate.sub(&surrogate.detach())? + global)?;
+        Ok(HeadOutput {
+            loss,
+            logits: rank.logits.detach(),
+            stats: out.stats,
+        })
+    }
+}
+
+/// A shared collective (the data-parallel layer and a model-parallel head over the same
+/// communicator).
+impl<C: Collective + ?Sized> Collective for std::sync::Arc<C> {
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+
+    fn local_ranks(&self) -> Vec<usize> {
+        (**self).local_ranks()
+    }
+
+    fn all_gather(&self, parts: &[Tensor]) -> Result<Vec<Tensor>> {
+        (**self).all_gather(parts)
+    }
+
+    fn all_reduce(&self, parts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
+        (**self).all_reduce(parts, op)
+    }
+
+    fn reduce_scatter(&self, parts: &[Tensor], counts: &[usize]) -> Result<Vec<Tensor>> {
+        (**self).reduce_scatter(parts, counts)
+    }
+
+    fn broadcast(&self, parts: &[Tensor], root: usize) -> Result<Vec<Tensor>> {
+        (**self).broadcast(parts, root)
     }
 }
 

@@ -215,7 +215,7 @@ fn buckets_presence_flags_and_broadcast() {
                     DataParallelConfig {
                         // 1.2 KiB: `a` (2400 B) alone, `b` + `c` (600 B) together.
                         bucket_cap_mb: 1200.0 / (1024.0 * 1024.0),
-                        reduction: GradReduction::Mean,
+                        reduction: GradReduction::Sum,
                         broadcast_buffers: true,
                     },
                 )
@@ -370,4 +370,126 @@ fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere() {
         assert!(!next_skipped, "rank {rank}");
         assert_eq!(count, 1);
     }
+}
+
+/// Model-parallel Partial FC (class centres sharded over the ranks, every centre used) under
+/// the data-parallel trainer: `K` ranks train the backbone to the weights of one process with
+/// the ArcFace head over the global batch, and each rank's centres to its rows of that head's.
+#[test]
+fn sharded_partial_fc_ranks_train_like_one_process() {
+    use fr_heads::arcface::ArcFaceConfig;
+    use fr_heads::sharded::{shard_range, ShardedPartialFc, ShardedPartialFcConfig};
+    use std::sync::Arc;
+
+    let k = 3;
+    let mut single = trainer();
+    let init = weights(&single);
+    let mut want_loss = Vec::new();
+    for s in 0..STEPS {
+        let (x, y) = global_batch(s, k);
+        want_loss.push(single.step_tensors(&x, &y, STEPS as u64).unwrap().loss);
+    }
+    let want = weights(&single);
+
+    let port = free_port();
+    let ranks: Vec<_> = (0..k)
+        .map(|rank| {
+            let init = init.clone();
+            thread::spawn(move || {
+                let col = Arc::new(connect(rank, k, port));
+                let seeded = SeededVarMap::new(9);
+                let vb = seeded.var_builder(DType::F64, &Device::Cpu);
+                let fc = candle_nn::linear(IN, EMB, vb.pp("fc")).unwrap();
+                let cfg = ShardedPartialFcConfig {
+                    sample_rate: 1.0,
+                    margin: ArcFaceConfig::default(),
+                    ..Default::default()
+                };
+                let head = ShardedPartialFc::new(&cfg, EMB, CLASSES, col.clone(), &[vb.pp("head")])
+                    .unwrap();
+                // The shard starts from its rows of the single process's centres.
+                let rows = shard_range(CLASSES, k, rank);
+                let full =
+                    Tensor::from_vec(init["head.weight"].clone(), (CLASSES, EMB), &Device::Cpu)
+                        .unwrap();
+                seeded.varmap().data().lock().unwrap()["head.weight"]
+                    .set(&full.narrow(0, rows.start, rows.len()).unwrap())
+                    .unwrap();
+                let mut cfg = TrainerConfig {
+                    optimizer: OptimizerConfig::Sgd(SgdConfig {
+                        lr: 0.2,
+                        momentum: 0.9,
+                        weight_decay: 5e-4,
+                        ..SgdConfig::default()
+                    }),
+                    schedule: LrSchedule::Poly {
+                        power: 1.0,
+                        warmup_steps: 1,
+                    },
+                    clip_max_norm: Some(0.5),
+                    ..TrainerConfig::default()
+                };
+                cfg.seed = 0;
+                let dp = DataParallel::new(
+                    Box::new(col),
+                    DataParallelConfig {
+                        reduction: GradReduction::Sum,
+                        ..DataParallelConfig::default()
+                    },
+                )
+                .unwrap()
+                .with_local_variables(|n| n.starts_with("head."));
+                let mut t = Trainer::new(
+                    Box::new(Linear2 { fc }),
+                    Box::new(head),
+                    seeded.varmap().clone(),
+                    cfg,
+                    |_| true,
+                )
+                .unwrap()
+                .with_data_parallel(dp)
+                .unwrap();
+                let mut losses = Vec::new();
+                for s in 0..STEPS {
+                    let (x, y) = global_batch(s, k);
+                    let o = t
+                        .step_tensors(
+                            &x.narrow(0, rank * B, B).unwrap(),
+                            &y.narrow(0, rank * B, B).unwrap(),
+                            STEPS as u64,
+                        )
+                        .unwrap();
+                    assert!(!o.skipped);
+                    losses.push(o.loss);
+                }
+                (losses, weights(&t), rows)
+            })
+        })
+        .collect();
+    let got: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    let close = |a: &[f64], b: &[f64], what: &str| {
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-12, "{what}: {worst:e}");
+    };
+    for (rank, (losses, w, rows)) in got.iter().enumerate() {
+        close(losses, &want_loss, &format!("losses on rank {rank}"));
+        for name in ["fc.weight", "fc.bias"] {
+            assert_eq!(w[name], got[0].1[name], "{name} identical on every rank");
+            close(&w[name], &want[name], &format!("{name} on rank {rank}"));
+        }
+        let full = &want["head.weight"];
+        close(
+            &w["head.weight"],
+            &full[rows.start * EMB..rows.end * EMB],
+            &format!("centres of rank {rank}"),
+        );
+    }
+    assert_ne!(
+        want["head.weight"], init["head.weight"],
+        "the centres trained"
+    );
 }
