@@ -1,10 +1,13 @@
 //! `cargo xtask bench train|infer`: IResNet throughput (images/s) and peak memory on this
 //! machine, one model per process so that peak RSS belongs to that model alone.
 //! `cargo xtask bench loader`: images/s of the RecordIO batch loader (see [`loader`]).
+//! `cargo xtask bench gpu`: images/s of IResNet-50 / -100 training and inference on one GPU in
+//! arcface_torch's configuration (see [`gpu`]).
 //!
 //! Prints one Markdown row per run; benchmarks/README.md collects them beside the PyTorch
 //! numbers of the same model, batch and thread count.
 
+mod gpu;
 mod loader;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +34,10 @@ pub enum Mode {
     /// The batch loader over a generated `.rec` of 112x112 JPEGs: read, decode, flip,
     /// normalise (`--data`, `--images`; `--steps`/`--warmup` count epochs).
     Loader,
+    /// IResNet training and inference images/s on one GPU in arcface_torch's ms1mv3_r50
+    /// configuration (`--models`, `--precision`, `--device`, `--json`; see the `gpu mode`
+    /// options).
+    Gpu,
 }
 
 /// Command-line options of `bench`.
@@ -45,14 +52,14 @@ pub struct BenchArgs {
     /// Input side in pixels (default: 112, or 56 for `default`).
     #[arg(long)]
     pub input_size: Option<usize>,
-    /// Images per step.
-    #[arg(long, default_value_t = 32)]
+    /// Images per step (`gpu`: 128, training only).
+    #[arg(long, default_value_t = 32, default_value_if("mode", "gpu", "128"))]
     pub batch: usize,
-    /// Timed steps.
-    #[arg(long, default_value_t = 3)]
+    /// Timed steps (`gpu`: 50).
+    #[arg(long, default_value_t = 3, default_value_if("mode", "gpu", "50"))]
     pub steps: usize,
-    /// Untimed warm-up steps.
-    #[arg(long, default_value_t = 1)]
+    /// Untimed warm-up steps (`gpu`: 10).
+    #[arg(long, default_value_t = 1, default_value_if("mode", "gpu", "10"))]
     pub warmup: usize,
     /// Kernels: `auto` (fr-kernels on the CPU), `fused`, or `candle` (candle's own ops, the
     /// reference path) for an A/B comparison.
@@ -71,6 +78,9 @@ pub struct BenchArgs {
     /// `loader --decode-only`: records decoded per pass.
     #[arg(long, default_value_t = 3000)]
     pub decode_images: usize,
+    /// Options of `gpu`.
+    #[command(flatten)]
+    pub gpu: gpu::GpuArgs,
 }
 
 fn model_config(name: &str, input_size: Option<usize>, root: &Path) -> Result<IResNetConfig> {
@@ -114,6 +124,9 @@ pub fn run(args: &BenchArgs, root: &Path) -> Result<()> {
     }
     if args.mode == Mode::Loader {
         return loader::run(args);
+    }
+    if args.mode == Mode::Gpu {
+        return gpu::run(args, root);
     }
     let kernels: fr_kernels::Kernels = serde_json::from_value(serde_json::json!(args.kernels))
         .with_context(|| format!("--kernels {}: expected auto, fused or candle", args.kernels))?;
@@ -171,7 +184,7 @@ pub fn run(args: &BenchArgs, root: &Path) -> Result<()> {
             }
             start.elapsed()
         }
-        Mode::Loader => unreachable!("handled above"),
+        Mode::Loader | Mode::Gpu => unreachable!("handled above"),
     };
     let ips = (args.batch * args.steps) as f64 / elapsed.as_secs_f64().max(1e-9);
     let rss = peak_rss_mib()

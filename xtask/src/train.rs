@@ -304,8 +304,8 @@ fn sharded_margin(method: &str, head: &HeadConfig) -> Result<ArcFaceConfig> {
 
 fn device_for(args: &TrainArgs, env: &DistEnv) -> Result<Device> {
     if args.gpus.is_some() {
-        return Ok(Device::new_cuda(env.local_rank)
-            .with_context(|| format!("opening cuda:{}", env.local_rank))?);
+        return Device::new_cuda(env.local_rank)
+            .with_context(|| format!("opening cuda:{}", env.local_rank));
     }
     if args.nproc.is_some() {
         return Ok(Device::Cpu);
@@ -456,7 +456,7 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
                 Some(train_set.num_classes()),
             )
             .with_training_set(
-                &args.train_rec.as_ref().map_or_else(
+                args.train_rec.as_ref().map_or_else(
                     || "synthetic identities".to_string(),
                     |d| d.display().to_string(),
                 ),

@@ -279,8 +279,8 @@ impl BatchNorm {
 
 impl BatchNorm {
     /// bf16 / f16 input (mixed precision): statistics and normalisation in f32, the output
-    /// rounded back to the input's dtype, the running statistics updated through the f64 host
-    /// path (candle-nn's BatchNorm adds its f32 batch statistics to half-precision running
+    /// rounded back to the input's dtype, the running statistics updated on the device in f32
+    /// and stored in their own dtype (candle-nn's BatchNorm adds its f32 batch statistics to half-precision running
     /// statistics and fails). PyTorch's autocast likewise keeps batch normalisation in f32.
     fn forward_half(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dtype = x.dtype();
@@ -294,11 +294,18 @@ impl BatchNorm {
             let count = per_channel.dim(1)?;
             let mean = per_channel.mean_keepdim(1)?;
             let var = per_channel.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
-            self.update_running_stats(&BatchStats {
-                mean: Self::host(&mean.flatten_all()?)?,
-                var: Self::host(&var.flatten_all()?)?,
-                count,
-            })?;
+            // On the device (no host round trip per layer): running = (1 − m)·running +
+            // m·batch, with the unbiased batch variance, as update_running_stats.
+            let m = self.inner.momentum();
+            let unbias = count as f64 / (count.max(2) - 1) as f64;
+            for (var, batch, scale) in [
+                (&self.running_mean, &mean, 1.0),
+                (&self.running_var, &var, unbias),
+            ] {
+                let old = var.as_tensor().to_dtype(DType::F32)?;
+                let new = ((old * (1.0 - m))? + (batch.detach().flatten_all()? * (m * scale))?)?;
+                var.set(&new.to_dtype(var.dtype())?)?;
+            }
             (
                 mean.reshape(shape.as_slice())?,
                 var.reshape(shape.as_slice())?,
