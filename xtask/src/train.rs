@@ -10,6 +10,9 @@
 //! as arcface_torch's `batch_size` per GPU), and trains with its gradients all-reduced in
 //! buckets. Rank 0 writes the checkpoints (one per epoch) and `train.json`.
 //!
+//! Started by torchrun or a cluster scheduler that sets those variables itself, every process
+//! is a worker (no second launch); `--gpus` then only selects the GPU path.
+//!
 //! Evaluate the result with `cargo xtask eval --config <preset> --checkpoint <out>/checkpoints`.
 
 use std::path::{Path, PathBuf};
@@ -148,7 +151,9 @@ pub fn run(args: &TrainArgs, root: &Path) -> Result<()> {
 cuda,cudnn,nccl -- train ... (use --nproc N for CPU processes)"
         );
     }
-    if !args.worker && per_node * args.nnodes > 1 {
+    // Under torchrun or a scheduler that already set the variables, this process is a worker.
+    let launched = args.worker || std::env::var_os("WORLD_SIZE").is_some();
+    if !launched && per_node * args.nnodes > 1 {
         return launch(args, per_node);
     }
     worker(args, root)

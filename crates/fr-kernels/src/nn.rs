@@ -182,6 +182,8 @@ impl BatchNorm {
     }
 
     /// `num_features` channels from `vb` (`weight`, `bias`, `running_mean`, `running_var`).
+    /// With a bf16 / f16 `vb` the running statistics are f32 variables (autocast keeps
+    /// BatchNorm statistics in f32); `weight` and `bias` take `vb`'s dtype.
     ///
     /// # Errors
     /// Missing or mis-shaped tensors in `vb`.
@@ -191,7 +193,21 @@ impl BatchNorm {
         vb: candle_nn::VarBuilder,
         kernels: Kernels,
     ) -> Result<Self> {
-        Self::new(candle_nn::batch_norm(num_features, eps, vb)?, kernels)
+        if !matches!(vb.dtype(), DType::BF16 | DType::F16) {
+            return Self::new(candle_nn::batch_norm(num_features, eps, vb)?, kernels);
+        }
+        // A half-precision model (mixed-precision training) keeps its running statistics in
+        // f32, as PyTorch's autocast does: an exponential average stored in bf16 stalls once
+        // `m · (batch − running)` falls below half an ulp of the running value.
+        use candle_nn::Init;
+        let stats = vb.clone().set_dtype(DType::F32);
+        let running_mean = stats.get_with_hints(num_features, "running_mean", Init::Const(0.))?;
+        let running_var = stats.get_with_hints(num_features, "running_var", Init::Const(1.))?;
+        let weight = vb.get_with_hints(num_features, "weight", Init::Const(1.))?;
+        let bias = vb.get_with_hints(num_features, "bias", Init::Const(0.))?;
+        let inner =
+            candle_nn::BatchNorm::new(num_features, running_mean, running_var, weight, bias, eps)?;
+        Self::new(inner, kernels)
     }
 
     /// The running mean `(C,)`.

@@ -16,9 +16,9 @@
 //! ```
 //!
 //! `S` is the [`LossScaler`]'s scale (1 without one). Differences from PyTorch autocast:
-//! every backbone layer runs in the half type, `fc` and the final BatchNorm included, and
-//! BatchNorm running statistics are half-precision variables (autocast keeps BatchNorm and its
-//! statistics in f32); only the trainable variables have f32 masters.
+//! every backbone layer runs in the half type, `fc` and the final BatchNorm included (its
+//! statistics and normalisation are computed in f32 by fr-kernels, and its running statistics
+//! are f32 variables, as under autocast); only the trainable variables have f32 masters.
 //!
 //! ```
 //! use candle_core::{DType, Device};
