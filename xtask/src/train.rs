@@ -34,7 +34,10 @@ use fr_heads::sharded::{
     Collective, ShardedPartialFc, ShardedPartialFcConfig, SimulatedCollective,
 };
 use fr_heads::HeadConfig;
-use fr_train::{DataParallel, DataParallelConfig, GradReduction, Precision, SeededVarMap, Trainer};
+use fr_train::{
+    DataParallel, DataParallelConfig, GradCompression, GradReduction, Precision, SeededVarMap,
+    Trainer,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -92,6 +95,10 @@ pub struct TrainArgs {
     /// under `checkpoints/rank-<r>`.
     #[arg(long, value_name = "RATE")]
     pub partial_fc_sample_rate: Option<f64>,
+    /// The dtype gradients are all-reduced in: `none` (their own, f32), `bf16` or `f16` (half
+    /// the bytes; DDP's `bf16_compress_hook` / `fp16_compress_hook`).
+    #[arg(long, default_value = "none")]
+    pub grad_compression: String,
     /// Largest gradient bucket in MiB (DDP's `bucket_cap_mb`).
     #[arg(long, default_value_t = 25.0)]
     pub bucket_cap_mb: f64,
@@ -116,6 +123,8 @@ struct Summary {
     precision: String,
     /// `Some(rate)`: model-parallel Partial FC with this sample rate.
     partial_fc_sample_rate: Option<f64>,
+    /// The dtype of the gradient all-reduce (`none`: the gradients' own).
+    grad_compression: String,
     batch_size_per_rank: usize,
     global_batch_size: usize,
     steps: u64,
@@ -174,6 +183,19 @@ fn launch(args: &TrainArgs, per_node: usize) -> Result<()> {
         None => fr_dist::DEFAULT_MASTER_PORT,
     };
     let exe = std::env::current_exe().context("finding this program to start the workers")?;
+    // torchrun's --rdzv-id: this node's workers refuse ranks of another run on the same port.
+    // Several nodes must agree on it: FR_RUN_ID from the environment, else one derived from
+    // the rendezvous address (the same on every node).
+    let run_id = std::env::var("FR_RUN_ID").unwrap_or_else(|_| {
+        if args.nnodes == 1 {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            format!("{}-{nanos}", std::process::id())
+        } else {
+            format!("{}:{master_port}", args.master_addr)
+        }
+    });
     let forwarded: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     info!(
         world_size,
@@ -190,6 +212,7 @@ fn launch(args: &TrainArgs, per_node: usize) -> Result<()> {
             local_rank,
             master_addr: args.master_addr.clone(),
             master_port,
+            run_id: run_id.clone(),
         };
         let mut cmd = Command::new(&exe);
         cmd.args(&forwarded).arg("--worker");
@@ -470,6 +493,13 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
             ),
     );
     let sharded = args.partial_fc_sample_rate.is_some();
+    let compression: GradCompression =
+        serde_json::from_value(serde_json::json!(args.grad_compression)).map_err(|_| {
+            anyhow::anyhow!(
+                "--grad-compression {}: expected none, bf16 or f16",
+                args.grad_compression
+            )
+        })?;
     if let Some((c, _)) = collective {
         let mut dp = DataParallel::new(
             Box::new(c),
@@ -482,6 +512,7 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
                 } else {
                     GradReduction::Mean
                 },
+                compression,
                 ..DataParallelConfig::default()
             },
         )?;
@@ -593,6 +624,7 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
             backend: backend.to_string(),
             precision: precision.to_string(),
             partial_fc_sample_rate: args.partial_fc_sample_rate,
+            grad_compression: args.grad_compression.clone(),
             batch_size_per_rank: preset.train.batch_size,
             global_batch_size: preset.train.batch_size * world_size,
             steps: trainer.state().step,

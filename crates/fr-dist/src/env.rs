@@ -1,6 +1,7 @@
 //! Where this process sits in a multi-process run, read from the environment variables
 //! `torchrun` (PyTorch's `torch.distributed.run`) sets: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-//! `MASTER_ADDR`, `MASTER_PORT`. A launcher (`cargo xtask train --gpus N`) sets them for every
+//! `MASTER_ADDR`, `MASTER_PORT`, and `FR_RUN_ID` (torchrun's `--rdzv-id`: ranks of other runs
+//! that reach the same port are refused). A launcher (`cargo xtask train --gpus N`) sets them for every
 //! process it starts; a cluster scheduler can set them the same way.
 
 use std::collections::BTreeMap;
@@ -23,6 +24,9 @@ pub struct DistEnv {
     pub master_addr: String,
     /// TCP port rank 0 listens on for the rendezvous.
     pub master_port: u16,
+    /// The run's id (`FR_RUN_ID`, empty by default): a rank announcing another id at the
+    /// rendezvous is refused, so two runs that meet on one port do not mix.
+    pub run_id: String,
 }
 
 impl DistEnv {
@@ -34,6 +38,7 @@ impl DistEnv {
             local_rank: 0,
             master_addr: "127.0.0.1".into(),
             master_port: DEFAULT_MASTER_PORT,
+            run_id: String::new(),
         }
     }
 
@@ -45,6 +50,7 @@ impl DistEnv {
     /// [`Error::Env`] naming the variable that is not a number, out of range or missing.
     pub fn from_env() -> Result<Self> {
         let vars: BTreeMap<String, String> = [
+            "FR_RUN_ID",
             "RANK",
             "WORLD_SIZE",
             "LOCAL_RANK",
@@ -102,12 +108,17 @@ impl DistEnv {
                 .map_err(|_| Error::env("MASTER_PORT", format!("`{p}` is not a TCP port")))?,
             None => DEFAULT_MASTER_PORT,
         };
+        let run_id = vars.get("FR_RUN_ID").cloned().unwrap_or_default();
+        if run_id.len() > 256 {
+            return Err(Error::env("FR_RUN_ID", "longer than 256 bytes"));
+        }
         Ok(Self {
             rank,
             world_size,
             local_rank,
             master_addr,
             master_port,
+            run_id,
         })
     }
 
@@ -119,6 +130,7 @@ impl DistEnv {
             ("LOCAL_RANK", self.local_rank.to_string()),
             ("MASTER_ADDR", self.master_addr.clone()),
             ("MASTER_PORT", self.master_port.to_string()),
+            ("FR_RUN_ID", self.run_id.clone()),
         ]
     }
 
@@ -148,10 +160,12 @@ mod tests {
             ("LOCAL_RANK", "1"),
             ("MASTER_ADDR", "node0"),
             ("MASTER_PORT", "29400"),
+            ("FR_RUN_ID", "job-7"),
         ]))
         .unwrap();
         assert_eq!((e.rank, e.world_size, e.local_rank), (5, 8, 1));
         assert_eq!((e.master_addr.as_str(), e.master_port), ("node0", 29400));
+        assert_eq!(e.run_id, "job-7");
         let back: BTreeMap<String, String> = e
             .to_vars()
             .into_iter()

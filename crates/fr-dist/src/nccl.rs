@@ -12,7 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp as NcclOp};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
-use fr_heads::sharded::{Collective, ReduceOp};
+use fr_heads::sharded::{check_root, Collective, ReduceOp};
 
 use crate::rendezvous::rendezvous;
 use crate::{DistEnv, Error, Result};
@@ -310,13 +310,7 @@ impl Collective for NcclCollective {
 
     fn broadcast(&self, parts: &[Tensor], root: usize) -> fr_heads::Result<Vec<Tensor>> {
         let mine = self.single("broadcast", parts)?;
-        if root >= self.world_size {
-            return Err(fr_heads::Error::Shape {
-                what: "broadcast root".into(),
-                expected: format!("a rank below {}", self.world_size),
-                got: format!("{root}"),
-            });
-        }
+        check_root(root, self.world_size)?;
         Ok(vec![self.call(
             "broadcast",
             mine,

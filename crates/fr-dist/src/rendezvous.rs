@@ -7,7 +7,8 @@
 //! so rank 0 can come up last. The connections stay open afterwards and are what
 //! [`crate::TcpCollective`] talks over.
 //!
-//! Wire format (little-endian): hello `b"FRDV"`, version `u32`, rank `u32`, world size `u32`;
+//! Wire format (little-endian): hello `b"FRDV"`, version `u32`, rank `u32`, world size `u32`,
+//! run-id length `u32` and the run id ([`DistEnv::run_id`]; a rank of another run is refused);
 //! answer `b"FRDV"`, status `u8` (0 accepted, 1 refused), length `u32`, then the payload
 //! (accepted) or a UTF-8 reason (refused).
 
@@ -110,9 +111,14 @@ fn root(
                     .and_then(|_| stream.set_nodelay(true))
                     .and_then(|_| stream.set_read_timeout(Some(timeout)))
                     .map_err(|e| fail(env, format!("connection from {from}: {e}")))?;
-                let (rank, world) = read_hello(&mut stream)
+                let (rank, world, run_id) = read_hello(&mut stream)
                     .map_err(|e| fail(env, format!("hello from {from}: {e}")))?;
-                let problem = if world != k {
+                let problem = if run_id != env.run_id {
+                    Some(format!(
+                        "{from} belongs to run `{run_id}`, this is run `{}` (FR_RUN_ID)",
+                        env.run_id
+                    ))
+                } else if world != k {
                     Some(format!(
                         "rank {rank} at {from} announced world size {world}, expected {k}"
                     ))
@@ -193,6 +199,8 @@ fn worker(env: &DistEnv, timeout: Duration) -> Result<Rendezvous> {
     hello.extend_from_slice(&VERSION.to_le_bytes());
     hello.extend_from_slice(&(env.rank as u32).to_le_bytes());
     hello.extend_from_slice(&(env.world_size as u32).to_le_bytes());
+    hello.extend_from_slice(&(env.run_id.len() as u32).to_le_bytes());
+    hello.extend_from_slice(env.run_id.as_bytes());
     stream
         .write_all(&hello)
         .map_err(|e| fail(env, format!("sending hello: {e}")))?;
@@ -217,7 +225,7 @@ fn read_u32(s: &mut impl Read) -> std::io::Result<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
-fn read_hello(s: &mut TcpStream) -> std::io::Result<(usize, usize)> {
+fn read_hello(s: &mut TcpStream) -> std::io::Result<(usize, usize, String)> {
     let mut magic = [0u8; 4];
     s.read_exact(&mut magic)?;
     if &magic != MAGIC {
@@ -229,7 +237,14 @@ fn read_hello(s: &mut TcpStream) -> std::io::Result<(usize, usize)> {
             "protocol version {version}, this build speaks {VERSION}"
         )));
     }
-    Ok((read_u32(s)? as usize, read_u32(s)? as usize))
+    let (rank, world) = (read_u32(s)? as usize, read_u32(s)? as usize);
+    let len = read_u32(s)?;
+    if len > 256 {
+        return Err(std::io::Error::other(format!("run id of {len} bytes")));
+    }
+    let mut id = vec![0u8; len as usize];
+    s.read_exact(&mut id)?;
+    Ok((rank, world, String::from_utf8_lossy(&id).into_owned()))
 }
 
 fn write_answer(s: &mut TcpStream, status: u8, body: &[u8]) -> std::io::Result<()> {

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use candle_core::Tensor;
-use fr_heads::sharded::{Collective, ReduceOp};
+use fr_heads::sharded::{check_root, fold, Collective, ReduceOp};
 
 use crate::rendezvous::{rendezvous, Peers, Rendezvous};
 use crate::wire::{self, Frame, Op};
@@ -18,8 +18,8 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// One rank of a multi-process group whose collectives go over TCP through rank 0.
 ///
 /// Every rank sends its tensor to rank 0; rank 0 gathers or reduces in rank order
-/// (`((x_0 ⊕ x_1) ⊕ x_2) ⊕ …`, exactly the fold of
-/// [`fr_heads::sharded::SimulatedCollective`], so results are bit-identical to `K` simulated
+/// ([`fr_heads::sharded::fold`], the arithmetic of
+/// [`fr_heads::sharded::SimulatedCollective`] too, so results are bit-identical to `K` simulated
 /// ranks and the same on every rank) and sends each rank its result. Each call holds exactly
 /// one rank ([`Collective::local_ranks`] is `[rank]`), takes one tensor and returns one.
 /// Tensors travel as host copies: meant for CPU ranks (PyTorch's gloo role); GPU ranks use
@@ -200,17 +200,6 @@ fn tensors(
         .collect()
 }
 
-fn fold(parts: &[Tensor], op: ReduceOp) -> fr_heads::Result<Tensor> {
-    let mut acc = parts[0].clone();
-    for p in &parts[1..] {
-        acc = match op {
-            ReduceOp::Sum => acc.add(p)?,
-            ReduceOp::Max => acc.maximum(p)?,
-        };
-    }
-    Ok(acc)
-}
-
 impl Collective for TcpCollective {
     fn world_size(&self) -> usize {
         self.world_size
@@ -272,13 +261,7 @@ impl Collective for TcpCollective {
     fn broadcast(&self, parts: &[Tensor], root: usize) -> fr_heads::Result<Vec<Tensor>> {
         let op = Op::Broadcast;
         let mine = self.single(op, parts)?;
-        if root >= self.world_size {
-            return Err(fr_heads::Error::Shape {
-                what: "broadcast root".into(),
-                expected: format!("a rank below {}", self.world_size),
-                got: format!("{root}"),
-            });
-        }
+        check_root(root, self.world_size)?;
         let k = self.world_size;
         let out = self.run(op, mine, self.rank != root, |frames| {
             let (dtype, dims) = (frames[0].dtype, frames[0].dims.clone());

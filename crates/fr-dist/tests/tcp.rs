@@ -17,12 +17,22 @@ use fr_heads::StepContext;
 
 const T: Duration = Duration::from_secs(20);
 
+/// A free port no other test of this process was given (`bind(0)` may hand a just-released
+/// port out again, and tests run in parallel; the run id keeps other processes out).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn env(rank: usize, world_size: usize, port: u16) -> DistEnv {
@@ -32,6 +42,7 @@ fn env(rank: usize, world_size: usize, port: u16) -> DistEnv {
         local_rank: rank,
         master_addr: "127.0.0.1".into(),
         master_port: port,
+        run_id: "test".into(),
     }
 }
 
@@ -146,21 +157,24 @@ fn tcp_collectives_equal_simulated_ranks_bit_for_bit() {
     let rows = [2usize, 4, 1];
     let results = on_ranks(k, move |rank, col| {
         let x = input(rank, rows[rank]);
-        let gathered = col.all_gather(&[x.clone()]).unwrap().remove(0);
+        let gathered = col.all_gather(std::slice::from_ref(&x)).unwrap().remove(0);
         let same = input(rank, 4);
         let sum = col
-            .all_reduce(&[same.clone()], ReduceOp::Sum)
+            .all_reduce(std::slice::from_ref(&same), ReduceOp::Sum)
             .unwrap()
             .remove(0);
         let max = col
-            .all_reduce(&[same.clone()], ReduceOp::Max)
+            .all_reduce(std::slice::from_ref(&same), ReduceOp::Max)
             .unwrap()
             .remove(0);
         let scattered = col
-            .reduce_scatter(&[gathered.clone()], &rows)
+            .reduce_scatter(std::slice::from_ref(&gathered), &rows)
             .unwrap()
             .remove(0);
-        let from2 = col.broadcast(&[same.clone()], 2).unwrap().remove(0);
+        let from2 = col
+            .broadcast(std::slice::from_ref(&same), 2)
+            .unwrap()
+            .remove(0);
         let from0 = col.broadcast(&[same], 0).unwrap().remove(0);
         let bf = col
             .all_reduce(
@@ -332,4 +346,22 @@ fn partial_fc_over_tcp_equals_simulated_ranks() {
         assert_eq!(gw, &want.to_vec2::<f64>().unwrap(), "dL/dW on rank {rank}");
     }
     assert!(out.loss.is_finite() && out.loss > 0.0);
+}
+
+#[test]
+fn a_rank_of_another_run_is_refused() {
+    let port = free_port();
+    let root = thread::spawn(move || rendezvous(&env(0, 2, port), || Ok(vec![]), T));
+    let stranger = DistEnv {
+        run_id: "another".into(),
+        ..env(1, 2, port)
+    };
+    let bad = rendezvous(&stranger, || Ok(vec![]), T).unwrap_err();
+    let root = root.join().unwrap().unwrap_err();
+    assert!(
+        root.to_string()
+            .contains("belongs to run `another`, this is run `test`"),
+        "{root}"
+    );
+    assert!(bad.to_string().contains("refused"), "{bad}");
 }

@@ -62,6 +62,38 @@ pub fn shard_range(num_classes: usize, world_size: usize, rank: usize) -> Range<
     start..start + base + usize::from(rank < rem)
 }
 
+/// The reduction every collective of fr computes, in rank order:
+/// `((parts[0] ⊕ parts[1]) ⊕ parts[2]) ⊕ …` (the same arithmetic on every backend, so that
+/// processes and simulated ranks give bit-identical results). `parts` is not empty.
+///
+/// # Errors
+/// Mismatched shapes or dtypes (candle).
+pub fn fold(parts: &[Tensor], op: ReduceOp) -> Result<Tensor> {
+    let mut acc = parts[0].clone();
+    for p in &parts[1..] {
+        acc = match op {
+            ReduceOp::Sum => acc.add(p)?,
+            ReduceOp::Max => acc.maximum(p)?,
+        };
+    }
+    Ok(acc)
+}
+
+/// [`Error::Shape`] unless `root` is a rank of `world_size`.
+///
+/// # Errors
+/// As said.
+pub fn check_root(root: usize, world_size: usize) -> Result<()> {
+    if root >= world_size {
+        return Err(Error::Shape {
+            what: "broadcast root".into(),
+            expected: format!("a rank below {world_size}"),
+            got: format!("{root}"),
+        });
+    }
+    Ok(())
+}
+
 /// Reduction of an all-reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -118,13 +150,7 @@ pub trait Collective {
     /// [`Error::Shape`] for a wrong number of inputs, mismatched shapes or `root ≥ K`;
     /// backend errors.
     fn broadcast(&self, parts: &[Tensor], root: usize) -> Result<Vec<Tensor>> {
-        if root >= self.world_size() {
-            return Err(Error::Shape {
-                what: "broadcast root".into(),
-                expected: format!("a rank below {}", self.world_size()),
-                got: format!("{root}"),
-            });
-        }
+        check_root(root, self.world_size())?;
         let ranks = self.local_ranks();
         let masked = parts
             .iter()
@@ -186,14 +212,8 @@ impl SimulatedCollective {
     }
 
     fn reduce(&self, parts: &[Tensor], op: ReduceOp) -> Result<Tensor> {
-        let mut acc = parts[0].detach();
-        for p in &parts[1..] {
-            acc = match op {
-                ReduceOp::Sum => acc.add(&p.detach())?,
-                ReduceOp::Max => acc.maximum(&p.detach())?,
-            };
-        }
-        Ok(acc)
+        let detached: Vec<Tensor> = parts.iter().map(Tensor::detach).collect();
+        fold(&detached, op)
     }
 }
 

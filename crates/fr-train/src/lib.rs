@@ -50,7 +50,9 @@ pub use checkpoint::{
     verify_checkpoint, TrainState,
 };
 pub use clip::{all_finite, clip_grad_norm, grad_norm, scale_grads};
-pub use data_parallel::{DataParallel, DataParallelConfig, GradReduction, ReduceStats};
+pub use data_parallel::{
+    DataParallel, DataParallelConfig, GradCompression, GradReduction, ReduceStats,
+};
 pub use distill::{Distillation, Teacher, TeacherSchedule};
 pub use error::{Error, Result};
 pub use inversion::{

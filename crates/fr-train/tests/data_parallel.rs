@@ -35,12 +35,22 @@ impl ModuleT for Linear2 {
     }
 }
 
+/// A free port no other test of this process was given (`bind(0)` may hand a just-released
+/// port out again, and tests run in parallel; the run id keeps other processes out).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn connect(rank: usize, k: usize, port: u16) -> TcpCollective {
@@ -50,8 +60,28 @@ fn connect(rank: usize, k: usize, port: u16) -> TcpCollective {
         local_rank: rank,
         master_addr: "127.0.0.1".into(),
         master_port: port,
+        run_id: "test".into(),
     };
     TcpCollective::connect(&env, Duration::from_secs(20), DEFAULT_OP_TIMEOUT).unwrap()
+}
+
+/// SGD with momentum and weight decay, a warm-up, and a clip small enough to trigger (the clip
+/// must see the global norm).
+fn trainer_config() -> TrainerConfig {
+    TrainerConfig {
+        optimizer: OptimizerConfig::Sgd(SgdConfig {
+            lr: 0.2,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            ..SgdConfig::default()
+        }),
+        schedule: LrSchedule::Poly {
+            power: 1.0,
+            warmup_steps: 1,
+        },
+        clip_max_norm: Some(0.5),
+        ..TrainerConfig::default()
+    }
 }
 
 fn trainer() -> Trainer {
@@ -65,26 +95,11 @@ fn trainer() -> Trainer {
         vb.pp("head"),
     )
     .unwrap();
-    let cfg = TrainerConfig {
-        optimizer: OptimizerConfig::Sgd(SgdConfig {
-            lr: 0.2,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-            ..SgdConfig::default()
-        }),
-        schedule: LrSchedule::Poly {
-            power: 1.0,
-            warmup_steps: 1,
-        },
-        // Small enough to clip: the clip must see the global norm.
-        clip_max_norm: Some(0.5),
-        ..TrainerConfig::default()
-    };
     Trainer::new(
         Box::new(Linear2 { fc }),
         head,
         seeded.varmap().clone(),
-        cfg,
+        trainer_config(),
         |_| true,
     )
     .unwrap()
@@ -215,8 +230,9 @@ fn buckets_presence_flags_and_broadcast() {
                     DataParallelConfig {
                         // 1.2 KiB: `a` (2400 B) alone, `b` + `c` (600 B) together.
                         bucket_cap_mb: 1200.0 / (1024.0 * 1024.0),
-                        reduction: GradReduction::Sum,
+                        reduction: GradReduction::Mean,
                         broadcast_buffers: true,
+                        compression: fr_train::GradCompression::None,
                     },
                 )
                 .unwrap()
@@ -415,21 +431,6 @@ fn sharded_partial_fc_ranks_train_like_one_process() {
                 seeded.varmap().data().lock().unwrap()["head.weight"]
                     .set(&full.narrow(0, rows.start, rows.len()).unwrap())
                     .unwrap();
-                let mut cfg = TrainerConfig {
-                    optimizer: OptimizerConfig::Sgd(SgdConfig {
-                        lr: 0.2,
-                        momentum: 0.9,
-                        weight_decay: 5e-4,
-                        ..SgdConfig::default()
-                    }),
-                    schedule: LrSchedule::Poly {
-                        power: 1.0,
-                        warmup_steps: 1,
-                    },
-                    clip_max_norm: Some(0.5),
-                    ..TrainerConfig::default()
-                };
-                cfg.seed = 0;
                 let dp = DataParallel::new(
                     Box::new(col),
                     DataParallelConfig {
@@ -443,7 +444,7 @@ fn sharded_partial_fc_ranks_train_like_one_process() {
                     Box::new(Linear2 { fc }),
                     Box::new(head),
                     seeded.varmap().clone(),
-                    cfg,
+                    trainer_config(),
                     |_| true,
                 )
                 .unwrap()
@@ -492,4 +493,79 @@ fn sharded_partial_fc_ranks_train_like_one_process() {
         want["head.weight"], init["head.weight"],
         "the centres trained"
     );
+}
+
+/// bf16 and f16 compression (DDP's communication hooks): half the bytes of the f32 all-reduce,
+/// the mean within the half type's rounding, identical on every rank.
+#[test]
+fn compressed_all_reduce_halves_the_bytes() {
+    use fr_train::GradCompression;
+    let k = 2;
+    for (compression, tol) in [
+        (GradCompression::None, 0.0),
+        (GradCompression::Bf16, 1e-2),
+        (GradCompression::F16, 1e-3),
+    ] {
+        let port = free_port();
+        let ranks: Vec<_> = (0..k)
+            .map(|rank| {
+                thread::spawn(move || {
+                    let dev = Device::Cpu;
+                    let vm = VarMap::new();
+                    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+                    let w = vb
+                        .get_with_hints(64, "w", candle_nn::Init::Const(0.0))
+                        .unwrap();
+                    let vars = vec![("w".to_string(), Var::from_tensor(&w).unwrap())];
+                    let dp = DataParallel::new(
+                        Box::new(connect(rank, k, port)),
+                        DataParallelConfig {
+                            compression,
+                            ..DataParallelConfig::default()
+                        },
+                    )
+                    .unwrap();
+                    let g: Vec<f32> = (0..64)
+                        .map(|i| ((i + 7 * rank) as f32 * 0.731).sin() * 1e3)
+                        .collect();
+                    let mut grads = candle_core::backprop::GradStore::default();
+                    grads.insert(
+                        vars[0].1.as_tensor(),
+                        Tensor::new(g.as_slice(), &dev).unwrap(),
+                    );
+                    let stats = dp.reduce_gradients(&mut grads, &vars).unwrap();
+                    let got = grads.get(vars[0].1.as_tensor()).unwrap().clone();
+                    assert_eq!(got.dtype(), DType::F32);
+                    (stats.bytes, got.to_vec1::<f32>().unwrap())
+                })
+            })
+            .collect();
+        let got: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+        let want: Vec<f32> = (0..64)
+            .map(|i| {
+                let a = (i as f32 * 0.731).sin() * 1e3;
+                let b = ((i + 7) as f32 * 0.731).sin() * 1e3;
+                (a + b) / 2.0
+            })
+            .collect();
+        let f32_bytes = (64 + 1) * 4;
+        let expect_bytes = if compression == GradCompression::None {
+            f32_bytes
+        } else {
+            f32_bytes / 2
+        };
+        for (bytes, g) in &got {
+            assert_eq!(*bytes, expect_bytes, "{compression:?}");
+            assert_eq!(g, &got[0].1, "{compression:?}: identical on every rank");
+            let worst = g
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| ((a - b) / 1e3).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= tol, "{compression:?}: {worst}");
+            if compression != GradCompression::None {
+                assert!(worst > 0.0, "{compression:?} rounds");
+            }
+        }
+    }
 }
