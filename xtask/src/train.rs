@@ -102,9 +102,16 @@ pub struct TrainArgs {
     /// Largest gradient bucket in MiB (DDP's `bucket_cap_mb`).
     #[arg(long, default_value_t = 25.0)]
     pub bucket_cap_mb: f64,
-    /// Stop after this many steps (all epochs otherwise).
+    /// Stop after this many steps in all (all epochs otherwise); the learning-rate schedule
+    /// still spans every epoch, so a stopped run can be continued with `--resume`.
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Continue the run in the output folder from its newest checkpoint (weights, optimiser,
+    /// loss scaler, head state, step): rank 0 and every rank of a non-sharded run read
+    /// `checkpoints/`, a sharded rank `r > 0` reads `checkpoints/rank-<r>/` (several nodes
+    /// need a shared filesystem). The run goes on inside the epoch where it stopped.
+    #[arg(long)]
+    pub resume: bool,
     /// Seconds the ranks wait for each other at the rendezvous.
     #[arg(long, default_value_t = 900)]
     pub rendezvous_timeout: u64,
@@ -381,6 +388,13 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         fr_train::check_output_dir(&out.join("checkpoints"))?;
     }
+    if !args.resume && out.join("checkpoints").join("latest").exists() {
+        bail!(
+            "{} holds the checkpoints of an earlier run: --resume continues it, or remove the \
+folder (or pick another --out) to start over",
+            out.join("checkpoints").display()
+        );
+    }
 
     // Data: every rank opens the same set; the loader gives each its slice of every batch.
     let size = crate::reproduce::input_size(&preset);
@@ -500,6 +514,19 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
                 args.grad_compression
             )
         })?;
+    // With sharded centres every rank saves (its shard); otherwise rank 0 alone.
+    let saves = rank == 0 || sharded;
+    let ckpt_dir = if rank == 0 || !sharded {
+        out.join("checkpoints")
+    } else {
+        out.join("checkpoints").join(format!("rank-{rank}"))
+    };
+    if args.resume {
+        trainer
+            .resume(&ckpt_dir)
+            .with_context(|| format!("--resume: rank {rank} from {}", ckpt_dir.display()))?;
+        info!(rank, step = trainer.state().step, "resumed");
+    }
     if let Some((c, _)) = collective {
         let mut dp = DataParallel::new(
             Box::new(c),
@@ -521,18 +548,14 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
         }
         trainer = trainer.with_data_parallel(dp)?;
     }
-    // With sharded centres every rank saves (its shard); otherwise rank 0 alone.
-    let saves = rank == 0 || sharded;
-    let ckpt_dir = if rank == 0 {
-        out.join("checkpoints")
-    } else {
-        out.join("checkpoints").join(format!("rank-{rank}"))
-    };
 
+    // The schedule spans every epoch; --max-steps only stops early.
     let total = per_epoch * preset.train.epochs as u64;
-    let total = args.max_steps.map_or(total, |m| m.min(total));
+    let stop_at = args.max_steps.map_or(total, |m| m.min(total));
+    let first_step = trainer.state().step;
     let pb = if rank == 0 {
-        let pb = ProgressBar::new(total);
+        let pb = ProgressBar::new(stop_at);
+        pb.set_position(first_step.min(stop_at));
         pb.set_style(
             ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
                 .expect("static template"),
@@ -545,11 +568,19 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
     let start = Instant::now();
     let (mut step_loss, mut epoch_loss) = (Vec::new(), Vec::new());
     let (mut images, mut buckets, mut last_ckpt) = (0usize, 0usize, None);
-    'epochs: for epoch in 0..preset.train.epochs {
+    let mut saved_step = None;
+    let first_epoch = (first_step / per_epoch) as usize;
+    'epochs: for epoch in first_epoch..preset.train.epochs {
         trainer.set_epoch(epoch);
         let (mut sum, mut count) = (0.0, 0usize);
-        for batch in loader.epoch(epoch as u64) {
-            if trainer.state().step >= total {
+        // A resumed run goes on inside the epoch where it stopped.
+        let skip = if epoch == first_epoch {
+            (first_step % per_epoch) as usize
+        } else {
+            0
+        };
+        for batch in loader.epoch_from(epoch as u64, skip) {
+            if trainer.state().step >= stop_at {
                 break 'epochs;
             }
             let batch = batch?;
@@ -576,15 +607,16 @@ fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
         });
         if saves {
             last_ckpt = Some(trainer.save(&ckpt_dir)?);
+            saved_step = Some(trainer.state().step);
         }
         info!(
             rank,
             epoch = epoch + 1,
-            loss = format!("{:.4}", epoch_loss[epoch]),
+            loss = format!("{:.4}", epoch_loss.last().copied().unwrap_or(f64::NAN)),
             "epoch done"
         );
     }
-    if saves && epoch_loss.len() < preset.train.epochs {
+    if saves && saved_step != Some(trainer.state().step) && trainer.state().step > first_step {
         // Stopped inside an epoch by --max-steps: keep that state too.
         last_ckpt = Some(trainer.save(&ckpt_dir)?);
     }

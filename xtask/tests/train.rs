@@ -151,3 +151,40 @@ fn a_failing_rank_is_named_and_gpus_need_the_nccl_build() {
         assert!(err.contains("--features cuda,cudnn,nccl"), "{err}");
     }
 }
+
+/// A run stopped by `--max-steps` inside an epoch and continued with `--resume` ends with the
+/// weights of the uninterrupted run, bit for bit, having trained the same remaining steps; a
+/// folder with an earlier run is refused without `--resume`.
+#[test]
+fn a_stopped_run_resumes_to_the_same_weights() {
+    let full = out_dir("full");
+    let whole = summary(&full, &train(&full, &["--nproc", "2"]));
+    let part = out_dir("part");
+    let first = summary(&part, &train(&part, &["--nproc", "2", "--max-steps", "7"]));
+    assert_eq!(first["steps"], 7);
+    let refused = train(&part, &["--nproc", "2"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--resume continues it"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let rest = summary(&part, &train(&part, &["--nproc", "2", "--resume"]));
+    assert_eq!(rest["steps"], 20);
+    let bits = |s: &Value| -> Vec<u64> { checksums(s).iter().map(|c| c.to_bits()).collect() };
+    assert_eq!(
+        bits(&rest),
+        bits(&whole),
+        "resumed weights differ from the whole run"
+    );
+    let losses = |s: &Value| -> Vec<f64> {
+        s["step_loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses(&first), losses(&whole)[..7]);
+    assert_eq!(losses(&rest), losses(&whole)[7..]);
+}

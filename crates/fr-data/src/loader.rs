@@ -339,7 +339,15 @@ impl BatchLoader {
     /// The batches of `epoch`. With `prefetch > 0` a background thread decodes up to
     /// `prefetch` batches ahead; dropping the iterator stops it.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
-        let chunks: Vec<Vec<usize>> = match &self.pk {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on (0-based), without reading the ones
+    /// before: where a resumed run continues inside an epoch. The batches are those
+    /// [`BatchLoader::epoch`] yields from position `first` (with `skip_corrupt`, positions
+    /// count index batches, including any left out for being all corrupt).
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> EpochIter {
+        let mut chunks: Vec<Vec<usize>> = match &self.pk {
             Some(pk) => pk.epoch(epoch as usize),
             None => {
                 let order = self.epoch_order(epoch);
@@ -356,6 +364,7 @@ impl BatchLoader {
                     .collect()
             }
         };
+        chunks.drain(..first.min(chunks.len()));
         if self.config.prefetch == 0 {
             return self.epoch_iter(
                 epoch,

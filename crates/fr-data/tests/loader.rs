@@ -414,3 +414,48 @@ fn ranks_split_the_global_batches() {
         }
     }
 }
+
+/// A resumed run continues inside an epoch: `epoch_from(e, k)` yields the batches `epoch(e)`
+/// yields from position `k`, without decoding the earlier ones.
+#[test]
+fn epoch_from_skips_without_decoding() {
+    let cfg = LoaderConfig {
+        batch_size: 4,
+        image_size: 8,
+        seed: 3,
+        drop_last: true,
+        prefetch: 0,
+        ..LoaderConfig::default()
+    };
+    let all: Vec<_> = BatchLoader::new(Halves::new(30), cfg.clone())
+        .unwrap()
+        .epoch(2)
+        .map(|b| b.unwrap())
+        .collect();
+    for prefetch in [0, 2] {
+        let ds = Halves::new(30);
+        let loader = BatchLoader::new(
+            ds.clone(),
+            LoaderConfig {
+                prefetch,
+                ..cfg.clone()
+            },
+        )
+        .unwrap();
+        let rest: Vec<_> = loader.epoch_from(2, 5).map(|b| b.unwrap()).collect();
+        assert_eq!(rest.len(), all.len() - 5);
+        for (a, b) in rest.iter().zip(&all[5..]) {
+            assert_eq!(a.indices, b.indices);
+            assert_eq!(
+                a.images.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        assert_eq!(
+            ds.decoded.load(Ordering::SeqCst),
+            rest.len() * 4,
+            "only the rest decoded"
+        );
+        assert_eq!(loader.epoch_from(2, 99).count(), 0);
+    }
+}
