@@ -130,8 +130,13 @@ struct Summary {
     precision: String,
     /// `Some(rate)`: model-parallel Partial FC with this sample rate.
     partial_fc_sample_rate: Option<f64>,
-    /// The dtype of the gradient all-reduce (`none`: the gradients' own).
+    /// The dtype of the gradient all-reduce (`none`: the gradients' own, or one process).
     grad_compression: String,
+    /// The step this invocation started from (0, or where `--resume` picked the run up);
+    /// `step_loss` and `epoch_loss` cover this invocation's steps only.
+    first_step: u64,
+    /// Images the loader skipped as corrupt (`train.skip_corrupt`), on this rank.
+    skipped_images: usize,
     batch_size_per_rank: usize,
     global_batch_size: usize,
     steps: u64,
@@ -167,12 +172,125 @@ pub fn run(args: &TrainArgs, root: &Path) -> Result<()> {
 cuda,cudnn,nccl -- train ... (use --nproc N for CPU processes)"
         );
     }
+    // Flags every worker would refuse: refuse them once, before anything starts.
+    compression_of(args)?;
+    if let Some(r) = args.partial_fc_sample_rate {
+        if !(r > 0.0 && r <= 1.0) {
+            bail!("--partial-fc-sample-rate {r}: must be in (0, 1]");
+        }
+    }
+    if !(args.bucket_cap_mb.is_finite() && args.bucket_cap_mb > 0.0) {
+        bail!("--bucket-cap-mb {}: must be > 0", args.bucket_cap_mb);
+    }
+    if args.rendezvous_timeout == 0 {
+        bail!("--rendezvous-timeout must be at least 1 second");
+    }
+    if args.nnodes > 1 && args.master_port == Some(0) {
+        bail!("--master-port 0: the nodes need one fixed port to meet on");
+    }
+    if let Some(dir) = &args.train_rec {
+        if !dir.is_dir() {
+            bail!(
+                "--train-rec {}: not a folder (expected train.rec, train.idx and property inside)",
+                dir.display()
+            );
+        }
+    }
     // Under torchrun or a scheduler that already set the variables, this process is a worker.
     let launched = args.worker || std::env::var_os("WORLD_SIZE").is_some();
     if !launched && per_node * args.nnodes > 1 {
         return launch(args, per_node);
     }
     worker(args, root)
+}
+
+/// A stable 32-bit digest of `text` (FNV-1a: the same in every process and build).
+fn digest(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Every rank must train the same thing: gather each setting's digest from every rank and
+/// name the settings (and ranks) that differ from rank 0's.
+fn check_same_settings(
+    collective: &dyn Collective,
+    rank: usize,
+    settings: &[(&str, String)],
+) -> Result<()> {
+    let mine: Vec<u32> = settings.iter().map(|(_, v)| digest(v)).collect();
+    let device = Device::Cpu;
+    let t = candle_core::Tensor::new(mine.as_slice(), &device)?.unsqueeze(0)?;
+    let all = collective
+        .all_gather(&[t])
+        .map_err(|e| anyhow::anyhow!("comparing the ranks' settings: {e}"))?
+        .remove(0)
+        .to_vec2::<u32>()?;
+    let mut differ: Vec<String> = Vec::new();
+    for (i, (name, _)) in settings.iter().enumerate() {
+        let ranks: Vec<usize> = (0..all.len()).filter(|&r| all[r][i] != all[0][i]).collect();
+        if !ranks.is_empty() {
+            differ.push(format!("{name} (ranks {ranks:?} differ from rank 0)"));
+        }
+    }
+    if !differ.is_empty() {
+        bail!(
+            "rank {rank}: the ranks do not train the same thing: {}; start every node with the \
+same preset, --set values and flags",
+            differ.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `run.json` in the output folder records the settings of the run (rank 0 writes it when a
+/// run starts); `--resume` refuses to continue with other ones, naming them.
+fn check_run_record(
+    out: &Path,
+    rank: usize,
+    resume: bool,
+    settings: &[(&str, String)],
+) -> Result<()> {
+    let path = out.join("run.json");
+    let now: std::collections::BTreeMap<String, String> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    if resume {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let then: std::collections::BTreeMap<String, String> = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let changed: Vec<&str> = now
+                .iter()
+                .filter(|(k, v)| then.get(*k).is_some_and(|old| old != *v))
+                .map(|(k, _)| k.as_str())
+                .collect();
+            if !changed.is_empty() {
+                bail!(
+                    "--resume: {} changed since the run started ({}); resume with the same \
+settings, or start a new run in another --out",
+                    changed.join(", "),
+                    path.display()
+                );
+            }
+        }
+    } else if rank == 0 {
+        let tmp = out.join("run.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&now)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `--grad-compression` parsed.
+fn compression_of(args: &TrainArgs) -> Result<GradCompression> {
+    serde_json::from_value(serde_json::json!(args.grad_compression)).map_err(|_| {
+        anyhow::anyhow!(
+            "--grad-compression {}: expected none, bf16 or f16",
+            args.grad_compression
+        )
+    })
 }
 
 fn free_port() -> Result<u16> {
@@ -222,7 +340,9 @@ fn launch(args: &TrainArgs, per_node: usize) -> Result<()> {
             run_id: run_id.clone(),
         };
         let mut cmd = Command::new(&exe);
-        cmd.args(&forwarded).arg("--worker");
+        cmd.args(&forwarded)
+            .arg("--worker")
+            .env("FR_LAUNCHER_PID", std::process::id().to_string());
         for (k, v) in env.to_vars() {
             cmd.env(k, v);
         }
@@ -236,32 +356,99 @@ fn launch(args: &TrainArgs, per_node: usize) -> Result<()> {
         children.push((env.rank, child));
     }
     // Wait; the first failure stops the others (torchrun does the same).
-    let mut running = children.len();
-    while running > 0 {
-        running = 0;
-        for i in 0..children.len() {
-            let (rank, child) = &mut children[i];
+    let mut done = vec![false; children.len()];
+    while done.iter().any(|d| !d) {
+        let mut failed = Vec::new();
+        for (i, (rank, child)) in children.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
             match child.try_wait() {
-                Ok(Some(status)) if status.success() => {}
                 Ok(Some(status)) => {
-                    let rank = *rank;
-                    stop(&mut children);
-                    bail!("rank {rank} failed ({status}); the other ranks were stopped");
+                    done[i] = true;
+                    if !status.success() {
+                        failed.push((*rank, status));
+                    }
                 }
-                Ok(None) => running += 1,
-                Err(e) => {
-                    let rank = *rank;
-                    stop(&mut children);
-                    bail!("waiting for rank {rank}: {e}");
-                }
+                Ok(None) => {}
+                Err(e) => bail!("waiting for rank {rank}: {e}"),
             }
         }
-        if running > 0 {
-            std::thread::sleep(Duration::from_millis(100));
+        if !failed.is_empty() {
+            // A rank that dies takes its peers' collectives down with it a moment later: give
+            // them that moment, then name the cause first (a rank killed by a signal, else
+            // the lowest failed rank) and the others after it.
+            std::thread::sleep(Duration::from_millis(300));
+            for (i, (rank, child)) in children.iter_mut().enumerate() {
+                if !done[i] {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        done[i] = true;
+                        if !status.success() {
+                            failed.push((*rank, status));
+                        }
+                    }
+                }
+            }
+            stop(&mut children);
+            failed.sort_by_key(|(rank, status)| (signal_of(status).is_none(), *rank));
+            let (rank, status) = &failed[0];
+            let others: Vec<String> = failed[1..]
+                .iter()
+                .map(|(r, st)| format!("rank {r} ({})", describe(st)))
+                .collect();
+            let also = if others.is_empty() {
+                String::new()
+            } else {
+                format!("; then {}", others.join(", "))
+            };
+            bail!(
+                "rank {rank} failed ({}){also}; the other ranks were stopped",
+                describe(status)
+            );
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    info!(world_size, "all ranks finished");
+    info!(ranks = children.len(), "all ranks of this node finished");
     Ok(())
+}
+
+/// The signal that ended a process, if one did.
+fn signal_of(status: &std::process::ExitStatus) -> Option<i32> {
+    #[cfg(unix)]
+    {
+        std::os::unix::process::ExitStatusExt::signal(status)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = status;
+        None
+    }
+}
+
+fn describe(status: &std::process::ExitStatus) -> String {
+    match signal_of(status) {
+        Some(9) => "killed by signal 9, SIGKILL: out of memory?".into(),
+        Some(sig) => format!("killed by signal {sig}"),
+        None => status.to_string(),
+    }
+}
+
+/// In a worker the launcher started: exit when the launcher is gone (killed), as torchrun's
+/// workers do, instead of training on unwatched.
+fn watch_launcher() {
+    #[cfg(unix)]
+    if let Some(launcher) = std::env::var("FR_LAUNCHER_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    {
+        std::thread::spawn(move || loop {
+            if std::os::unix::process::parent_id() != launcher {
+                tracing::error!(launcher, "the launcher is gone: stopping this worker");
+                std::process::exit(1);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        });
+    }
 }
 
 fn stop(children: &mut [(usize, Child)]) {
@@ -353,6 +540,7 @@ fn device_for(args: &TrainArgs, env: &DistEnv) -> Result<Device> {
 }
 
 fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
+    watch_launcher();
     let env = DistEnv::from_env()?;
     let (rank, world_size) = (env.rank, env.world_size);
     let config_path = args
@@ -433,6 +621,34 @@ folder (or pick another --out) to start over",
             preset.train.batch_size
         );
     }
+    // What every rank must agree on, and what a resumed run must keep.
+    let settings: Vec<(&str, String)> = vec![
+        (
+            "the preset and its --set values",
+            serde_json::to_string(&preset)?,
+        ),
+        ("--method", method.clone()),
+        ("--precision", precision.to_string()),
+        ("--grad-compression", args.grad_compression.clone()),
+        (
+            "--partial-fc-sample-rate",
+            format!("{:?}", args.partial_fc_sample_rate),
+        ),
+        ("--bucket-cap-mb", args.bucket_cap_mb.to_string()),
+        (
+            "the training data",
+            format!(
+                "{} images, {} identities",
+                train_set.len(),
+                train_set.num_classes()
+            ),
+        ),
+        ("the world size", world_size.to_string()),
+    ];
+    if let Some((c, _)) = &collective {
+        check_same_settings(c.as_ref(), rank, &settings)?;
+    }
+    check_run_record(&out, rank, args.resume, &settings)?;
 
     // Model: the backbone in the training precision, the head in f32 (same seeded VarMap, so
     // every rank starts from the same weights; rank 0's are broadcast anyway).
@@ -507,13 +723,7 @@ folder (or pick another --out) to start over",
             ),
     );
     let sharded = args.partial_fc_sample_rate.is_some();
-    let compression: GradCompression =
-        serde_json::from_value(serde_json::json!(args.grad_compression)).map_err(|_| {
-            anyhow::anyhow!(
-                "--grad-compression {}: expected none, bf16 or f16",
-                args.grad_compression
-            )
-        })?;
+    let compression = compression_of(args)?;
     // With sharded centres every rank saves (its shard); otherwise rank 0 alone.
     let saves = rank == 0 || sharded;
     let ckpt_dir = if rank == 0 || !sharded {
@@ -553,6 +763,14 @@ folder (or pick another --out) to start over",
     let total = per_epoch * preset.train.epochs as u64;
     let stop_at = args.max_steps.map_or(total, |m| m.min(total));
     let first_step = trainer.state().step;
+    if first_step >= stop_at {
+        info!(
+            step = first_step,
+            of = stop_at,
+            "nothing to train: the run is already there (train.json left as it is)"
+        );
+        return Ok(());
+    }
     let pb = if rank == 0 {
         let pb = ProgressBar::new(stop_at);
         pb.set_position(first_step.min(stop_at));
@@ -656,7 +874,13 @@ folder (or pick another --out) to start over",
             backend: backend.to_string(),
             precision: precision.to_string(),
             partial_fc_sample_rate: args.partial_fc_sample_rate,
-            grad_compression: args.grad_compression.clone(),
+            grad_compression: if world_size > 1 {
+                args.grad_compression.clone()
+            } else {
+                "none".into()
+            },
+            first_step,
+            skipped_images: loader.stats().skipped,
             batch_size_per_rank: preset.train.batch_size,
             global_batch_size: preset.train.batch_size * world_size,
             steps: trainer.state().step,

@@ -137,13 +137,28 @@ fn mixed_precision_single_process() {
 #[test]
 fn a_failing_rank_is_named_and_gpus_need_the_nccl_build() {
     let out = out_dir("fail");
+    // A folder without train.rec: every worker fails opening it.
+    let empty = out_dir("empty-rec");
+    std::fs::create_dir_all(&empty).unwrap();
+    let run = train(
+        &out,
+        &["--nproc", "2", "--train-rec", empty.to_str().unwrap()],
+    );
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("failed") && err.contains("rank"), "{err}");
+    // A missing folder is refused before any worker starts.
     let run = train(
         &out,
         &["--nproc", "2", "--train-rec", "/nonexistent-fr-rec"],
     );
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
-    assert!(err.contains("failed") && err.contains("rank"), "{err}");
+    assert!(
+        err.contains("--train-rec /nonexistent-fr-rec: not a folder"),
+        "{err}"
+    );
+    assert!(!err.contains("rank"), "{err}");
     if !cfg!(feature = "nccl") {
         let run = train(&out, &["--gpus", "2"]);
         assert!(!run.status.success());
@@ -187,4 +202,60 @@ fn a_stopped_run_resumes_to_the_same_weights() {
     };
     assert_eq!(losses(&first), losses(&whole)[..7]);
     assert_eq!(losses(&rest), losses(&whole)[7..]);
+}
+
+/// Two "nodes" started with different flags are refused with the setting named; a run resumed
+/// with another world size is refused; resuming a finished run trains nothing and keeps its
+/// train.json.
+#[test]
+fn mismatched_settings_are_named() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let node = |rank: &str, extra: &[&str]| {
+        let out = out_dir(&format!("node{rank}"));
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["train", "arcface", "--out", out.to_str().unwrap()])
+            .args(TINY)
+            .args(["--nproc", "1", "--nnodes", "2", "--node-rank", rank])
+            .args(["--master-port", &port, "--rendezvous-timeout", "60"])
+            .args(extra)
+            .env("FR_RUN_ID", "mismatch-test")
+            .env("RUST_BACKTRACE", "0")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (node("0", &[]), node("1", &["--precision", "bf16"]));
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("the ranks do not train the same thing") && err.contains("--precision"),
+            "{err}"
+        );
+    }
+    let out = out_dir("resume-world");
+    let _ = summary(&out, &train(&out, &["--nproc", "2", "--max-steps", "3"]));
+    let changed = train(&out, &["--resume"]);
+    assert!(!changed.status.success());
+    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(err.contains("the world size changed"), "{err}");
+    let done = summary(&out, &train(&out, &["--nproc", "2", "--resume"]));
+    assert_eq!(
+        (done["first_step"].as_u64(), done["steps"].as_u64()),
+        (Some(3), Some(20))
+    );
+    let again = train(&out, &["--nproc", "2", "--resume"]);
+    assert!(again.status.success());
+    let kept = summary(&out, &again);
+    assert_eq!(
+        kept["first_step"], 3,
+        "train.json of the finished run is kept"
+    );
 }
