@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use candle_core::Tensor;
-use fr_heads::sharded::{check_root, fold, Collective, ReduceOp};
+use fr_heads::sharded::{check_counts, check_root, fold, scatter_rows, Collective, ReduceOp};
 
 use crate::rendezvous::{rendezvous, Peers, Rendezvous};
 use crate::wire::{self, Frame, Op};
@@ -238,22 +238,11 @@ impl Collective for TcpCollective {
         let op = Op::ReduceScatter;
         let mine = self.single(op, parts)?;
         let rows = mine.dims().first().copied().unwrap_or(0);
-        if counts.len() != self.world_size || counts.iter().sum::<usize>() != rows {
-            return Err(fr_heads::Error::Shape {
-                what: "reduce_scatter counts".into(),
-                expected: format!("{} counts adding up to {rows}", self.world_size),
-                got: format!("{counts:?}"),
-            });
-        }
+        check_counts(counts, self.world_size, rows)?;
+        let k = self.world_size;
         let out = self.run(op, mine, false, |frames| {
             let sum = fold(&tensors(op, frames, |a, b| a == b)?, ReduceOp::Sum)?;
-            let mut offset = 0;
-            let mut out = Vec::with_capacity(counts.len());
-            for &n in counts {
-                out.push(sum.narrow(0, offset, n)?);
-                offset += n;
-            }
-            Ok(out)
+            scatter_rows(&sum, counts, k)
         })?;
         Ok(vec![out])
     }

@@ -79,6 +79,37 @@ pub fn fold(parts: &[Tensor], op: ReduceOp) -> Result<Tensor> {
     Ok(acc)
 }
 
+/// The reduce-scatter's split: rank `k` gets rows `[Σ_{j<k} c_j, Σ_{j≤k} c_j)` of `sum`,
+/// after checking that `counts` has `world_size` entries adding up to `sum`'s rows.
+///
+/// # Errors
+/// [`Error::Shape`] for other counts; candle errors.
+pub fn scatter_rows(sum: &Tensor, counts: &[usize], world_size: usize) -> Result<Vec<Tensor>> {
+    check_counts(counts, world_size, sum.dims().first().copied().unwrap_or(0))?;
+    let mut offset = 0;
+    let mut out = Vec::with_capacity(counts.len());
+    for &n in counts {
+        out.push(sum.narrow(0, offset, n)?);
+        offset += n;
+    }
+    Ok(out)
+}
+
+/// [`Error::Shape`] unless `counts` has `world_size` entries adding up to `rows`.
+///
+/// # Errors
+/// As said.
+pub fn check_counts(counts: &[usize], world_size: usize, rows: usize) -> Result<()> {
+    if counts.len() != world_size || counts.iter().sum::<usize>() != rows {
+        return Err(Error::Shape {
+            what: "reduce_scatter counts".into(),
+            expected: format!("{world_size} counts adding up to {rows}"),
+            got: format!("{counts:?}"),
+        });
+    }
+    Ok(())
+}
+
 /// [`Error::Shape`] unless `root` is a rank of `world_size`.
 ///
 /// # Errors
@@ -254,21 +285,8 @@ impl Collective for SimulatedCollective {
     fn reduce_scatter(&self, parts: &[Tensor], counts: &[usize]) -> Result<Vec<Tensor>> {
         self.check_same_shape("reduce_scatter", parts)?;
         let rows = parts[0].dims().first().copied().unwrap_or(0);
-        if counts.len() != self.world_size || counts.iter().sum::<usize>() != rows {
-            return Err(Error::Shape {
-                what: "reduce_scatter counts".into(),
-                expected: format!("{} counts adding up to {rows}", self.world_size),
-                got: format!("{counts:?}"),
-            });
-        }
-        let sum = self.reduce(parts, ReduceOp::Sum)?;
-        let mut offset = 0;
-        let mut out = Vec::with_capacity(counts.len());
-        for &n in counts {
-            out.push(sum.narrow(0, offset, n)?);
-            offset += n;
-        }
-        Ok(out)
+        check_counts(counts, self.world_size, rows)?;
+        scatter_rows(&self.reduce(parts, ReduceOp::Sum)?, counts, self.world_size)
     }
 }
 
