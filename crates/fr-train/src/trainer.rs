@@ -163,6 +163,8 @@ pub struct Trainer {
     known_vars: usize,
     /// Data parallelism: the gradient all-reduce of this rank.
     dp: Option<DataParallel>,
+    /// `self.vars` with their names, for the gradient all-reduce (built once, with `dp`).
+    dp_vars: Vec<(String, Var)>,
 }
 
 impl Trainer {
@@ -258,6 +260,7 @@ impl Trainer {
             auxiliary: None,
             known_vars,
             dp: None,
+            dp_vars: Vec::new(),
         })
     }
 
@@ -273,7 +276,13 @@ impl Trainer {
     /// # Errors
     /// Collective failures ([`Error::Collective`]), candle errors.
     pub fn with_data_parallel(mut self, dp: DataParallel) -> Result<Self> {
-        dp.broadcast_from_rank0(&self.optimised())?;
+        self.dp_vars = self
+            .params
+            .iter()
+            .zip(&self.vars)
+            .map(|((n, _), v)| (n.clone(), v.clone()))
+            .collect();
+        dp.broadcast_from_rank0(&self.dp_vars)?;
         if let Some(masters) = &self.masters {
             masters.sync_model()?;
         }
@@ -285,15 +294,6 @@ impl Trainer {
     /// The data-parallel layer, when training data-parallel.
     pub fn data_parallel(&self) -> Option<&DataParallel> {
         self.dp.as_ref()
-    }
-
-    /// The optimised variables (`self.vars`) with their names.
-    fn optimised(&self) -> Vec<(String, Var)> {
-        self.params
-            .iter()
-            .zip(&self.vars)
-            .map(|((n, _), v)| (n.clone(), v.clone()))
-            .collect()
     }
 
     /// The global gradient norm over `self.vars`: with rank-local variables, the squared
@@ -465,7 +465,7 @@ impl Trainer {
         // Keyed by `self.vars`: in mixed precision the f32 masters, already unscaled.
         let mut grads = self.gradients(&total)?;
         if let Some(dp) = &self.dp {
-            let moved = dp.reduce_gradients(&mut grads, &self.optimised())?;
+            let moved = dp.reduce_gradients(&mut grads, &self.dp_vars)?;
             outcome
                 .stats
                 .insert("dp_buckets".into(), moved.buckets as f64);
