@@ -84,6 +84,26 @@ fn trainer_config() -> TrainerConfig {
     }
 }
 
+/// Run `f(rank, its data-parallel layer)` on `k` ranks, one thread and TCP connection each,
+/// with `config`; the results in rank order.
+fn on_ranks<R: Send + 'static>(
+    k: usize,
+    config: DataParallelConfig,
+    f: impl Fn(usize, DataParallel) -> R + Send + Clone + 'static,
+) -> Vec<R> {
+    let port = free_port();
+    let handles: Vec<_> = (0..k)
+        .map(|rank| {
+            let (f, config) = (f.clone(), config.clone());
+            thread::spawn(move || {
+                let dp = DataParallel::new(Box::new(connect(rank, k, port)), config).unwrap();
+                f(rank, dp)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 fn trainer() -> Trainer {
     let seeded = SeededVarMap::new(9);
     let vb = seeded.var_builder(DType::F64, &Device::Cpu);
@@ -147,31 +167,20 @@ fn k_ranks_train_like_one_process_with_the_global_batch() {
     }
     let want = weights(&single);
 
-    let port = free_port();
-    let ranks: Vec<_> = (0..k)
-        .map(|rank| {
-            thread::spawn(move || {
-                let dp = DataParallel::new(
-                    Box::new(connect(rank, k, port)),
-                    DataParallelConfig::default(),
-                )
-                .unwrap();
-                let mut t = trainer().with_data_parallel(dp).unwrap();
-                let mut losses = Vec::new();
-                for s in 0..STEPS {
-                    let (x, y) = global_batch(s, k);
-                    let x = x.narrow(0, rank * B, B).unwrap();
-                    let y = y.narrow(0, rank * B, B).unwrap();
-                    let o = t.step_tensors(&x, &y, STEPS as u64).unwrap();
-                    assert!(!o.skipped);
-                    assert_eq!(o.stats.get("dp_buckets"), Some(&1.0));
-                    losses.push(o.loss);
-                }
-                (losses, weights(&t))
-            })
-        })
-        .collect();
-    let got: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    let got = on_ranks(k, DataParallelConfig::default(), move |rank, dp| {
+        let mut t = trainer().with_data_parallel(dp).unwrap();
+        let mut losses = Vec::new();
+        for s in 0..STEPS {
+            let (x, y) = global_batch(s, k);
+            let x = x.narrow(0, rank * B, B).unwrap();
+            let y = y.narrow(0, rank * B, B).unwrap();
+            let o = t.step_tensors(&x, &y, STEPS as u64).unwrap();
+            assert!(!o.skipped);
+            assert_eq!(o.stats.get("dp_buckets"), Some(&1.0));
+            losses.push(o.loss);
+        }
+        (losses, weights(&t))
+    });
     for (rank, (losses, w)) in got.iter().enumerate() {
         // Every rank reports the global loss and holds the same weights, bit for bit.
         assert_eq!(losses, &got[0].0, "losses on rank {rank}");
@@ -343,41 +352,30 @@ fn buckets_presence_flags_and_broadcast() {
 #[test]
 fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere() {
     let k = 2;
-    let port = free_port();
-    let ranks: Vec<_> = (0..k)
-        .map(|rank| {
-            thread::spawn(move || {
-                let dp = DataParallel::new(
-                    Box::new(connect(rank, k, port)),
-                    DataParallelConfig::default(),
-                )
-                .unwrap();
-                let mut t = trainer().with_data_parallel(dp).unwrap();
-                let before = weights(&t);
-                let (x, y) = global_batch(0, k);
-                let mut x = x.narrow(0, rank * B, B).unwrap();
-                if rank == 1 {
-                    x = (x * f64::NAN).unwrap();
-                }
-                let o = t
-                    .step_tensors(&x, &y.narrow(0, rank * B, B).unwrap(), 2)
-                    .unwrap();
-                let skipped = (o.skipped, o.loss.is_nan(), weights(&t) == before);
-                // The next (finite) step goes through on both.
-                let (x, y) = global_batch(1, k);
-                let o = t
-                    .step_tensors(
-                        &x.narrow(0, rank * B, B).unwrap(),
-                        &y.narrow(0, rank * B, B).unwrap(),
-                        2,
-                    )
-                    .unwrap();
-                (skipped, o.skipped, t.state().skipped_steps)
-            })
-        })
-        .collect();
-    for (rank, h) in ranks.into_iter().enumerate() {
-        let (skipped, next_skipped, count) = h.join().unwrap();
+    let got = on_ranks(k, DataParallelConfig::default(), move |rank, dp| {
+        let mut t = trainer().with_data_parallel(dp).unwrap();
+        let before = weights(&t);
+        let (x, y) = global_batch(0, k);
+        let mut x = x.narrow(0, rank * B, B).unwrap();
+        if rank == 1 {
+            x = (x * f64::NAN).unwrap();
+        }
+        let o = t
+            .step_tensors(&x, &y.narrow(0, rank * B, B).unwrap(), 2)
+            .unwrap();
+        let skipped = (o.skipped, o.loss.is_nan(), weights(&t) == before);
+        // The next (finite) step goes through on both.
+        let (x, y) = global_batch(1, k);
+        let o = t
+            .step_tensors(
+                &x.narrow(0, rank * B, B).unwrap(),
+                &y.narrow(0, rank * B, B).unwrap(),
+                2,
+            )
+            .unwrap();
+        (skipped, o.skipped, t.state().skipped_steps)
+    });
+    for (rank, (skipped, next_skipped, count)) in got.into_iter().enumerate() {
         assert_eq!(
             skipped,
             (true, true, true),
@@ -506,41 +504,31 @@ fn compressed_all_reduce_halves_the_bytes() {
         (GradCompression::Bf16, 1e-2),
         (GradCompression::F16, 1e-3),
     ] {
-        let port = free_port();
-        let ranks: Vec<_> = (0..k)
-            .map(|rank| {
-                thread::spawn(move || {
-                    let dev = Device::Cpu;
-                    let vm = VarMap::new();
-                    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-                    let w = vb
-                        .get_with_hints(64, "w", candle_nn::Init::Const(0.0))
-                        .unwrap();
-                    let vars = vec![("w".to_string(), Var::from_tensor(&w).unwrap())];
-                    let dp = DataParallel::new(
-                        Box::new(connect(rank, k, port)),
-                        DataParallelConfig {
-                            compression,
-                            ..DataParallelConfig::default()
-                        },
-                    )
-                    .unwrap();
-                    let g: Vec<f32> = (0..64)
-                        .map(|i| ((i + 7 * rank) as f32 * 0.731).sin() * 1e3)
-                        .collect();
-                    let mut grads = candle_core::backprop::GradStore::default();
-                    grads.insert(
-                        vars[0].1.as_tensor(),
-                        Tensor::new(g.as_slice(), &dev).unwrap(),
-                    );
-                    let stats = dp.reduce_gradients(&mut grads, &vars).unwrap();
-                    let got = grads.get(vars[0].1.as_tensor()).unwrap().clone();
-                    assert_eq!(got.dtype(), DType::F32);
-                    (stats.bytes, got.to_vec1::<f32>().unwrap())
-                })
-            })
-            .collect();
-        let got: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+        let config = DataParallelConfig {
+            compression,
+            ..DataParallelConfig::default()
+        };
+        let got = on_ranks(k, config, |rank, dp| {
+            let dev = Device::Cpu;
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let w = vb
+                .get_with_hints(64, "w", candle_nn::Init::Const(0.0))
+                .unwrap();
+            let vars = vec![("w".to_string(), Var::from_tensor(&w).unwrap())];
+            let g: Vec<f32> = (0..64)
+                .map(|i| ((i + 7 * rank) as f32 * 0.731).sin() * 1e3)
+                .collect();
+            let mut grads = candle_core::backprop::GradStore::default();
+            grads.insert(
+                vars[0].1.as_tensor(),
+                Tensor::new(g.as_slice(), &dev).unwrap(),
+            );
+            let stats = dp.reduce_gradients(&mut grads, &vars).unwrap();
+            let got = grads.get(vars[0].1.as_tensor()).unwrap().clone();
+            assert_eq!(got.dtype(), DType::F32);
+            (stats.bytes, got.to_vec1::<f32>().unwrap())
+        });
         let want: Vec<f32> = (0..64)
             .map(|i| {
                 let a = (i as f32 * 0.731).sin() * 1e3;
