@@ -22,7 +22,7 @@ use fr_train::{SeededVarMap, Trainer, TrainerConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::preset::Preset;
+use fr_run::Preset;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,7 +92,7 @@ fn model_config(name: &str, input_size: Option<usize>, root: &Path) -> Result<IR
         "default" => {
             // The backbone of the lh2face preset, read from the preset itself.
             let path = root.join("configs").join("lh2face.toml");
-            let preset: Preset = crate::config_file::load(&path, &[])?;
+            let preset: Preset = fr_run::config_file::load(&path, &[])?;
             match preset.backbone {
                 BackboneConfig::Iresnet(c) => c,
                 other => bail!("the bench measures IResNets; lh2face.toml has {other:?}"),

@@ -1,8 +1,8 @@
 //! The reproduction report: a Markdown table, a JSON dump and an ROC plot.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::{Context, Result};
 use fr_eval::VerificationReport;
 use plotters::prelude::*;
 use serde::Serialize;
@@ -115,7 +115,7 @@ pub fn markdown_table(rows: &[Row], fars: &[f64]) -> String {
     s
 }
 
-const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+const FONT: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans.ttf");
 
 /// Registers the embedded plot font as `sans-serif` (ab_glyph needs it once per process; a
 /// second registration is harmless).
@@ -138,21 +138,21 @@ pub fn plot_roc(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
 pub fn plot_roc_from(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<()> {
     register_font();
     let root = BitMapBackend::new(path, (900, 650)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(|e| crate::err!("{e}"))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 24))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(55)
         .build_cartesian_2d((lo..1.0f64).log_scale(), 0.0f64..1.0)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| crate::err!("{e}"))?;
     chart
         .configure_mesh()
         .x_desc("FAR")
         .y_desc("TAR")
         .label_style(("sans-serif", 15))
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| crate::err!("{e}"))?;
     draw_curves(
         &mut chart,
         curves,
@@ -161,7 +161,7 @@ pub fn plot_roc_from(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Res
         SeriesLabelPosition::LowerRight,
     )?;
     root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
+        .map_err(|e| crate::err!("writing {}: {e}", path.display()))?;
     Ok(())
 }
 
@@ -173,7 +173,7 @@ pub fn plot_roc_from(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Res
 pub fn plot_det(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<()> {
     register_font();
     let root = BitMapBackend::new(path, (900, 650)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(|e| crate::err!("{e}"))?;
     let floor = 1e-4f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 24))
@@ -181,14 +181,14 @@ pub fn plot_det(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<(
         .x_label_area_size(45)
         .y_label_area_size(55)
         .build_cartesian_2d((lo..1.0f64).log_scale(), (floor..1.0f64).log_scale())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| crate::err!("{e}"))?;
     chart
         .configure_mesh()
         .x_desc("FMR (false match rate)")
         .y_desc("FNMR (false non-match rate)")
         .label_style(("sans-serif", 15))
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| crate::err!("{e}"))?;
     draw_curves(
         &mut chart,
         curves,
@@ -197,7 +197,7 @@ pub fn plot_det(path: &Path, title: &str, curves: &[Curve], lo: f64) -> Result<(
         SeriesLabelPosition::LowerLeft,
     )?;
     root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
+        .map_err(|e| crate::err!("writing {}: {e}", path.display()))?;
     Ok(())
 }
 
@@ -225,7 +225,7 @@ where
             .collect();
         chart
             .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(|e| crate::err!("{e}"))?
             .label(c.label.clone())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
@@ -238,7 +238,7 @@ where
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| crate::err!("{e}"))?;
     Ok(())
 }
 
@@ -260,4 +260,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
+}
+
+/// What a workflow wrote: its results table and where its files are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    /// The results (markdown), as `report.md` shows them.
+    pub table: String,
+    /// The output folder.
+    pub out_dir: PathBuf,
+    /// The files in it, for the closing line ("report.md, metrics.json, roc.png").
+    pub files: String,
+    /// Wall-clock seconds of the whole workflow.
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for Written {
+    /// The table, then `wrote <folder> (<files>) in <seconds> s`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "\n{}", self.table)?;
+        write!(
+            f,
+            "wrote {} ({}) in {:.0} s",
+            self.out_dir.display(),
+            self.files,
+            self.seconds
+        )
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use crate::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use fr_backbone::{BackboneConfig, IResNet, MobileFaceNet, QuantBits};
@@ -15,8 +15,9 @@ use serde::Serialize;
 use tracing::info;
 
 use super::student::{copy_backbone_vars, distill_label_free};
-use super::{evaluate_all, train_loader_config, EvalSet, Reports};
-use crate::preset::{Preset, QuantSection};
+use super::{evaluate_all, EvalSet, Reports};
+use crate::config::{Preset, QuantSection};
+use crate::embed::BackboneEmbedder;
 
 /// One bit setting of the QuantFace step.
 #[derive(Debug, Serialize)]
@@ -103,7 +104,7 @@ pub(super) fn run(
     let batch_size = train_set.len().min(preset.train.batch_size);
     let loader = BatchLoader::new(
         train_set.clone(),
-        train_loader_config(preset, batch_size, input_size),
+        preset.loader_config(batch_size, input_size),
     )?
     .with_device(device.clone());
     let per_epoch = loader.batches_per_epoch() as u64;
@@ -150,10 +151,8 @@ pub(super) fn run(
             v.set(t)?;
         }
         info!(setting = %name, forwards, "activation ranges calibrated");
-        let mut embedder = super::BackboneEmbedder {
-            model: student.as_ref(),
-            device: device.clone(),
-        };
+        let model: &dyn ModuleT = student.as_ref();
+        let mut embedder = BackboneEmbedder::new(model, device);
         let (calibrated, _) = evaluate_all(
             &mut embedder,
             sets,

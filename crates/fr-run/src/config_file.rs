@@ -8,9 +8,9 @@
 //! typed config (`deny_unknown_fields`) with its full dotted path, exactly like a bad key in
 //! the file itself.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::{bail, err, Context, Result};
 use serde::de::DeserializeOwned;
 use toml::Value;
 
@@ -36,9 +36,9 @@ pub fn finish<T: DeserializeOwned>(mut root: Value, sets: &[String], origin: &st
     }
     let typed = T::deserialize(root).map_err(|e| {
         if sets.is_empty() {
-            anyhow!("config {origin}: {e}")
+            err!("config {origin}: {e}")
         } else {
-            anyhow!("config {origin} with --set {}: {e}", sets.join(" --set "))
+            err!("config {origin} with --set {}: {e}", sets.join(" --set "))
         }
     })?;
     Ok(typed)
@@ -47,35 +47,88 @@ pub fn finish<T: DeserializeOwned>(mut root: Value, sets: &[String], origin: &st
 /// Longest `extends` chain followed before giving up (a cycle, most likely).
 const MAX_EXTENDS_DEPTH: usize = 8;
 
-/// Read a TOML file and resolve its `extends` chain into one tree.
+/// Read a TOML file and resolve its `extends` chain into one tree (a base missing beside the
+/// file is taken from the built-in presets, [`crate::presets`]).
+///
+/// # Errors
+/// Unreadable file, TOML syntax, a bad or too deep `extends`; the message names the file.
 pub fn read_tree(path: &Path, depth: usize) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config {}", path.display()))?;
-    let mut root: Value =
-        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+    read_source(&ConfigSource::File(path.to_path_buf()), depth)
+}
+
+/// Read one config source and resolve its `extends` chain: a file's base is a path relative to
+/// the file (else a built-in file of that name), a built-in preset's base is built in.
+///
+/// # Errors
+/// As [`read_tree`].
+pub fn read_source(src: &ConfigSource, depth: usize) -> Result<Value> {
+    let text = src.text()?;
+    let mut root: Value = toml::from_str(&text).with_context(|| format!("parsing config {src}"))?;
     let Some(table) = root.as_table_mut() else {
-        bail!("config {}: not a TOML table", path.display());
+        bail!("config {src}: not a TOML table");
     };
     let Some(base) = table.remove("extends") else {
         return Ok(root);
     };
     let Some(base) = base.as_str() else {
-        bail!(
-            "config {}: `extends` must be a file name string",
-            path.display()
-        );
+        bail!("config {src}: `extends` must be a file name string");
     };
     if depth >= MAX_EXTENDS_DEPTH {
-        bail!(
-            "config {}: `extends` chain deeper than {MAX_EXTENDS_DEPTH} (a cycle?)",
-            path.display()
-        );
+        bail!("config {src}: `extends` chain deeper than {MAX_EXTENDS_DEPTH} (a cycle?)");
     }
-    let base_path = path.parent().unwrap_or(Path::new(".")).join(base);
-    let mut merged = read_tree(&base_path, depth + 1)
-        .with_context(|| format!("config {}: its `extends` base", path.display()))?;
+    let base_src = match src {
+        ConfigSource::File(path) => {
+            let beside = path.parent().unwrap_or(Path::new(".")).join(base);
+            match crate::presets::builtin_file(base) {
+                Some(b) if !beside.exists() => b,
+                _ => ConfigSource::File(beside),
+            }
+        }
+        ConfigSource::Builtin { .. } => crate::presets::builtin_file(base)
+            .with_context(|| format!("config {src}: no built-in base `{base}`"))?,
+    };
+    let mut merged = read_source(&base_src, depth + 1)
+        .with_context(|| format!("config {src}: its `extends` base"))?;
     merge(&mut merged, root);
     Ok(merged)
+}
+
+/// Where a config's text comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A TOML file on disk.
+    File(PathBuf),
+    /// A preset built into fr (the repository's `configs/<file>` at build time).
+    Builtin {
+        /// File name, e.g. `lh2face.toml`.
+        file: &'static str,
+        /// Its TOML text.
+        text: &'static str,
+    },
+}
+
+impl ConfigSource {
+    /// The TOML text.
+    ///
+    /// # Errors
+    /// An unreadable file, named.
+    pub fn text(&self) -> Result<std::borrow::Cow<'static, str>> {
+        match self {
+            ConfigSource::File(path) => Ok(std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?
+                .into()),
+            ConfigSource::Builtin { text, .. } => Ok((*text).into()),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::File(path) => write!(f, "{}", path.display()),
+            ConfigSource::Builtin { file, .. } => write!(f, "configs/{file} (built in)"),
+        }
+    }
 }
 
 /// Merge `over` into `base`: tables merge key by key, any other value replaces.
@@ -102,7 +155,7 @@ pub fn merge(base: &mut Value, over: Value) {
 pub fn apply_set(root: &mut Value, set: &str) -> Result<()> {
     let (key, raw) = set
         .split_once('=')
-        .ok_or_else(|| anyhow!("--set {set:?}: expected key.path=value"))?;
+        .ok_or_else(|| err!("--set {set:?}: expected key.path=value"))?;
     let key = key.trim();
     if key.is_empty() || key.split('.').any(str::is_empty) {
         bail!("--set {set:?}: empty key");
@@ -113,7 +166,7 @@ pub fn apply_set(root: &mut Value, set: &str) -> Result<()> {
     for (i, part) in parts.iter().enumerate() {
         let table = node
             .as_table_mut()
-            .ok_or_else(|| anyhow!("--set {key}: `{}` is not a table", parts[..i].join(".")))?;
+            .ok_or_else(|| err!("--set {key}: `{}` is not a table", parts[..i].join(".")))?;
         if i + 1 == parts.len() {
             table.insert((*part).to_string(), value);
             return Ok(());

@@ -21,6 +21,13 @@ const TINY: &[&str] = &[
     "train.epochs=2",
 ];
 
+/// The `fr` binary, run from the workspace root (where `configs/` is).
+fn fr() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fr"));
+    c.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    c
+}
+
 fn out_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("train")
@@ -30,13 +37,12 @@ fn out_dir(name: &str) -> PathBuf {
 }
 
 fn train(out: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["train", "arcface", "--out", out.to_str().unwrap()])
+    fr().args(["train", "arcface", "--out", out.to_str().unwrap()])
         .args(TINY)
         .args(extra)
         .env("RUST_BACKTRACE", "0")
         .output()
-        .expect("running the xtask binary")
+        .expect("running the fr binary")
 }
 
 fn summary(out: &Path, run: &Output) -> Value {
@@ -108,7 +114,7 @@ fn sharded_partial_fc_saves_every_shard() {
         .join("latest")
         .exists());
     // A head outside the ArcFace family is refused, naming the flag.
-    let bad = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let bad = fr()
         .args(["train", "adaface", "--partial-fc-sample-rate", "0.5"])
         .args(TINY)
         .output()
@@ -217,8 +223,7 @@ fn mismatched_settings_are_named() {
         .to_string();
     let node = |rank: &str, extra: &[&str]| {
         let out = out_dir(&format!("node{rank}"));
-        Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["train", "arcface", "--out", out.to_str().unwrap()])
+        fr().args(["train", "arcface", "--out", out.to_str().unwrap()])
             .args(TINY)
             .args(["--nproc", "1", "--nnodes", "2", "--node-rank", rank])
             .args(["--master-port", &port, "--rendezvous-timeout", "60"])

@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use fr_backbone::build_bn_stats_backbone;
@@ -23,7 +23,7 @@ use serde::Serialize;
 use tracing::info;
 
 use super::EvalSet;
-use crate::preset::{InversionSection, Preset};
+use crate::config::{InversionSection, Preset};
 
 /// What the inversion step measured, for metrics.json and the report.
 #[derive(Debug, Serialize)]

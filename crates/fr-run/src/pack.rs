@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::{Context, Result};
 use fr_data::recordio_writer::{pack_records, PackConfig, PackItem, PackSummary};
 use fr_data::{FaceDataset, ImageFolder};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,41 +12,49 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Skipped files listed in the summary before "... and N more".
 const LIST_SKIPPED: usize = 20;
 
-/// Command-line options of `pack`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct PackArgs {
+/// Options of `pack`.
+#[derive(Debug, Clone)]
+pub struct PackOptions {
     /// An image folder (`<root>/<identity>/<image>.{jpg,png,pgm,...}`, identities sorted by
     /// name) or a list file of `path label` lines.
-    #[arg(long)]
     pub from: PathBuf,
     /// Output folder for train.rec, train.idx and property.
-    #[arg(long)]
     pub out: PathBuf,
     /// Write the shuffled images-only variant (no header or identity records), as DALI needs.
-    #[arg(long)]
     pub shuffle: bool,
     /// Side of the stored images in pixels.
-    #[arg(long, default_value_t = 112)]
     pub size: u32,
     /// JPEG quality of re-encoded images (same-size JPEG sources are copied unchanged).
-    #[arg(long, default_value_t = 95)]
     pub quality: u8,
     /// Seed of the shuffled order.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Folder the paths of a list file are relative to (default: the list file's folder).
-    #[arg(long)]
     pub root: Option<PathBuf>,
     /// Number of classes of a list file: labels must be below it (default: largest + 1).
-    #[arg(long)]
     pub num_classes: Option<usize>,
     /// Replace train.rec / train.idx / property already in --out.
-    #[arg(long)]
     pub force: bool,
 }
 
+impl Default for PackOptions {
+    /// No paths; 112-pixel images at JPEG quality 95, layout A, seed 0.
+    fn default() -> Self {
+        Self {
+            from: PathBuf::new(),
+            out: PathBuf::new(),
+            shuffle: false,
+            size: 112,
+            quality: 95,
+            seed: 0,
+            root: None,
+            num_classes: None,
+            force: false,
+        }
+    }
+}
+
 /// Open `--from` as a folder of identities or as a list file.
-fn open_source(args: &PackArgs) -> Result<ImageFolder> {
+fn open_source(args: &PackOptions) -> Result<ImageFolder> {
     let from = &args.from;
     if from.is_dir() {
         return ImageFolder::open(from).with_context(|| format!("reading {}", from.display()));
@@ -66,7 +74,8 @@ fn open_source(args: &PackArgs) -> Result<ImageFolder> {
 }
 
 /// The summary printed at the end.
-fn summary_text(s: &PackSummary) -> String {
+/// What a pack did, as `fr pack` prints it: counts, and the skipped files (the first 20).
+pub fn summary_text(s: &PackSummary) -> String {
     let mut out = format!(
         "packed {} images of {} identities ({} classes) into {} ({}); {} skipped\n  \
          {} JPEGs copied unchanged, {} encoded; train.rec {:.1} MiB\n",
@@ -97,7 +106,7 @@ fn summary_text(s: &PackSummary) -> String {
 }
 
 /// Pack `args.from` into `args.out`; returns the summary (also printed).
-pub fn pack(args: &PackArgs) -> Result<PackSummary> {
+pub fn pack(args: &PackOptions) -> Result<PackSummary> {
     let folder = open_source(args)?;
     let items = PackItem::from_folder(&folder)?;
     let config = PackConfig {
@@ -130,27 +139,14 @@ pub fn pack(args: &PackArgs) -> Result<PackSummary> {
             args.out.display()
         )
     })?;
-    print!("{}", summary_text(&summary));
     Ok(summary)
-}
-
-/// `cargo xtask pack`.
-pub fn run(args: &PackArgs) -> Result<()> {
-    pack(args).map(|_| ())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
     use fr_data::RecordIoDataset;
     use image::{Rgb, RgbImage};
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: PackArgs,
-    }
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("xtask-pack-{name}-{}", std::process::id()));
@@ -176,19 +172,13 @@ mod tests {
         let dir = temp_dir("folder");
         write_folder(&dir.join("src"));
         let out = dir.join("out");
-        let cli = Cli::try_parse_from([
-            "pack",
-            "--from",
-            dir.join("src").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .unwrap();
-        assert_eq!(
-            (cli.args.size, cli.args.quality, cli.args.shuffle),
-            (112, 95, false)
-        );
-        let s = pack(&cli.args).unwrap();
+        let args = PackOptions {
+            from: dir.join("src"),
+            out: out.clone(),
+            ..PackOptions::default()
+        };
+        assert_eq!((args.size, args.quality, args.shuffle), (112, 95, false));
+        let s = pack(&args).unwrap();
         assert_eq!((s.images, s.identities, s.skipped.len()), (6, 2, 1));
         let text = summary_text(&s);
         assert!(text.contains("packed 6 images of 2 identities"), "{text}");
@@ -197,7 +187,7 @@ mod tests {
         assert_eq!((ds.len(), ds.num_classes()), (6, 2));
         assert_eq!(ds.image(0).unwrap().dimensions(), (112, 112));
         // A second run without --force refuses to overwrite, naming the file.
-        let err = format!("{:#}", pack(&cli.args).unwrap_err());
+        let err = format!("{:#}", pack(&args).unwrap_err());
         assert!(err.contains("train.rec"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -212,22 +202,16 @@ mod tests {
         )
         .unwrap();
         let out = dir.join("out");
-        let cli = Cli::try_parse_from([
-            "pack",
-            "--from",
-            dir.join("src/list.txt").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--shuffle",
-            "--size",
-            "56",
-            "--quality",
-            "90",
-            "--seed",
-            "3",
-        ])
-        .unwrap();
-        let s = pack(&cli.args).unwrap();
+        let args = PackOptions {
+            from: dir.join("src/list.txt"),
+            out: out.clone(),
+            shuffle: true,
+            size: 56,
+            quality: 90,
+            seed: 3,
+            ..PackOptions::default()
+        };
+        let s = pack(&args).unwrap();
         assert!(s.shuffled);
         assert_eq!((s.images, s.identities, s.skipped.len()), (3, 2, 1));
         let ds = RecordIoDataset::open(&out).unwrap();
@@ -240,7 +224,7 @@ mod tests {
 
         // A label that is not a class id names the list file and the line.
         std::fs::write(dir.join("src/list.txt"), "alice/0.png 0\nbob/1.png one\n").unwrap();
-        let err = format!("{:#}", pack(&cli.args).unwrap_err());
+        let err = format!("{:#}", pack(&args).unwrap_err());
         assert!(err.contains("list.txt") && err.contains("line 2"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

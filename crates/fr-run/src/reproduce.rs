@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::progress::progress_bar;
+use crate::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ModuleT;
-use fr_backbone::{build_backbone, Backbone};
 use fr_data::loader::{BatchLoader, LoaderConfig};
 use fr_data::recordio::RecordIoDataset;
 use fr_data::synthetic::{DepthMap, SyntheticConfig, SyntheticFaces};
@@ -19,17 +19,20 @@ use fr_data::{FaceDataset, InMemoryDataset, Quality};
 use fr_eval::{
     embed_with_flip_progress, evaluate, Embedder, VerificationConfig, VerificationReport,
 };
-use fr_heads::build_head;
-use fr_render::{resize_bilinear, to_rgb8, JointConfig, ReconstructionBranch, RenderObjective};
-use fr_train::{not_running_stat, SeededVarMap, Trainer};
+use fr_render::{resize_bilinear, to_rgb8, JointConfig, ReconstructionBranch};
+use fr_train::{SeededVarMap, Trainer};
 use image::RgbImage;
-use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, Array4, ArrayView4};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::preset::{KdSchedule, Preset, Scoring};
-use crate::report::{self, Curve, Row};
+use crate::config::{KdSchedule, Preset, Scoring};
+use crate::config_file::ConfigSource;
+use crate::embed::BackboneEmbedder;
+use crate::fit::{fit, FitConfig, OnEpoch};
+use crate::model::{assemble, Model, ModelSpec};
+use crate::presets::Presets;
+use crate::report::{self, Curve, Row, Written};
 
 mod inversion;
 mod quantface;
@@ -38,34 +41,26 @@ mod student;
 /// Below this many pairs per fold, verification is scored as a single fold.
 pub(crate) const MIN_PAIRS_PER_FOLD: usize = 10;
 
-/// Command-line options of `reproduce`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ReproduceArgs {
+/// Options of `reproduce` (`fr reproduce`, `cargo xtask reproduce`): which preset, its
+/// overrides, the data, the output folder.
+#[derive(Debug, Clone, Default)]
+pub struct ReproduceOptions {
     /// The paper preset (`configs/<paper>.toml`), or `compare` followed by the heads to train
     /// side by side.
     pub paper: Option<String>,
     /// After `compare`: registry head names or preset names (a preset contributes its paper's
     /// head with the preset's settings), e.g. `compare arcface cosface adaface`.
-    #[arg(value_name = "HEAD")]
     pub names: Vec<String>,
-    /// List the presets: paper, default config and the published number each aims at.
-    #[arg(long)]
-    pub list: bool,
     /// Use this config file instead of `configs/<paper>.toml`.
-    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override a config value: `--set train.epochs=3` (repeatable; value parsed as TOML).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Train on an insightface RecordIO folder (train.rec, train.idx, property) instead of
     /// the synthetic identities.
-    #[arg(long, value_name = "DIR")]
     pub train_rec: Option<PathBuf>,
     /// Verification sets (.bin) to evaluate on; required with --train-rec.
-    #[arg(long, value_name = "FILE", num_args = 1..)]
     pub val_bin: Vec<PathBuf>,
     /// Output folder (default `target/reproduce/<paper>`).
-    #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
@@ -211,26 +206,6 @@ struct Metrics<'a> {
     total_seconds: f64,
 }
 
-/// Runs a backbone in eval mode over host batches.
-struct BackboneEmbedder<'a> {
-    model: &'a dyn ModuleT,
-    device: Device,
-}
-
-impl Embedder for BackboneEmbedder<'_> {
-    type Error = candle_core::Error;
-
-    fn embed(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>, Self::Error> {
-        let shape = images.shape().to_vec();
-        let data: Vec<f32> = images.iter().copied().collect();
-        let x = Tensor::from_vec(data, shape, &self.device)?;
-        let y = fr_kernels::no_grad(|| self.model.forward_t(&x, false))?;
-        let (n, d) = y.dims2()?;
-        let v = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Array2::from_shape_vec((n, d), v).map_err(|e| candle_core::Error::Msg(e.to_string()))
-    }
-}
-
 /// The "raw pixels" baseline: the normalised image itself is the embedding.
 struct PixelEmbedder;
 
@@ -245,19 +220,6 @@ impl Embedder for PixelEmbedder {
                 .expect("n·d elements by construction"),
         )
     }
-}
-
-fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} (eta {eta})",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(prefix.to_string());
-    pb
 }
 
 fn to_array(images: &[RgbImage], size: u32) -> Result<Array4<f32>> {
@@ -346,11 +308,11 @@ pub(crate) fn bin_eval(paths: &[PathBuf], size: u32) -> Result<Vec<EvalSet>> {
 }
 
 /// One verification report per protocol, by protocol name.
-type Reports = Vec<(String, VerificationReport)>;
+pub(crate) type Reports = Vec<(String, VerificationReport)>;
 
 /// Embeds every set once and runs its protocols; returns the reports and each set's
 /// embeddings (for further scorings such as QMagFace).
-fn evaluate_all<E: Embedder>(
+pub(crate) fn evaluate_all<E: Embedder>(
     embedder: &mut E,
     sets: &[EvalSet],
     preset: &Preset,
@@ -408,21 +370,6 @@ fn folds_for(vcfg: &VerificationConfig, p: &Protocol) -> VerificationConfig {
         vcfg.n_folds = 1;
     }
     vcfg
-}
-
-/// The training loader's settings of a preset: shuffled with the preset's seed, `drop_last`,
-/// the preset's corrupt-image policy and prefetch depth, at `input_size` pixels.
-fn train_loader_config(preset: &Preset, batch_size: usize, input_size: u32) -> LoaderConfig {
-    LoaderConfig {
-        batch_size,
-        image_size: input_size,
-        shuffle: true,
-        seed: preset.seed,
-        drop_last: true,
-        skip_corrupt: preset.train.skip_corrupt,
-        prefetch: preset.train.prefetch.unwrap_or(2),
-        ..LoaderConfig::default()
-    }
 }
 
 /// Train one method and evaluate it; also returns the trained variables.
@@ -488,74 +435,14 @@ fn run_method_with(
 ) -> Result<(MethodResult, candle_nn::VarMap)> {
     let checkpoints = out_dir.join("checkpoints");
     let head_cfg = preset.heads[method].clone();
-    let seeded = SeededVarMap::new(preset.seed);
-    let vb = seeded.var_builder(DType::F32, device);
-    let backbone: Box<dyn Backbone> = build_backbone(&preset.backbone, vb.clone())
-        .with_context(|| format!("building the backbone for {method}"))?;
-    let head = build_head(
-        &head_cfg,
-        backbone.embedding_size(),
-        train_set.num_classes(),
-        vb.pp("head"),
-    )
-    .with_context(|| format!("building head {method}"))?;
-    // The reconstruction branch, in the same VarMap (optimised, clipped and checkpointed with
-    // everything else) under `render.`.
-    let joint = preset.render_for(method).cloned();
-    let objective = joint
-        .as_ref()
-        .map(|j| RenderObjective::new(j, vb.pp("render")))
-        .transpose()
-        .with_context(|| format!("building the reconstruction branch for {method}"))?;
-    // Head parameters live under `head.`, the branch's under `render.` (all but BatchNorm
-    // running statistics train); the backbone decides for its own names.
-    let frozen: Vec<String> = {
-        let data = seeded.varmap().data().lock().expect("fresh VarMap lock");
-        data.keys()
-            .filter(|n| {
-                if n.starts_with("head.") {
-                    false
-                } else if n.starts_with("render.") {
-                    !not_running_stat(n)
-                } else {
-                    !backbone.is_trainable(n)
-                }
-            })
-            .cloned()
-            .collect()
-    };
-    let mut trainer_cfg = preset.train.trainer.clone();
-    trainer_cfg.seed = preset.seed;
-    let mut trainer = Trainer::new(
-        backbone,
-        head,
-        seeded.varmap().clone(),
-        trainer_cfg,
-        move |n: &str| !frozen.iter().any(|f| f == n),
-    )?;
-    match (objective, extras.auxiliary.take()) {
-        (Some(_), Some(_)) => bail!(
-            "{method}: the reconstruction branch and distillation cannot be combined in one run"
-        ),
-        (Some(o), None) => trainer = trainer.with_auxiliary(Box::new(o))?,
-        (None, Some(aux)) => trainer = trainer.with_auxiliary(aux)?,
-        (None, None) => {}
-    }
-    // The model card written beside every checkpoint (config.json), so that a step folder
-    // loads by path or, uploaded, by Hub repository id.
-    trainer = trainer.with_model_card(
-        fr_backbone::ModelCard::new(preset.backbone.clone())
-            .with_head(
-                method,
-                serde_json::to_value(&head_cfg).ok(),
-                Some(train_set.num_classes()),
-            )
-            .with_training_set(
-                data_desc,
-                Some(train_set.num_classes()),
-                Some(train_set.len()),
-            ),
-    );
+    let Model {
+        mut trainer,
+        seeded,
+        render: joint,
+    } = assemble(ModelSpec {
+        auxiliary: extras.auxiliary.take(),
+        ..ModelSpec::new(preset, method, train_set.as_ref(), data_desc, device)
+    })?;
     let batch_size = if train_set.len() < preset.train.batch_size
         && preset.train.identities_per_batch.is_none()
     {
@@ -572,12 +459,11 @@ fn run_method_with(
         train_set.clone(),
         LoaderConfig {
             identities_per_batch: preset.train.identities_per_batch,
-            ..train_loader_config(preset, batch_size, input_size)
+            ..preset.loader_config(batch_size, input_size)
         },
     )?
     .with_device(device.clone());
-    let per_epoch = loader.batches_per_epoch() as u64;
-    if per_epoch == 0 {
+    if loader.batches_per_epoch() == 0 {
         bail!("the training set is empty");
     }
     // A reproduction starts from scratch: checkpoints of an earlier run in this folder would
@@ -588,65 +474,31 @@ fn run_method_with(
         std::fs::remove_dir_all(&ckpt_dir)
             .with_context(|| format!("removing {}", ckpt_dir.display()))?;
     }
-    let total = per_epoch * preset.train.epochs as u64;
-    let pb = progress_bar(total, method);
-    let start = Instant::now();
-    let mut images = 0usize;
-    let mut epoch_loss = Vec::new();
-    let mut last_epoch_terms = BTreeMap::new();
-    for epoch in 0..preset.train.epochs {
-        trainer.set_epoch(epoch);
-        let (mut sum, mut count) = (0.0, 0usize);
-        let mut terms: BTreeMap<String, f64> = BTreeMap::new();
-        for batch in loader.epoch(epoch as u64) {
-            let batch = batch?;
-            images += batch.indices.len();
-            let out = trainer.step(&batch, total)?;
-            if !out.skipped {
-                sum += out.loss;
-                count += 1;
-                if joint.is_some() {
-                    for key in ["head_loss", "l_reco", "l_canon", "l_view", "render_loss"] {
-                        if let Some(v) = out.stats.get(key) {
-                            *terms.entry(key.to_string()).or_default() += v;
-                        }
-                    }
-                }
-            }
-            pb.set_message(format!(
-                "epoch {} loss {:.3} lr {:.4}",
-                epoch + 1,
-                out.loss,
-                out.lr
-            ));
-            pb.inc(1);
-        }
-        // One checkpoint per epoch (atomic; the trainer keeps the newest few).
-        let ckpt = trainer.save(&ckpt_dir)?;
-        tracing::debug!(path = %ckpt.display(), "checkpoint written");
-        if let Some(f) = extras.on_epoch.as_mut() {
-            f(epoch + 1, trainer.varmap())?;
-        }
-        let mean = if count > 0 {
-            sum / count as f64
-        } else {
-            f64::NAN
-        };
-        info!(
-            method,
-            epoch = epoch + 1,
-            loss = format!("{mean:.4}"),
-            "epoch done"
-        );
-        epoch_loss.push(mean);
-        last_epoch_terms = terms
-            .into_iter()
-            .map(|(k, v)| (k, v / count.max(1) as f64))
-            .collect();
-    }
-    pb.finish_and_clear();
-    let train_seconds = start.elapsed().as_secs_f64();
-    let images_per_second = images as f64 / train_seconds.max(1e-9);
+    let fit_config = FitConfig {
+        checkpoints: Some(ckpt_dir),
+        ..FitConfig::new(method, preset.train.epochs)
+    };
+    let fitted = match extras.on_epoch.as_mut() {
+        Some(f) => fit(
+            &mut trainer,
+            &loader,
+            &fit_config,
+            &mut OnEpoch(|done, t: &mut Trainer| f(done, t.varmap())),
+        )?,
+        None => fit(&mut trainer, &loader, &fit_config, &mut ())?,
+    };
+    // The reconstruction branch's terms, averaged over the last epoch.
+    let last_epoch_terms: BTreeMap<String, f64> = match joint {
+        Some(_) => fitted
+            .last_epoch_stats
+            .iter()
+            .filter(|(k, _)| RENDER_TERMS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    let (train_seconds, images_per_second) = (fitted.train_seconds, fitted.images_per_second());
+    let epoch_loss = fitted.epoch_loss;
     info!(
         method,
         train_seconds = format!("{train_seconds:.1}"),
@@ -654,10 +506,8 @@ fn run_method_with(
         "trained"
     );
 
-    let mut embedder = BackboneEmbedder {
-        model: trainer.backbone(),
-        device: device.clone(),
-    };
+    let backbone: &dyn ModuleT = trainer.backbone();
+    let mut embedder = BackboneEmbedder::new(backbone, device);
     let (protocols, set_embeddings) = evaluate_all(&mut embedder, sets, preset, method)?;
     let qmagface = match preset.eval.scoring {
         Scoring::Cosine => None,
@@ -711,6 +561,10 @@ fn run_method_with(
     };
     Ok((result, seeded.varmap().clone()))
 }
+
+/// The step statistics of the reconstruction branch that the report averages over the last
+/// epoch.
+const RENDER_TERMS: [&str; 5] = ["head_loss", "l_reco", "l_canon", "l_view", "render_loss"];
 
 /// Images `indices` of `set` as branch input: back from the recognition normalisation to
 /// [0, 1], resized to the branch's size.
@@ -1036,7 +890,7 @@ fn qmagface_eval<E: Embedder>(
 /// Sub-center ArcFace's drop step: embed every training image (no flip), keep the samples
 /// within the drop angle of their class's dominant sub-centre, write the cleaned list.
 fn subcenter_drop(
-    embedder: &mut BackboneEmbedder<'_>,
+    embedder: &mut BackboneEmbedder<&dyn ModuleT>,
     train_set: &Arc<dyn FaceDataset>,
     varmap: &candle_nn::VarMap,
     cfg: &fr_heads::subcenter::SubCenterArcFaceConfig,
@@ -1109,21 +963,13 @@ kept {} of {} training samples; one dataset index per line",
     })
 }
 
-pub(crate) fn input_size(preset: &Preset) -> u32 {
-    preset.backbone.input_shape().0 as u32
-}
-
 /// Entry point of `cargo xtask reproduce`.
 ///
 /// # Errors
 /// A bad config (naming the key), unreadable data (naming the file), or a training failure.
-pub fn run(args: &ReproduceArgs, root: &Path) -> Result<()> {
+pub fn run(args: &ReproduceOptions, root: &Path) -> Result<Written> {
     let started = Instant::now();
-    let configs = root.join("configs");
-    if args.list {
-        print!("{}", list_table(&configs)?);
-        return Ok(());
-    }
+    let configs = Presets::with_dir(root.join("configs"));
     let preset = resolve_preset(args, &configs)?;
     preset.validate()?;
     if let (Some(inv), Some(_)) = (&preset.inversion, &args.train_rec) {
@@ -1151,7 +997,7 @@ invert class centres only"
     let device = Device::cuda_if_available(0)?;
     #[cfg(not(feature = "cuda"))]
     let device = Device::Cpu;
-    let size = input_size(&preset);
+    let size = preset.input_size();
 
     let (train_set, sets, data_desc): (Arc<dyn FaceDataset>, Vec<EvalSet>, String) = match &args
         .train_rec
@@ -1534,13 +1380,12 @@ the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC]
             total_seconds,
         },
     )?;
-    println!("\n{table}");
-    println!(
-        "wrote {} (report.md, metrics.json, roc.png, checkpoints/) in {:.0} s",
-        out_dir.display(),
-        total_seconds
-    );
-    Ok(())
+    Ok(Written {
+        table,
+        out_dir,
+        files: "report.md, metrics.json, roc.png, checkpoints/".into(),
+        seconds: total_seconds,
+    })
 }
 
 /// Images per step of the training runs (the smallest, as the report states it).
@@ -1660,12 +1505,12 @@ nearer = brighter), re-rendered view (the canonical face warped into the input v
 
 /// The preset named by `args`: `configs/<paper>.toml` (or `--config`), or for `compare` the
 /// shared base with one method per name; `--set` overrides applied.
-fn resolve_preset(args: &ReproduceArgs, configs: &Path) -> Result<Preset> {
+fn resolve_preset(args: &ReproduceOptions, configs: &Presets) -> Result<Preset> {
     let Some(paper) = args.paper.as_deref() else {
         bail!(
             "name a preset (`cargo xtask reproduce lh2face`), `compare HEAD...`, or --list \
 (presets: {})",
-            list_presets(configs).join(", ")
+            configs.names().join(", ")
         );
     };
     if paper == COMPARE {
@@ -1678,19 +1523,10 @@ fn resolve_preset(args: &ReproduceArgs, configs: &Path) -> Result<Preset> {
             args.names.join(" ")
         );
     }
-    let config_path = args
-        .config
-        .clone()
-        .unwrap_or_else(|| configs.join(format!("{paper}.toml")));
-    if !config_path.exists() {
-        bail!(
-            "no preset {paper}: {} does not exist (presets: {})",
-            config_path.display(),
-            list_presets(configs).join(", ")
-        );
+    match &args.config {
+        Some(path) => crate::config_file::load(path, &args.sets),
+        None => configs.load(paper, &args.sets),
     }
-    let preset: Preset = crate::config_file::load(&config_path, &args.sets)?;
-    Ok(preset)
 }
 
 /// The word that turns `reproduce` into a comparison of heads.
@@ -1699,33 +1535,29 @@ const COMPARE: &str = "compare";
 /// A comparison: the shared base (`configs/_base.toml`, or `--config`) with one method per
 /// name. A name that is a preset contributes its paper's head as that preset configures it
 /// (tuned for the CPU default); any other name is a registry head with its paper defaults.
-fn compare_preset(args: &ReproduceArgs, configs: &Path) -> Result<Preset> {
+fn compare_preset(args: &ReproduceOptions, configs: &Presets) -> Result<Preset> {
     if args.names.is_empty() {
         bail!(
             "`compare` needs the heads to train, e.g. `compare arcface cosface adaface` \
 (heads: {}; presets: {})",
             fr_heads::HeadConfig::NAMES.join(", "),
-            list_presets(configs).join(", ")
+            configs.names().join(", ")
         );
     }
-    let base_path = args
-        .config
-        .clone()
-        .unwrap_or_else(|| configs.join("_base.toml"));
-    let mut tree = crate::config_file::read_tree(&base_path, 0)?;
+    let (mut tree, base_src) = match &args.config {
+        Some(path) => (
+            crate::config_file::read_tree(path, 0)?,
+            ConfigSource::File(path.clone()),
+        ),
+        None => configs.tree("_base")?,
+    };
     let mut heads = toml::Table::new();
     for name in &args.names {
-        let preset_path = configs.join(format!("{name}.toml"));
-        let head = if preset_path.is_file() && !name.starts_with('_') {
-            let p: Preset = crate::config_file::load(&preset_path, &[])?;
-            p.heads[&p.methods[0]].clone()
-        } else if let Some(h) = fr_heads::HeadConfig::default_for(name) {
-            h
-        } else {
+        let Some(head) = configs.head(name)? else {
             bail!(
                 "compare: `{name}` is neither a head ({}) nor a preset ({})",
                 fr_heads::HeadConfig::NAMES.join(", "),
-                list_presets(configs).join(", ")
+                configs.names().join(", ")
             );
         };
         if heads.contains_key(name) {
@@ -1753,17 +1585,20 @@ fn compare_preset(args: &ReproduceArgs, configs: &Path) -> Result<Preset> {
         toml::Value::Array(args.names.iter().map(|n| n.clone().into()).collect()),
     );
     table.insert("heads".into(), toml::Value::Table(heads));
-    crate::config_file::finish(tree, &args.sets, &base_path.display().to_string())
+    crate::config_file::finish(tree, &args.sets, &base_src.to_string())
 }
 
-/// `--list`: one row per preset.
-fn list_table(configs: &Path) -> Result<String> {
+/// `reproduce --list`: one markdown row per preset of `configs` (paper, methods, the published
+/// headline it aims at).
+///
+/// # Errors
+/// A preset that does not load.
+pub fn list_table(configs: &Presets) -> Result<String> {
     let mut out = String::from(
         "| preset | paper | default config (methods; the first is the paper's) | published headline the full preset aims at |\n|---|---|---|---|\n",
     );
-    for name in list_presets(configs) {
-        let path = configs.join(format!("{name}.toml"));
-        let p: Preset = crate::config_file::load(&path, &[])?;
+    for name in configs.names() {
+        let p = configs.load(&name, &[])?;
         let methods: Vec<String> = p
             .methods
             .iter()
@@ -1780,26 +1615,6 @@ fn list_table(configs: &Path) -> Result<String> {
     Ok(out)
 }
 
-pub(crate) fn list_presets(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let p = e.path();
-                    if p.extension()? != "toml" {
-                        return None;
-                    }
-                    let stem = p.file_stem()?.to_string_lossy().into_owned();
-                    // `_base.toml` and friends are shared bases, not presets.
-                    (!stem.starts_with('_')).then_some(stem)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1811,10 +1626,9 @@ mod tests {
         let root = crate::workspace_root();
         let data = root.join("crates/fr-data/tests/data");
         let out = std::env::temp_dir().join(format!("fr-reproduce-test-{}", std::process::id()));
-        let args = ReproduceArgs {
+        let args = ReproduceOptions {
             paper: Some("lh2face".into()),
             names: vec![],
-            list: false,
             config: None,
             sets: vec!["train.epochs=1".into()],
             train_rec: Some(data.join("rec_layout_a")),
@@ -1865,10 +1679,9 @@ mod tests {
         )
         .unwrap();
         let out = dir.join("out");
-        let args = ReproduceArgs {
+        let args = ReproduceOptions {
             paper: Some("lh2face".into()),
             names: vec![],
-            list: false,
             config: None,
             sets: vec!["train.epochs=1".into(), r#"methods=["arcface"]"#.into()],
             train_rec: Some(dir.clone()),
@@ -1902,11 +1715,10 @@ mod tests {
         .collect()
     }
 
-    fn args(paper: &str, names: &[&str], sets: Vec<String>, out: &Path) -> ReproduceArgs {
-        ReproduceArgs {
+    fn args(paper: &str, names: &[&str], sets: Vec<String>, out: &Path) -> ReproduceOptions {
+        ReproduceOptions {
             paper: Some(paper.into()),
             names: names.iter().map(|s| s.to_string()).collect(),
-            list: false,
             config: None,
             sets,
             train_rec: None,
@@ -1921,7 +1733,7 @@ mod tests {
     #[test]
     fn every_preset_runs_and_reports() {
         let root = crate::workspace_root();
-        let presets = list_presets(&root.join("configs"));
+        let presets = Presets::with_dir(root.join("configs")).names();
         assert!(presets.len() >= 19, "{presets:?}");
         for name in presets {
             let out = std::env::temp_dir().join(format!("fr-preset-{name}-{}", std::process::id()));
@@ -2089,8 +1901,9 @@ mod tests {
     #[test]
     fn list_shows_every_preset_with_its_headline() {
         let root = crate::workspace_root();
-        let table = list_table(&root.join("configs")).unwrap();
-        for name in list_presets(&root.join("configs")) {
+        let configs = Presets::with_dir(root.join("configs"));
+        let table = list_table(&configs).unwrap();
+        for name in configs.names() {
             assert!(table.contains(&format!("| {name} |")), "{name} missing");
         }
         assert!(table.contains("96.37") && !table.contains("| _base |"));
@@ -2098,10 +1911,9 @@ mod tests {
 
     #[test]
     fn unknown_preset_lists_the_available_ones() {
-        let args = ReproduceArgs {
+        let args = ReproduceOptions {
             paper: Some("no_such_paper".into()),
             names: vec![],
-            list: false,
             config: None,
             sets: vec![],
             train_rec: None,
@@ -2120,10 +1932,9 @@ mod tests {
     #[test]
     fn train_rec_without_val_bin_is_an_error() {
         let root = crate::workspace_root();
-        let args = ReproduceArgs {
+        let args = ReproduceOptions {
             paper: Some("lh2face".into()),
             names: vec![],
-            list: false,
             config: None,
             sets: vec![],
             train_rec: Some(root.join("crates/fr-data/tests/data/rec_layout_a")),
@@ -2133,7 +1944,7 @@ mod tests {
         let err = run(&args, &root).unwrap_err().to_string();
         assert!(err.contains("--val-bin"), "{err}");
         // Inverting test embeddings scores them against the synthetic identities' other images.
-        let args = ReproduceArgs {
+        let args = ReproduceOptions {
             paper: Some("arcface-inversion".into()),
             ..args
         };

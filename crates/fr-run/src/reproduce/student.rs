@@ -14,22 +14,25 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::{bail, Context, Result};
 use candle_core::{DType, Device, Var};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use fr_backbone::{build_backbone, Backbone, BackboneConfig};
 use fr_data::loader::BatchLoader;
+use fr_data::Batch;
 use fr_data::FaceDataset;
-use fr_train::{clip_grad_norm, grad_norm, Distillation, SeededVarMap, Teacher, TeacherSchedule};
+use fr_train::optim::AnyOptimizer;
+use fr_train::{
+    clip_grad_norm, grad_norm, Distillation, SeededVarMap, StepOutcome, Teacher, TeacherSchedule,
+};
 use serde::Serialize;
 use tracing::info;
 
-use super::{
-    evaluate_all, progress_bar, run_method_with, BackboneEmbedder, EvalSet, MethodExtras, Reports,
-};
-use crate::preset::{KdSchedule, Preset, StudentSection};
+use super::{evaluate_all, run_method_with, EvalSet, MethodExtras, Reports};
+use crate::config::{KdSchedule, Preset, StudentSection};
+use crate::embed::BackboneEmbedder;
+use crate::fit::{fit, FitConfig, Learner};
 
 /// A deep copy of the backbone variables of `vars` (everything but `head.` and `render.`), so
 /// that a student or a snapshot never aliases a trained model's variables.
@@ -92,10 +95,72 @@ pub(super) struct DistillRun {
     pub train_seconds: f64,
 }
 
-/// Label-free distillation, `L = weight · MSE(normalise(student(x)), normalise(teacher(x)))` over
-/// `epochs` passes of `loader` (labels unused), with the preset's optimiser, schedule and
-/// clipping at base learning rate `lr`; student epoch `e` uses
-/// `teachers[schedule.teacher_index(e, n)]`. Non-finite steps are skipped.
+/// Label-free distillation, `L = weight · MSE(normalise(student(x)), normalise(teacher(x)))`
+/// (labels unused), with the preset's optimiser, schedule and clipping at base learning rate
+/// `lr`; student epoch `e` uses `teachers[schedule.teacher_index(e, n)]`. A step whose loss or
+/// gradient norm is not finite is skipped (no update, the schedule still advances).
+struct LabelFree<'a> {
+    student: &'a dyn ModuleT,
+    params: Vec<Var>,
+    optimizer: AnyOptimizer,
+    teachers: &'a [&'a dyn ModuleT],
+    schedule: TeacherSchedule,
+    teacher: usize,
+    preset: &'a Preset,
+    lr: f64,
+    weight: f64,
+    tick: u64,
+}
+
+impl Learner for LabelFree<'_> {
+    fn set_epoch(&mut self, epoch: usize) {
+        self.teacher = self.schedule.teacher_index(epoch, self.teachers.len());
+    }
+
+    fn step(&mut self, batch: &Batch, total_steps: u64) -> Result<StepOutcome> {
+        let trainer = &self.preset.train.trainer;
+        let lr = trainer.schedule.lr_at(self.lr, self.tick, total_steps);
+        self.optimizer.set_learning_rate(lr);
+        let teacher = self.teachers[self.teacher];
+        let target = fr_kernels::no_grad(|| teacher.forward_t(&batch.images, false))?;
+        let out = self.student.forward_t(&batch.images, true)?;
+        let loss = (fr_heads::kd::normalized_mse(&out, &target)? * self.weight)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut grads = loss.backward()?;
+        let norm = grad_norm(&grads, &self.params)?;
+        let skipped = !(value.is_finite() && norm.is_finite());
+        if !skipped {
+            if let Some(max) = trainer.clip_max_norm {
+                clip_grad_norm(&mut grads, &self.params, max)?;
+            }
+            self.optimizer.step(&grads)?;
+        }
+        let step = self.tick;
+        self.tick += 1;
+        Ok(StepOutcome {
+            step,
+            loss: value,
+            lr,
+            grad_norm: norm.is_finite().then_some(norm),
+            skipped,
+            stats: BTreeMap::new(),
+        })
+    }
+
+    fn steps_done(&self) -> u64 {
+        self.tick
+    }
+
+    fn save(&mut self, dir: &std::path::Path) -> Result<std::path::PathBuf> {
+        bail!(
+            "label-free distillation keeps no checkpoints (asked to save into {})",
+            dir.display()
+        )
+    }
+}
+
+/// Trains `student` by label-free distillation ([`LabelFree`]) over `epochs` passes of
+/// `loader`, through [`fit`].
 ///
 /// # Errors
 /// Forward / backward failures, an empty loader or no teacher.
@@ -115,63 +180,30 @@ pub(super) fn distill_label_free(
     if teachers.is_empty() {
         bail!("{label}: no teacher to distil from");
     }
-    let per_epoch = loader.batches_per_epoch() as u64;
-    if per_epoch == 0 {
-        bail!("{label}: the training set is empty");
-    }
     let plain: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
-    let mut optimizer = preset.train.trainer.optimizer.build(params)?;
-    let total = per_epoch * epochs as u64;
-    let pb = progress_bar(total, label);
-    let start = Instant::now();
-    let (mut steps, mut images, mut tick) = (0u64, 0usize, 0u64);
-    let mut epoch_loss = Vec::new();
-    for epoch in 0..epochs {
-        let teacher = teachers[schedule.teacher_index(epoch, teachers.len())];
-        let (mut sum, mut count) = (0.0, 0usize);
-        for batch in loader.epoch(epoch as u64) {
-            let batch = batch?;
-            images += batch.indices.len();
-            let lr_now = preset.train.trainer.schedule.lr_at(lr, tick, total);
-            optimizer.set_learning_rate(lr_now);
-            let target = fr_kernels::no_grad(|| teacher.forward_t(&batch.images, false))?;
-            let out = student.forward_t(&batch.images, true)?;
-            let loss = (fr_heads::kd::normalized_mse(&out, &target)? * weight)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let mut grads = loss.backward()?;
-            let norm = grad_norm(&grads, &plain)?;
-            if value.is_finite() && norm.is_finite() {
-                if let Some(max) = preset.train.trainer.clip_max_norm {
-                    clip_grad_norm(&mut grads, &plain, max)?;
-                }
-                optimizer.step(&grads)?;
-                sum += value;
-                count += 1;
-                steps += 1;
-            }
-            tick += 1;
-            pb.set_message(format!("kd epoch {} loss {value:.2e}", epoch + 1));
-            pb.inc(1);
-        }
-        let mean = if count > 0 {
-            sum / count as f64
-        } else {
-            f64::NAN
-        };
-        info!(
-            run = label,
-            epoch = epoch + 1,
-            loss = format!("{mean:.3e}"),
-            "distillation epoch done"
-        );
-        epoch_loss.push(mean);
-    }
-    pb.finish_and_clear();
+    let mut learner = LabelFree {
+        student,
+        params: plain,
+        optimizer: preset.train.trainer.optimizer.build(params)?,
+        teachers,
+        schedule,
+        teacher: 0,
+        preset,
+        lr,
+        weight,
+        tick: 0,
+    };
+    let run = fit(
+        &mut learner,
+        loader,
+        &FitConfig::new(label, epochs),
+        &mut (),
+    )?;
     Ok(DistillRun {
-        epoch_loss,
-        steps,
-        images,
-        train_seconds: start.elapsed().as_secs_f64(),
+        steps: run.good_steps,
+        images: run.images,
+        train_seconds: run.train_seconds,
+        epoch_loss: run.epoch_loss,
     })
 }
 
@@ -307,7 +339,7 @@ pub(super) fn run(
                 let batch_size = train_set.len().min(preset.train.batch_size);
                 let loader = BatchLoader::new(
                     train_set.clone(),
-                    super::train_loader_config(preset, batch_size, input_size),
+                    preset.loader_config(batch_size, input_size),
                 )?
                 .with_device(device.clone());
                 let refs: Vec<&dyn ModuleT> = teacher_models
@@ -326,10 +358,8 @@ pub(super) fn run(
                     st.kd_weight,
                     &st.name,
                 )?;
-                let mut embedder = BackboneEmbedder {
-                    model: model.as_ref(),
-                    device: device.clone(),
-                };
+                let model: &dyn ModuleT = model.as_ref();
+                let mut embedder = BackboneEmbedder::new(model, device);
                 let (protocols, _) = evaluate_all(&mut embedder, sets, preset, &st.name)?;
                 (
                     run.epoch_loss,

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::{bail, Context, Result};
 use candle_core::Tensor;
 use fr_backbone::hub::HubOptions;
 use fr_backbone::pretrained::{LoadOptions, Pretrained, Source};
@@ -21,69 +21,31 @@ use fr_backbone::{
     read_weights, BackboneConfig, ColourOrder, KeyMap, ModelCard, WeightsFormat, MODEL_CARD_FILE,
 };
 
-/// Command-line options of `weights`.
-#[derive(Debug, clap::Args)]
-pub struct WeightsArgs {
-    #[command(subcommand)]
-    command: WeightsCommand,
-}
-
-#[derive(Debug, clap::Subcommand)]
-enum WeightsCommand {
-    /// Convert a PyTorch checkpoint (or safetensors file) to safetensors under insightface's
-    /// names.
-    Convert(ConvertArgs),
-    /// Describe a weights file, a checkpoint folder or a Hub repository (hf://owner/name).
-    Info(InfoArgs),
-}
-
 /// Options of `weights convert`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ConvertArgs {
+#[derive(Debug, Clone, Default)]
+pub struct ConvertOptions {
     /// The input: `.pth` / `.pt` / `.bin` / `.ckpt` (PyTorch zip checkpoint) or `.safetensors`.
     pub input: PathBuf,
     /// The output `.safetensors` file.
     pub output: PathBuf,
     /// Keep the keys as they are (no prefix stripping or renaming).
-    #[arg(long)]
     pub keep_names: bool,
     /// Also write a model card (`config.json`) beside the output, for this input size in
     /// pixels (the weights do not record it: 112 for insightface's models).
-    #[arg(long, value_name = "PIXELS")]
     pub input_size: Option<usize>,
     /// With `--input-size`: the model takes BGR input (AdaFace and CVLface IR models).
-    #[arg(long, requires = "input_size")]
     pub bgr: bool,
 }
 
 /// Options of `weights info`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct InfoArgs {
+#[derive(Debug, Clone, Default)]
+pub struct WeightsInfoOptions {
     /// A weights file, a checkpoint folder, or `hf://owner/name[@revision][/file]`.
     pub source: String,
     /// List every tensor (name, shape, dtype).
-    #[arg(long)]
     pub keys: bool,
     /// Hub sources: use the local cache only (also `HF_HUB_OFFLINE=1`).
-    #[arg(long)]
     pub offline: bool,
-}
-
-/// Entry point of `cargo xtask weights`.
-///
-/// # Errors
-/// Unreadable inputs, unwritable outputs, Hub failures.
-pub fn run(args: &WeightsArgs) -> Result<()> {
-    match &args.command {
-        WeightsCommand::Convert(a) => {
-            println!("{}", convert(a)?);
-            Ok(())
-        }
-        WeightsCommand::Info(a) => {
-            println!("{}", info(a)?);
-            Ok(())
-        }
-    }
 }
 
 fn parameters(tensors: &HashMap<String, Tensor>) -> usize {
@@ -99,7 +61,7 @@ fn parameters(tensors: &HashMap<String, Tensor>) -> usize {
 /// # Errors
 /// Unreadable input, an output that is not `.safetensors` or cannot be written, or
 /// `--input-size` on weights whose shapes are not an IResNet's.
-pub fn convert(args: &ConvertArgs) -> Result<String> {
+pub fn convert(args: &ConvertOptions) -> Result<String> {
     if args.output.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         bail!(
             "{}: the output must be a .safetensors file",
@@ -217,7 +179,7 @@ fn summarise(keys: &[String]) -> String {
 ///
 /// # Errors
 /// An unreadable source, or a Hub failure.
-pub fn info(args: &InfoArgs) -> Result<String> {
+pub fn info(args: &WeightsInfoOptions) -> Result<String> {
     let source = Source::parse(&args.source)?;
     let options = LoadOptions {
         hub: HubOptions {
@@ -325,7 +287,7 @@ mod tests {
     fn weights_convert_pth_to_safetensors_with_a_card() {
         let dir = temp("convert");
         let out = dir.join("model.safetensors");
-        let args = ConvertArgs {
+        let args = ConvertOptions {
             input: fixture("iresnet_tiny_nested.pth"),
             output: out.clone(),
             keep_names: false,
@@ -353,14 +315,14 @@ mod tests {
         let p = Pretrained::from_path(&dir, &LoadOptions::default()).unwrap();
         assert_eq!(p.card, Some(card));
         // An input size the weights cannot have is refused.
-        let bad = ConvertArgs {
+        let bad = ConvertOptions {
             input_size: Some(56),
             ..args.clone()
         };
         let err = convert(&bad).unwrap_err().to_string();
         assert!(err.contains("7×7"), "{err}");
         // Not a safetensors output.
-        let err = convert(&ConvertArgs {
+        let err = convert(&ConvertOptions {
             output: dir.join("x.pth"),
             ..args
         })
@@ -372,7 +334,7 @@ mod tests {
 
     #[test]
     fn weights_info_describes_the_architecture() {
-        let text = info(&InfoArgs {
+        let text = info(&WeightsInfoOptions {
             source: fixture("iresnet_tiny.pth").display().to_string(),
             keys: true,
             offline: true,
@@ -387,7 +349,7 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} not in:\n{text}");
         }
-        let err = info(&InfoArgs {
+        let err = info(&WeightsInfoOptions {
             source: "hf://fr-test/surely-not-cached-anywhere".into(),
             keys: false,
             offline: true,

@@ -37,12 +37,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::progress::progress_bar;
+use crate::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::ModuleT;
 use fr_backbone::hub::HubOptions;
 use fr_backbone::pretrained::{ConfigOrigin, LoadOptions, Pretrained, Source, HUB_SCHEME};
-use fr_backbone::{Backbone, BackboneConfig, ColourOrder, Normalisation};
+use fr_backbone::{Backbone, BackboneConfig};
 use fr_data::ijb::{read_template_subject_list, IjbLayout, IjbLooseCrops, IjbMeta, IjbSubset};
 use fr_data::image_folder::ImageFolder;
 use fr_data::transform::images_to_chw;
@@ -52,13 +52,14 @@ use fr_eval::ijb::{self, IjbFlags, OneToNReport, OneToOneReport, TemplateSet, IJ
 use fr_eval::{Embedder, PairScores, VerificationConfig, VerificationReport};
 use fr_heads::qmagface::QualityWeight;
 use image::RgbImage;
-use indicatif::{ProgressBar, ProgressStyle};
-use ndarray::{s, Array2, Array4, ArrayView2, ArrayView4};
+use ndarray::{s, Array2, Array4, ArrayView2};
 use serde::Serialize;
 use tracing::info;
 
-use crate::preset::Preset;
-use crate::report::{self, Curve, Row};
+use crate::config::Preset;
+use crate::embed::{BackboneEmbedder, InputTransform};
+use crate::presets::Presets;
+use crate::report::{self, Curve, Row, Written};
 
 /// Below this many pairs per fold, a pair set is scored as a single fold.
 const MIN_PAIRS_PER_FOLD: usize = 10;
@@ -69,72 +70,72 @@ const CACHE_VERSION: u32 = 1;
 /// Points per curve in the plots (the ROC of IJB-C has up to millions).
 const PLOT_POINTS: usize = 4000;
 
-/// Command-line options of `eval`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct EvalArgs {
+/// Options of `eval`.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
     /// The preset the checkpoint was trained with (`configs/<preset>.toml`, or just the preset
     /// name): the backbone and evaluation settings come from it.
-    #[arg(long)]
     pub config: PathBuf,
     /// Override a config value: `--set backbone.input_size=112` (repeatable; TOML value).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// A run directory (`latest` + `step-N/`), one step directory, a reproduce output folder
     /// (with `--method`), a weights file (`.safetensors`, `.pth`), or a Hugging Face Hub
     /// repository `hf://owner/name[@revision][/file]`. A model card (`config.json`) beside the
     /// weights sets the backbone (then `--set backbone.*` edits it), input size and colour order.
-    #[arg(long)]
     pub checkpoint: PathBuf,
     /// Hub checkpoints: the local Hub cache only, never the network (also `HF_HUB_OFFLINE=1`).
-    #[arg(long)]
     pub offline: bool,
     /// Hub cache folder (default: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
     /// `~/.cache/huggingface/hub`).
-    #[arg(long, value_name = "DIR")]
     pub hub_cache: Option<PathBuf>,
     /// The method (sub-folder of the run's `checkpoints/`) to evaluate; also the label in the
     /// report (default: the checkpoint's folder or file name).
-    #[arg(long)]
     pub method: Option<String>,
     /// Verification sets (insightface `.bin`).
-    #[arg(long, value_name = "FILE", num_args = 1..)]
     pub bin: Vec<PathBuf>,
     /// An IJB release folder (holding `loose_crop/` and `meta/`).
-    #[arg(long, value_name = "DIR")]
     pub ijb: Option<PathBuf>,
     /// Which IJB: `B` or `C`.
-    #[arg(long, default_value = "C", value_parser = parse_subset)]
     pub ijb_subset: IjbSubset,
     /// An image folder the pairs file's paths are relative to (aligned crops).
-    #[arg(long, value_name = "DIR", requires = "pairs")]
     pub pairs_folder: Option<PathBuf>,
     /// Pairs file: `path1 path2 label` lines (label 1 same, 0 different), or LFW's
     /// `pairs.txt` (`name i j` / `name1 i name2 j`, images `name/name_000i.jpg`).
-    #[arg(long, value_name = "FILE", requires = "pairs_folder")]
     pub pairs: Option<PathBuf>,
     /// A labelled image folder (training identities as sub-folders) for the uniform
     /// classification accuracy against the checkpoint's class centres.
-    #[arg(long, value_name = "DIR")]
     pub labelled: Option<PathBuf>,
     /// Add QMagFace quality-aware rows (published ω).
-    #[arg(long)]
     pub qmagface: bool,
     /// Output folder (default `target/eval/<label>`).
-    #[arg(long)]
     pub out: Option<PathBuf>,
     /// Embedding cache folder (default `target/eval/cache`).
-    #[arg(long)]
     pub cache: Option<PathBuf>,
     /// Images per forward pass (default: the preset's `eval.batch_size`).
-    #[arg(long)]
     pub batch_size: Option<usize>,
 }
 
-fn parse_subset(s: &str) -> std::result::Result<IjbSubset, String> {
-    match s.to_ascii_uppercase().as_str() {
-        "B" | "IJBB" | "IJB-B" => Ok(IjbSubset::B),
-        "C" | "IJBC" | "IJB-C" => Ok(IjbSubset::C),
-        _ => Err(format!("expected B or C, got {s:?}")),
+impl Default for EvalOptions {
+    /// No config or checkpoint yet; IJB-C when `ijb` is set; nothing else evaluated.
+    fn default() -> Self {
+        Self {
+            config: PathBuf::new(),
+            sets: Vec::new(),
+            checkpoint: PathBuf::new(),
+            offline: false,
+            hub_cache: None,
+            method: None,
+            bin: Vec::new(),
+            ijb: None,
+            ijb_subset: IjbSubset::C,
+            pairs_folder: None,
+            pairs: None,
+            labelled: None,
+            qmagface: false,
+            out: None,
+            cache: None,
+            batch_size: None,
+        }
     }
 }
 
@@ -197,85 +198,6 @@ weights file{}",
             ""
         }
     )
-}
-
-/// How the model's input differs from fr-data's (RGB, `(p/255 − MEAN)/STD`): channel order
-/// and per-channel affine map, from the model card.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct InputTransform {
-    bgr: bool,
-    /// Per model channel: `y = x·scale + shift`.
-    scale: [f32; 3],
-    shift: [f32; 3],
-}
-
-impl InputTransform {
-    /// fr-data gives `x = (p/255 − MEAN)/STD`; the model wants `(p/255 − m)/s` =
-    /// `x·STD/s + (MEAN − m)/s`, channels reversed for BGR.
-    fn new(colour: ColourOrder, norm: Normalisation) -> Self {
-        use fr_data::transform::{MEAN, STD};
-        Self {
-            bgr: colour == ColourOrder::Bgr,
-            scale: std::array::from_fn(|c| STD / norm.std[c]),
-            shift: std::array::from_fn(|c| (MEAN - norm.mean[c]) / norm.std[c]),
-        }
-    }
-
-    fn is_identity(&self) -> bool {
-        !self.bgr && self.scale == [1.0; 3] && self.shift == [0.0; 3]
-    }
-
-    /// For cache keys and the report.
-    fn describe(&self) -> String {
-        format!(
-            "{} scale {:?} shift {:?}",
-            if self.bgr { "BGR" } else { "RGB" },
-            self.scale,
-            self.shift
-        )
-    }
-
-    fn apply(&self, images: ArrayView4<f32>) -> Array4<f32> {
-        let mut out = Array4::<f32>::zeros(images.raw_dim());
-        for c in 0..3 {
-            let src = if self.bgr { 2 - c } else { c };
-            let (scale, shift) = (self.scale[c], self.shift[c]);
-            out.slice_mut(s![.., c, .., ..])
-                .zip_mut_with(&images.slice(s![.., src, .., ..]), |o, &x| {
-                    *o = x * scale + shift
-                });
-        }
-        out
-    }
-}
-
-/// Runs a backbone in eval mode over host batches.
-struct ModelEmbedder {
-    model: Box<dyn Backbone>,
-    device: Device,
-    input: InputTransform,
-}
-
-impl Embedder for ModelEmbedder {
-    type Error = candle_core::Error;
-
-    fn embed(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>, Self::Error> {
-        let transformed;
-        let images = if self.input.is_identity() {
-            images.view()
-        } else {
-            transformed = self.input.apply(images);
-            transformed.view()
-        };
-        let shape = images.shape().to_vec();
-        let data: Vec<f32> = images.iter().copied().collect();
-        let x = Tensor::from_vec(data, shape, &self.device)?;
-        let model: &dyn ModuleT = self.model.as_ref();
-        let y = fr_kernels::no_grad(|| model.forward_t(&x, false))?;
-        let (n, d) = y.dims2()?;
-        let v = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Array2::from_shape_vec((n, d), v).map_err(|e| candle_core::Error::Msg(e.to_string()))
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -372,19 +294,6 @@ impl CacheEntry {
     }
 }
 
-fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} images (eta {eta})",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(prefix.to_string());
-    pb
-}
-
 /// What embedding one dataset did.
 #[derive(Debug, Clone, Serialize)]
 struct EmbedInfo {
@@ -398,7 +307,7 @@ struct EmbedInfo {
 
 /// The model, its input size, the cache and the batch size.
 struct Ctx {
-    embedder: ModelEmbedder,
+    embedder: BackboneEmbedder<Box<dyn Backbone>>,
     size: u32,
     batch: usize,
     cache_dir: PathBuf,
@@ -433,6 +342,7 @@ impl Ctx {
             bail!("{}: no images to embed", dataset.display());
         }
         let pb = progress_bar(n as u64, "embed");
+        pb.set_message("images");
         let mut out: Option<Array2<f32>> = None;
         for begin in (0..n).step_by(self.batch) {
             let idx: Vec<usize> = (begin..(begin + self.batch).min(n)).collect();
@@ -514,7 +424,7 @@ struct PairSet {
 /// A parsed pairs file: distinct image paths, pairs of indices into them, labels.
 pub type PairsFile = (Vec<String>, Vec<(usize, usize)>, Vec<bool>);
 
-/// Read a pairs file (see [`EvalArgs::pairs`]): the distinct image paths (relative to the
+/// Read a pairs file (see [`EvalOptions::pairs`]): the distinct image paths (relative to the
 /// folder) in first-seen order, the pairs as indices into them, and the labels.
 ///
 /// # Errors
@@ -536,8 +446,7 @@ pub fn read_pairs_file(path: &Path) -> Result<PairsFile> {
         }
         let f: Vec<&str> = line.split_whitespace().collect();
         let is_int = |s: &str| s.parse::<u64>().is_ok();
-        let bad =
-            |what: &str| anyhow::anyhow!("{} line {}: {what}: {line:?}", path.display(), k + 1);
+        let bad = |what: &str| crate::err!("{} line {}: {what}: {line:?}", path.display(), k + 1);
         let (a, b, same) = match f.as_slice() {
             // LFW header: "10 300" or "6000".
             [x] | [x, _] if k == 0 && is_int(x) && f.iter().all(|s| is_int(s)) => continue,
@@ -1056,23 +965,9 @@ is above the FPIR's threshold.\n\n| method | gallery | top-1 (%) | top-5 (%) | t
 // ---------------------------------------------------------------------------------------------
 // Entry point
 
-fn load_preset(args: &EvalArgs, root: &Path) -> Result<Preset> {
-    let path = if args.config.is_file() {
-        args.config.clone()
-    } else {
-        let named = root
-            .join("configs")
-            .join(format!("{}.toml", args.config.display()));
-        if !named.is_file() {
-            bail!(
-                "--config {}: no such file (nor configs/{}.toml)",
-                args.config.display(),
-                args.config.display()
-            );
-        }
-        named
-    };
-    let preset: Preset = crate::config_file::load(&path, &args.sets)?;
+fn load_preset(args: &EvalOptions, root: &Path) -> Result<Preset> {
+    let preset = Presets::with_dir(root.join("configs"))
+        .load_any(&args.config.to_string_lossy(), &args.sets)?;
     preset.validate()?;
     Ok(preset)
 }
@@ -1107,7 +1002,7 @@ fn backbone_config(
 
 /// A weights mismatch under the preset's backbone: add the architecture the shapes describe,
 /// as the `--set` flags that select it.
-fn with_shape_hint(e: fr_backbone::Error, p: &Pretrained, from: ConfigOrigin) -> anyhow::Error {
+fn with_shape_hint(e: fr_backbone::Error, p: &Pretrained, from: ConfigOrigin) -> crate::Error {
     let hint = match (&e, from, p.inferred()) {
         (fr_backbone::Error::Weights { .. }, ConfigOrigin::Given, Some(i)) => format!(
             "\nthe weights are an IResNet with layers {:?}, widths {:?}, embedding {} and a \
@@ -1124,15 +1019,35 @@ fn with_shape_hint(e: fr_backbone::Error, p: &Pretrained, from: ConfigOrigin) ->
         ),
         _ => String::new(),
     };
-    anyhow::anyhow!("{e}{hint}")
+    crate::err!("{e}{hint}")
 }
 
-/// Entry point of `cargo xtask eval`.
+/// insightface's 10-fold verification of any embedder on `.bin` sets (`lfw.bin`,
+/// `cfp_fp.bin`, `agedb_30.bin`, ...): each set's images at the preset's input size, embedded
+/// with flip-add in batches of `eval.batch_size`, scored with the preset's folds and FAR
+/// targets (one fold for a set too small for them); one report per set, named as the set.
+/// This is what arcface_torch's `CallBackVerification` computes during training.
+///
+/// # Errors
+/// An unreadable or malformed `.bin` (named), an embedding failure.
+pub fn verify_bins<E: Embedder>(
+    embedder: &mut E,
+    paths: &[PathBuf],
+    preset: &Preset,
+) -> Result<Vec<(String, VerificationReport)>> {
+    let sets = crate::reproduce::bin_eval(paths, preset.input_size())?;
+    Ok(crate::reproduce::evaluate_all(embedder, &sets, preset, "bin")?.0)
+}
+
+/// Evaluates the checkpoint `args` names on every protocol it lists (`.bin` sets, a pairs
+/// folder, IJB-B/C 1:1 and 1:N, uniform accuracy) and writes `report.md`, `metrics.json`,
+/// `roc.png` and `det.png` (default folder `root/target/eval/<label>`); presets are read from
+/// `root/configs/` first, then the built-in ones.
 ///
 /// # Errors
 /// A bad config or checkpoint, unreadable or malformed data (naming the file and line), a model
 /// failure.
-pub fn run(args: &EvalArgs, root: &Path) -> Result<()> {
+pub fn run(args: &EvalOptions, root: &Path) -> Result<Written> {
     let started = Instant::now();
     if args.bin.is_empty() && args.ijb.is_none() && args.pairs.is_none() && args.labelled.is_none()
     {
@@ -1226,7 +1141,7 @@ pub fn run(args: &EvalArgs, root: &Path) -> Result<()> {
         weights_key += &format!("|input {}", input.describe());
     }
     let mut ctx = Ctx {
-        embedder: ModelEmbedder {
+        embedder: BackboneEmbedder {
             model,
             device,
             input,
@@ -1303,7 +1218,7 @@ input {size}×{size}{}). Embeddings: image + horizontally flipped image, batch {
             format!(" (`{}`)", weights.display())
         },
         preset.name,
-        if ctx.embedder.input.bgr { ", BGR" } else { "" },
+        if ctx.embedder.input.is_bgr() { ", BGR" } else { "" },
         ctx.batch
     );
     if !rows.is_empty() {
@@ -1406,18 +1321,19 @@ threshold for every sample): **{:.2} %** (threshold {}); per-sample (arg-max) ac
             total_seconds: started.elapsed().as_secs_f64(),
         },
     )?;
-    println!("{md}");
-    println!(
-        "wrote {} (report.md, metrics.json, roc.png, det.png)",
-        out_dir.display()
-    );
-    Ok(())
+    Ok(Written {
+        table: md,
+        out_dir,
+        files: "report.md, metrics.json, roc.png, det.png".into(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use fr_backbone::build_backbone;
+    use fr_backbone::{ColourOrder, Normalisation};
     use fr_data::synthetic::{SyntheticConfig, SyntheticFaces};
 
     fn temp(name: &str) -> PathBuf {
@@ -1514,9 +1430,9 @@ mod tests {
         seeded.varmap().save(path).unwrap();
     }
 
-    fn args(dir: &Path, ijb: &Path, weights: &Path) -> EvalArgs {
+    fn args(dir: &Path, ijb: &Path, weights: &Path) -> EvalOptions {
         let root = crate::workspace_root();
-        EvalArgs {
+        EvalOptions {
             config: root.join("configs/lh2face.toml"),
             sets: vec![],
             checkpoint: weights.to_path_buf(),
@@ -1756,7 +1672,7 @@ mod tests {
         .unwrap();
         std::fs::write(snapshot.join("config.json"), card.to_json()).unwrap();
 
-        let mut a = EvalArgs {
+        let mut a = EvalOptions {
             config: root.join("configs/lh2face.toml"),
             sets: vec!["backbone.kernels=\"candle\"".into()],
             checkpoint: PathBuf::from("hf://fr-test/eval-tiny"),

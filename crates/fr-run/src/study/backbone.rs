@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use crate::{bail, Result};
 use fr_backbone::BackboneConfig;
 use fr_data::recordio::RecordIoDataset;
 use fr_data::synthetic::SyntheticFaces;
@@ -13,9 +13,10 @@ use tracing::info;
 
 use super::{
     accuracy_cell, plot_panels, preset_for_head, tar_cell, Context, Data, Metric, Outcome, Panel,
-    Plan, Point, Series, Study, StudyArgs, TrainingData,
+    Plan, Point, Series, Study, StudyOptions, TrainingData,
 };
-use crate::preset::Preset;
+use crate::config::Preset;
+use crate::report::Written;
 
 /// IResNet depths and their blocks per stage (insightface's `iresnet18` ... `iresnet200`).
 pub(crate) const DEPTHS: [(u32, [usize; 4]); 5] = [
@@ -225,7 +226,7 @@ fn details(o: &Outcome<Depth>) -> Result<Details> {
 ///
 /// # Errors
 /// A bad depth or base backbone, a training failure, an unwritable output folder.
-pub(crate) fn run(ctx: &Context, args: &StudyArgs) -> Result<()> {
+pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
     let plans = plans(&ctx.base, &ctx.data, &args.depths)?;
     let mut data = SharedData { ctx, built: None };
     let outcomes = ctx.execute(plans, &mut data)?;
@@ -415,7 +416,7 @@ mod tests {
             "--depths",
             "18,50",
         ]);
-        let configs = crate::workspace_root().join("configs");
+        let configs = crate::Presets::with_dir(crate::workspace_root().join("configs"));
         let base = super::super::base_preset(&args, Study::BackboneSize, &configs).unwrap();
         let plans = plans(&base, &Data::Synthetic, &args.depths).unwrap();
         let names: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();

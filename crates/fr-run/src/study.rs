@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context as _, Result};
+use crate::{bail, Context as _, Result};
 use candle_core::Device;
 use fr_data::FaceDataset;
 use fr_eval::VerificationReport;
@@ -36,64 +36,69 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::preset::Preset;
-use crate::report::{self, Row};
+use crate::config::Preset;
+use crate::presets::Presets;
+use crate::report::{self, Row, Written};
 use crate::reproduce::{self, EvalSet};
 
-/// Command-line options of `study`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct StudyArgs {
+/// Options of `study`.
+#[derive(Debug, Clone)]
+pub struct StudyOptions {
     /// The study: `backbone-size` or `data-distribution`.
     pub study: Option<String>,
     /// Heads to train: registry head names or preset names (a preset contributes its paper's
     /// head with the preset's settings); repeat the flag or separate names with commas. Every
     /// variant of the study is trained once per head.
-    #[arg(
-        long = "head",
-        value_name = "NAME",
-        value_delimiter = ',',
-        default_value = "arcface"
-    )]
     pub heads: Vec<String>,
     /// Base config (default `configs/_base.toml`): backbone, budget, data and evaluation.
-    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override a base config value: `--set train.epochs=3` (repeatable; value parsed as TOML).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Seed of initialisation, data order, augmentation, evaluation pairs and .rec subsampling
     /// (the config's `seed`; the synthetic identities' pixels follow
     /// `synthetic.train.seed`).
-    #[arg(long)]
     pub seed: Option<u64>,
     /// Output folder (default `target/study/<study>`).
-    #[arg(long)]
     pub out: Option<PathBuf>,
     /// Retrain every run, ignoring finished runs stored in the output folder.
-    #[arg(long)]
     pub fresh: bool,
     /// Train on an insightface RecordIO folder (train.rec, train.idx, property) instead of the
     /// synthetic identities (`data-distribution` subsamples it by identity).
-    #[arg(long, value_name = "DIR")]
     pub train_rec: Option<PathBuf>,
     /// Verification sets (.bin) to evaluate on; required with --train-rec.
-    #[arg(long, value_name = "FILE", num_args = 1..)]
     pub val_bin: Vec<PathBuf>,
     /// `backbone-size`: IResNet depths to train (18, 34, 50, 100, 200; default 18,34,50).
-    #[arg(long, value_name = "N", value_delimiter = ',')]
     pub depths: Vec<u32>,
     /// `data-distribution`: training images of every split (default: the base config's
     /// synthetic training set, identities × images per identity).
-    #[arg(long, value_name = "IMAGES")]
     pub budget: Option<usize>,
     /// `data-distribution`: identity counts; each gets a balanced and a long-tailed split
     /// (default: 3n, n and n/3 for the base config's n training identities).
-    #[arg(long, value_name = "N", value_delimiter = ',')]
     pub identities: Vec<usize>,
     /// `data-distribution`: exponent `a` of the long-tailed class sizes, size ∝ 1/rank^a
     /// (default 1, Zipf's law).
-    #[arg(long, value_name = "A")]
     pub zipf: Option<f64>,
+}
+
+impl Default for StudyOptions {
+    /// No study named yet; ArcFace on the base config's synthetic identities.
+    fn default() -> Self {
+        Self {
+            study: None,
+            heads: vec!["arcface".into()],
+            config: None,
+            sets: Vec::new(),
+            seed: None,
+            out: None,
+            fresh: false,
+            train_rec: None,
+            val_bin: Vec::new(),
+            depths: Vec::new(),
+            budget: None,
+            identities: Vec::new(),
+            zipf: None,
+        }
+    }
 }
 
 /// The studies `cargo xtask study` runs.
@@ -163,7 +168,7 @@ impl Data {
     /// # Errors
     /// `--train-rec` without `--val-bin` or the reverse, or a `--train-rec` that is not a
     /// folder.
-    pub(crate) fn from_args(args: &StudyArgs) -> Result<Self> {
+    pub(crate) fn from_args(args: &StudyOptions) -> Result<Self> {
         match (&args.train_rec, args.val_bin.is_empty()) {
             (Some(_), true) => {
                 bail!("--train-rec needs at least one --val-bin FILE to evaluate on")
@@ -246,20 +251,15 @@ identity), {} pairs per subset: all, hq_hard (large pose, sharp), low_quality (b
 ///
 /// # Errors
 /// A name that is neither (the message lists both), or an unreadable preset.
-pub(crate) fn resolve_head(name: &str, configs: &Path) -> Result<HeadConfig> {
-    let preset_path = configs.join(format!("{name}.toml"));
-    if !name.starts_with('_') && preset_path.is_file() {
-        let p: Preset = crate::config_file::load(&preset_path, &[])?;
-        return Ok(p.heads[&p.methods[0]].clone());
+pub(crate) fn resolve_head(name: &str, configs: &Presets) -> Result<HeadConfig> {
+    match configs.head(name)? {
+        Some(h) => Ok(h),
+        None => bail!(
+            "--head `{name}` is neither a head ({}) nor a preset ({})",
+            HeadConfig::NAMES.join(", "),
+            configs.names().join(", ")
+        ),
     }
-    if let Some(h) = HeadConfig::default_for(name) {
-        return Ok(h);
-    }
-    bail!(
-        "--head `{name}` is neither a head ({}) nor a preset ({})",
-        HeadConfig::NAMES.join(", "),
-        reproduce::list_presets(configs).join(", ")
-    )
 }
 
 /// The base preset of a study: the base config with one method per `--head` (resolved by
@@ -267,15 +267,17 @@ pub(crate) fn resolve_head(name: &str, configs: &Path) -> Result<HeadConfig> {
 ///
 /// # Errors
 /// An unknown or repeated head, a bad config or override (naming the key).
-pub(crate) fn base_preset(args: &StudyArgs, study: Study, configs: &Path) -> Result<Preset> {
+pub(crate) fn base_preset(args: &StudyOptions, study: Study, configs: &Presets) -> Result<Preset> {
     if args.heads.is_empty() {
         bail!("--head: name at least one head, e.g. --head arcface");
     }
-    let base_path = args
-        .config
-        .clone()
-        .unwrap_or_else(|| configs.join("_base.toml"));
-    let mut tree = crate::config_file::read_tree(&base_path, 0)?;
+    let (mut tree, base_src) = match &args.config {
+        Some(path) => (
+            crate::config_file::read_tree(path, 0)?,
+            crate::config_file::ConfigSource::File(path.clone()),
+        ),
+        None => configs.tree("_base")?,
+    };
     let mut heads = toml::Table::new();
     for name in &args.heads {
         let head = resolve_head(name, configs)?;
@@ -309,7 +311,7 @@ pub(crate) fn base_preset(args: &StudyArgs, study: Study, configs: &Path) -> Res
     if let Some(seed) = args.seed {
         sets.push(format!("seed={seed}"));
     }
-    let preset: Preset = crate::config_file::finish(tree, &sets, &base_path.display().to_string())?;
+    let preset: Preset = crate::config_file::finish(tree, &sets, &base_src.to_string())?;
     preset.validate()?;
     Ok(preset)
 }
@@ -767,17 +769,15 @@ the others (`--fresh` retrains all). {}Wall time of this invocation: {:.0} s.",
         md: &str,
         metrics: &M,
         summary: &str,
-    ) -> Result<()> {
+    ) -> Result<Written> {
         report::write_atomic(&self.out.join("report.md"), md.as_bytes())?;
         report::write_json(&self.out.join("metrics.json"), metrics)?;
-        println!("\n{summary}");
-        println!(
-            "wrote {} (report.md, metrics.json, {}.png, runs/) in {:.0} s",
-            self.out.display(),
-            self.study.name(),
-            self.started.elapsed().as_secs_f64()
-        );
-        Ok(())
+        Ok(Written {
+            table: summary.to_string(),
+            out_dir: self.out.clone(),
+            files: format!("report.md, metrics.json, {}.png, runs/", self.study.name()),
+            seconds: self.started.elapsed().as_secs_f64(),
+        })
     }
 }
 
@@ -917,7 +917,7 @@ const LEGEND_WIDTH: u32 = 230;
 /// # Errors
 /// Drawing or writing the file fails.
 pub(crate) fn plot_panels(path: &Path, title: &str, x_desc: &str, panels: &[Panel]) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
+    let err = |e: &dyn std::fmt::Display| crate::err!("plotting {}: {e}", path.display());
     crate::report::register_font();
     let cols = panels.len().clamp(1, 4);
     let rows = panels.len().div_ceil(cols).max(1);
@@ -1020,7 +1020,7 @@ pub(crate) fn plot_panels(path: &Path, title: &str, x_desc: &str, panels: &[Pane
         legend.draw(&sample).map_err(|e| err(&e))?;
     }
     root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
+        .map_err(|e| crate::err!("writing {}: {e}", path.display()))?;
     Ok(())
 }
 
@@ -1034,7 +1034,7 @@ fn marker_style(colour: RGBAColor, dashed: bool) -> ShapeStyle {
 }
 
 /// Checks that the flags of one study are not given to the other.
-fn check_flags(args: &StudyArgs, study: Study) -> Result<()> {
+fn check_flags(args: &StudyOptions, study: Study) -> Result<()> {
     let foreign: Vec<&str> = match study {
         Study::BackboneSize => [
             (args.budget.is_some(), "--budget"),
@@ -1083,11 +1083,11 @@ fn check_flags(args: &StudyArgs, study: Study) -> Result<()> {
 /// # Errors
 /// An unknown study or head, a bad config (naming the key), unreadable data, or a training
 /// failure.
-pub fn run(args: &StudyArgs, root: &Path) -> Result<()> {
+pub fn run(args: &StudyOptions, root: &Path) -> Result<Written> {
     let started = Instant::now();
     let study = Study::parse(args.study.as_deref())?;
     check_flags(args, study)?;
-    let configs = root.join("configs");
+    let configs = Presets::with_dir(root.join("configs"));
     let base = base_preset(args, study, &configs)?;
     let data = Data::from_args(args)?;
     let out = args
@@ -1121,21 +1121,39 @@ pub fn run(args: &StudyArgs, root: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
 
     use super::*;
 
-    /// `cargo xtask study ...` as clap parses it.
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: StudyArgs,
-    }
-
-    pub(super) fn parse(argv: &[&str]) -> StudyArgs {
-        Cli::try_parse_from(std::iter::once("study").chain(argv.iter().copied()))
-            .unwrap()
-            .args
+    /// The options `fr study ARGV...` gives (the flags these tests use; `fr-cli` tests the
+    /// real parser against the same defaults).
+    pub(super) fn parse(argv: &[&str]) -> StudyOptions {
+        let mut o = StudyOptions::default();
+        let (mut heads, mut it) = (Vec::new(), argv.iter());
+        let list = |v: &str| -> Vec<String> { v.split(',').map(str::to_string).collect() };
+        while let Some(&a) = it.next() {
+            if !a.starts_with("--") {
+                o.study = Some(a.to_string());
+                continue;
+            }
+            let v = *it.next().expect("a value after the flag");
+            match a {
+                "--head" => heads.extend(list(v)),
+                "--seed" => o.seed = Some(v.parse().unwrap()),
+                "--set" => o.sets.push(v.to_string()),
+                "--depths" => o.depths = list(v).iter().map(|d| d.parse().unwrap()).collect(),
+                "--identities" => {
+                    o.identities = list(v).iter().map(|d| d.parse().unwrap()).collect()
+                }
+                "--budget" => o.budget = Some(v.parse().unwrap()),
+                "--zipf" => o.zipf = Some(v.parse().unwrap()),
+                "--val-bin" => o.val_bin.push(v.into()),
+                other => panic!("flag {other} not known to this test helper"),
+            }
+        }
+        if !heads.is_empty() {
+            o.heads = heads;
+        }
+        o
     }
 
     fn err(argv: &[&str]) -> String {
@@ -1198,14 +1216,13 @@ mod tests {
             "train.epochs=2",
         ]);
         assert_eq!(args.heads, ["cosface", "adaface", "curricularface"]);
-        let configs = crate::workspace_root().join("configs");
+        let configs = Presets::with_dir(crate::workspace_root().join("configs"));
         let p = base_preset(&args, Study::BackboneSize, &configs).unwrap();
         assert_eq!(p.methods, ["cosface", "adaface", "curricularface"]);
         assert_eq!((p.seed, p.train.epochs), (7, 2));
         assert_eq!(p.heads["adaface"].name(), "adaface");
         // A preset name contributes the preset's tuned head.
-        let preset: Preset =
-            crate::config_file::load(&configs.join("curricularface.toml"), &[]).unwrap();
+        let preset: Preset = configs.load("curricularface", &[]).unwrap();
         assert_eq!(
             p.heads["curricularface"],
             preset.heads[&preset.methods[0]].clone()
@@ -1248,7 +1265,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fr-study-resume-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("arcface-r18.json");
-        let configs = crate::workspace_root().join("configs");
+        let configs = Presets::with_dir(crate::workspace_root().join("configs"));
         let args = parse(&["backbone-size"]);
         let base = base_preset(&args, Study::BackboneSize, &configs).unwrap();
         let plan = |seed: u64| {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::{bail, Context as _, Result};
+use crate::{bail, Context as _, Result};
 use fr_data::recordio::RecordIoDataset;
 use fr_data::synthetic::SyntheticFaces;
 use fr_data::{FaceDataset, InMemoryDataset, Quality};
@@ -19,9 +19,10 @@ use tracing::info;
 
 use super::{
     accuracy_cell, plot_panels, preset_for_head, tar_cell, Context, Data, Metric, Panel, Plan,
-    Point, Series, Study, StudyArgs, TrainingData,
+    Point, Series, Study, StudyOptions, TrainingData,
 };
-use crate::preset::Preset;
+use crate::config::Preset;
+use crate::report::Written;
 
 /// Fewest images any identity of a split gets.
 pub(crate) const MIN_PER_IDENTITY: usize = 2;
@@ -183,7 +184,7 @@ pub(crate) fn splits(identities: &[usize], budget: usize, zipf: f64) -> Result<V
 
 /// The study's budget and identity counts: the flags, or from the base config's synthetic
 /// training set of n identities × k images: budget n·k, identities 3n, n and n/3.
-pub(crate) fn defaults(base: &Preset, args: &StudyArgs) -> (usize, Vec<usize>) {
+pub(crate) fn defaults(base: &Preset, args: &StudyOptions) -> (usize, Vec<usize>) {
     let t = &base.synthetic.train;
     let budget = args
         .budget
@@ -479,7 +480,7 @@ struct Metrics<'a> {
 ///
 /// # Errors
 /// Bad split settings, insufficient data, a training failure, an unwritable output folder.
-pub(crate) fn run(ctx: &Context, args: &StudyArgs) -> Result<()> {
+pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
     let (budget, identities) = defaults(&ctx.base, args);
     let zipf = args.zipf.unwrap_or(DEFAULT_ZIPF);
     let splits = splits(&identities, budget, zipf)?;
@@ -763,7 +764,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_base_config() {
-        let configs = crate::workspace_root().join("configs");
+        let configs = crate::Presets::with_dir(crate::workspace_root().join("configs"));
         let args = parse(&["data-distribution"]);
         let base = super::super::base_preset(&args, Study::DataDistribution, &configs).unwrap();
         assert_eq!(defaults(&base, &args), (5400, vec![900, 300, 100]));
@@ -781,7 +782,7 @@ mod tests {
     /// take each identity's first images; balanced-300x18 is reproduce's training set.
     #[test]
     fn synthetic_plans_and_subsets() {
-        let configs = crate::workspace_root().join("configs");
+        let configs = crate::Presets::with_dir(crate::workspace_root().join("configs"));
         let args = parse(&["data-distribution", "--head", "arcface,adaface"]);
         let base = super::super::base_preset(&args, Study::DataDistribution, &configs).unwrap();
         let splits = splits(&[300], 5400, 1.0).unwrap();

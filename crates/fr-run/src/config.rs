@@ -2,8 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use crate::{bail, Result};
 use fr_backbone::{BackboneConfig, QuantBits};
+use fr_data::loader::LoaderConfig;
 use fr_data::synthetic::SyntheticConfig;
 use fr_heads::HeadConfig;
 use fr_render::JointConfig;
@@ -295,6 +296,28 @@ impl Default for EvalSection {
 }
 
 impl Preset {
+    /// The side of the backbone's input in pixels (its input height).
+    pub fn input_size(&self) -> u32 {
+        self.backbone.input_shape().0 as u32
+    }
+
+    /// The training loader's settings: batches of `batch_size` at `input_size` pixels,
+    /// shuffled with the preset's seed, `drop_last`, the preset's corrupt-image policy and
+    /// prefetch depth; one process (set `rank` / `world_size` for data parallelism) and no
+    /// identity-balanced sampling (set `identities_per_batch` for it).
+    pub fn loader_config(&self, batch_size: usize, input_size: u32) -> LoaderConfig {
+        LoaderConfig {
+            batch_size,
+            image_size: input_size,
+            shuffle: true,
+            seed: self.seed,
+            drop_last: true,
+            skip_corrupt: self.train.skip_corrupt,
+            prefetch: self.train.prefetch.unwrap_or(2),
+            ..LoaderConfig::default()
+        }
+    }
+
     /// Cross-field checks the types cannot express.
     ///
     /// # Errors
@@ -495,8 +518,7 @@ mod tests {
     use super::*;
 
     fn preset_path(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
+        crate::workspace_root()
             .join("configs")
             .join(format!("{name}.toml"))
     }

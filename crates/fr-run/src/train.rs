@@ -16,108 +16,117 @@
 //! Evaluate the result with `cargo xtask eval --config <preset> --checkpoint <out>/checkpoints`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use crate::{bail, Context, Result};
 use candle_core::{DType, Device};
-use fr_backbone::{build_backbone, Backbone};
 use fr_data::loader::{BatchLoader, LoaderConfig};
 use fr_data::recordio::RecordIoDataset;
 use fr_data::synthetic::SyntheticFaces;
 use fr_data::{FaceDataset, InMemoryDataset};
 use fr_dist::DistEnv;
 use fr_heads::arcface::ArcFaceConfig;
-use fr_heads::build_head;
 use fr_heads::sharded::{
     Collective, ShardedPartialFc, ShardedPartialFcConfig, SimulatedCollective,
 };
 use fr_heads::HeadConfig;
 use fr_train::{
-    DataParallel, DataParallelConfig, GradCompression, GradReduction, Precision, SeededVarMap,
+    DataParallel, DataParallelConfig, GradCompression, GradReduction, Precision, StepOutcome,
     Trainer,
 };
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::preset::Preset;
+use crate::config::Preset;
+use crate::fit::{fit, FitConfig, FitHooks};
+use crate::model::{assemble, HeadBuilder, ModelSpec};
+use crate::presets::Presets;
 
-/// Command-line options of `train`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TrainArgs {
+/// Options of `train`.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
     /// The preset (`configs/<preset>.toml`) whose backbone, head, data and budget to use.
     pub preset: String,
     /// The method (a key of the preset's `[heads]`); default: the preset's name when it is
     /// one, else its first method.
-    #[arg(long)]
     pub method: Option<String>,
     /// Use this config file instead of `configs/<preset>.toml`.
-    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override a config value: `--set train.epochs=3` (repeatable; value parsed as TOML).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Train on an insightface RecordIO folder (train.rec, train.idx, property) instead of the
     /// preset's synthetic identities.
-    #[arg(long, value_name = "DIR")]
     pub train_rec: Option<PathBuf>,
     /// Output folder (default `target/train/<preset>-<method>`).
-    #[arg(long)]
     pub out: Option<PathBuf>,
     /// GPUs on this node: one process per GPU (`cuda:LOCAL_RANK`), NCCL collectives. Needs a
     /// `--features cuda,nccl` build.
-    #[arg(long, conflicts_with = "nproc")]
     pub gpus: Option<usize>,
     /// CPU processes on this node (collectives over TCP): data parallelism without a GPU.
-    #[arg(long)]
     pub nproc: Option<usize>,
     /// Nodes taking part (same `--gpus`/`--nproc` on each).
-    #[arg(long, default_value_t = 1)]
     pub nnodes: usize,
     /// This node's index, `0..nnodes` (node 0 hosts rank 0).
-    #[arg(long, default_value_t = 0)]
     pub node_rank: usize,
     /// Address of node 0, reachable from every node.
-    #[arg(long, default_value = "127.0.0.1")]
     pub master_addr: String,
     /// Rendezvous port on node 0 (default: 29500 with several nodes, a free port on one).
-    #[arg(long)]
     pub master_port: Option<u16>,
     /// Backbone precision, overriding `train.trainer.precision`: f32, bf16 or f16 (f16 with a
     /// dynamic loss scaler); the head and the loss stay in f32.
-    #[arg(long)]
     pub precision: Option<Precision>,
     /// Model-parallel Partial FC (arcface_torch's PartialFC_V2): shard the class centres over
     /// the ranks and sample this fraction of each shard per step (1.0: every centre). The
     /// method's head must be ArcFace-family (arcface, cosface); ranks `1..K` save their shard
     /// under `checkpoints/rank-<r>`.
-    #[arg(long, value_name = "RATE")]
     pub partial_fc_sample_rate: Option<f64>,
     /// The dtype gradients are all-reduced in: `none` (their own, f32), `bf16` or `f16` (half
     /// the bytes; DDP's `bf16_compress_hook` / `fp16_compress_hook`).
-    #[arg(long, default_value = "none")]
     pub grad_compression: String,
     /// Largest gradient bucket in MiB (DDP's `bucket_cap_mb`).
-    #[arg(long, default_value_t = 25.0)]
     pub bucket_cap_mb: f64,
     /// Stop after this many steps in all (all epochs otherwise); the learning-rate schedule
     /// still spans every epoch, so a stopped run can be continued with `--resume`.
-    #[arg(long)]
     pub max_steps: Option<u64>,
     /// Continue the run in the output folder from its newest checkpoint (weights, optimiser,
     /// loss scaler, head state, step): rank 0 and every rank of a non-sharded run read
     /// `checkpoints/`, a sharded rank `r > 0` reads `checkpoints/rank-<r>/` (several nodes
     /// need a shared filesystem). The run goes on inside the epoch where it stopped.
-    #[arg(long)]
     pub resume: bool,
     /// Seconds the ranks wait for each other at the rendezvous.
-    #[arg(long, default_value_t = 900)]
     pub rendezvous_timeout: u64,
     /// Set by the launcher on the processes it starts.
-    #[arg(long, hide = true)]
     pub worker: bool,
+}
+
+impl Default for TrainOptions {
+    /// One process, one node (rendezvous on 127.0.0.1), the preset's precision, dense head,
+    /// gradients all-reduced in f32 in 25 MiB buckets, every epoch, a 900 s rendezvous.
+    fn default() -> Self {
+        Self {
+            preset: String::new(),
+            method: None,
+            config: None,
+            sets: Vec::new(),
+            train_rec: None,
+            out: None,
+            gpus: None,
+            nproc: None,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: None,
+            precision: None,
+            partial_fc_sample_rate: None,
+            grad_compression: "none".into(),
+            bucket_cap_mb: 25.0,
+            max_steps: None,
+            resume: false,
+            rendezvous_timeout: 900,
+            worker: false,
+        }
+    }
 }
 
 /// What rank 0 writes to `train.json`.
@@ -153,8 +162,25 @@ struct Summary {
     checkpoint: Option<PathBuf>,
 }
 
-/// Run `train`: launch workers, or be one.
-pub fn run(args: &TrainArgs, root: &Path) -> Result<()> {
+/// Keeps the number of gradient buckets the data-parallel all-reduce used (`dp_buckets`).
+struct GradientBuckets(usize);
+
+impl FitHooks<Trainer> for GradientBuckets {
+    fn after_step(&mut self, _: &mut Trainer, _: usize, outcome: &StepOutcome) -> Result<()> {
+        if let Some(b) = outcome.stats.get("dp_buckets") {
+            self.0 = *b as usize;
+        }
+        Ok(())
+    }
+}
+
+/// Checks `args` as every rank would, once, before any process starts; returns the processes
+/// per node (`--gpus` or `--nproc`, else 1).
+///
+/// # Errors
+/// A flag out of range or inconsistent with another, or a missing `--train-rec` folder; the
+/// message names the flag.
+pub fn validate(args: &TrainOptions) -> Result<usize> {
     let per_node = args.gpus.or(args.nproc).unwrap_or(1);
     if per_node == 0 || args.nnodes == 0 {
         bail!("--gpus / --nproc and --nnodes must be at least 1");
@@ -196,12 +222,14 @@ cuda,cudnn,nccl -- train ... (use --nproc N for CPU processes)"
             );
         }
     }
-    // Under torchrun or a scheduler that already set the variables, this process is a worker.
+    Ok(per_node)
+}
+
+/// Whether this process should start the workers (several ranks, and neither a launcher nor
+/// torchrun / a scheduler set the rank variables) rather than be one.
+pub fn launches(args: &TrainOptions, per_node: usize) -> bool {
     let launched = args.worker || std::env::var_os("WORLD_SIZE").is_some();
-    if !launched && per_node * args.nnodes > 1 {
-        return launch(args, per_node);
-    }
-    worker(args, root)
+    !launched && per_node * args.nnodes > 1
 }
 
 /// A stable 32-bit digest of `text` (FNV-1a: the same in every process and build).
@@ -223,7 +251,7 @@ fn check_same_settings(
     let t = candle_core::Tensor::new(mine.as_slice(), &device)?.unsqueeze(0)?;
     let all = collective
         .all_gather(&[t])
-        .map_err(|e| anyhow::anyhow!("comparing the ranks' settings: {e}"))?
+        .map_err(|e| crate::err!("comparing the ranks' settings: {e}"))?
         .remove(0)
         .to_vec2::<u32>()?;
     let mut differ: Vec<String> = Vec::new();
@@ -284,153 +312,13 @@ settings, or start a new run in another --out",
 }
 
 /// `--grad-compression` parsed.
-fn compression_of(args: &TrainArgs) -> Result<GradCompression> {
+fn compression_of(args: &TrainOptions) -> Result<GradCompression> {
     serde_json::from_value(serde_json::json!(args.grad_compression)).map_err(|_| {
-        anyhow::anyhow!(
+        crate::err!(
             "--grad-compression {}: expected none, bf16 or f16",
             args.grad_compression
         )
     })
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Start one worker per local rank and wait for all of them.
-fn launch(args: &TrainArgs, per_node: usize) -> Result<()> {
-    let world_size = per_node * args.nnodes;
-    let master_port = match args.master_port {
-        Some(p) => p,
-        None if args.nnodes == 1 => free_port()?,
-        None => fr_dist::DEFAULT_MASTER_PORT,
-    };
-    let exe = std::env::current_exe().context("finding this program to start the workers")?;
-    // torchrun's --rdzv-id: this node's workers refuse ranks of another run on the same port.
-    // Several nodes must agree on it: FR_RUN_ID from the environment, else one derived from
-    // the rendezvous address (the same on every node).
-    let run_id = std::env::var("FR_RUN_ID").unwrap_or_else(|_| {
-        if args.nnodes == 1 {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            format!("{}-{nanos}", std::process::id())
-        } else {
-            format!("{}:{master_port}", args.master_addr)
-        }
-    });
-    let forwarded: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    info!(
-        world_size,
-        per_node,
-        node_rank = args.node_rank,
-        master = %format!("{}:{master_port}", args.master_addr),
-        "starting workers"
-    );
-    let mut children: Vec<(usize, Child)> = Vec::with_capacity(per_node);
-    for local_rank in 0..per_node {
-        let env = DistEnv {
-            rank: args.node_rank * per_node + local_rank,
-            world_size,
-            local_rank,
-            master_addr: args.master_addr.clone(),
-            master_port,
-            run_id: run_id.clone(),
-        };
-        let mut cmd = Command::new(&exe);
-        cmd.args(&forwarded)
-            .arg("--worker")
-            .env("FR_LAUNCHER_PID", std::process::id().to_string());
-        for (k, v) in env.to_vars() {
-            cmd.env(k, v);
-        }
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                stop(&mut children);
-                bail!("starting rank {}: {e}", env.rank);
-            }
-        };
-        children.push((env.rank, child));
-    }
-    // Wait; the first failure stops the others (torchrun does the same).
-    let mut done = vec![false; children.len()];
-    while done.iter().any(|d| !d) {
-        let mut failed = Vec::new();
-        for (i, (rank, child)) in children.iter_mut().enumerate() {
-            if done[i] {
-                continue;
-            }
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    done[i] = true;
-                    if !status.success() {
-                        failed.push((*rank, status));
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => bail!("waiting for rank {rank}: {e}"),
-            }
-        }
-        if !failed.is_empty() {
-            // A rank that dies takes its peers' collectives down with it a moment later: give
-            // them that moment, then name the cause first (a rank killed by a signal, else
-            // the lowest failed rank) and the others after it.
-            std::thread::sleep(Duration::from_millis(300));
-            for (i, (rank, child)) in children.iter_mut().enumerate() {
-                if !done[i] {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        done[i] = true;
-                        if !status.success() {
-                            failed.push((*rank, status));
-                        }
-                    }
-                }
-            }
-            stop(&mut children);
-            failed.sort_by_key(|(rank, status)| (signal_of(status).is_none(), *rank));
-            let (rank, status) = &failed[0];
-            let others: Vec<String> = failed[1..]
-                .iter()
-                .map(|(r, st)| format!("rank {r} ({})", describe(st)))
-                .collect();
-            let also = if others.is_empty() {
-                String::new()
-            } else {
-                format!("; then {}", others.join(", "))
-            };
-            bail!(
-                "rank {rank} failed ({}){also}; the other ranks were stopped",
-                describe(status)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    info!(ranks = children.len(), "all ranks of this node finished");
-    Ok(())
-}
-
-/// The signal that ended a process, if one did.
-fn signal_of(status: &std::process::ExitStatus) -> Option<i32> {
-    #[cfg(unix)]
-    {
-        std::os::unix::process::ExitStatusExt::signal(status)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = status;
-        None
-    }
-}
-
-fn describe(status: &std::process::ExitStatus) -> String {
-    match signal_of(status) {
-        Some(9) => "killed by signal 9, SIGKILL: out of memory?".into(),
-        Some(sig) => format!("killed by signal {sig}"),
-        None => status.to_string(),
-    }
 }
 
 /// In a worker the launcher started: exit when the launcher is gone (killed), as torchrun's
@@ -451,14 +339,7 @@ fn watch_launcher() {
     }
 }
 
-fn stop(children: &mut [(usize, Child)]) {
-    for (_, c) in children.iter_mut() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
-fn method_of(args: &TrainArgs, preset: &Preset) -> Result<String> {
+fn method_of(args: &TrainOptions, preset: &Preset) -> Result<String> {
     let method = match &args.method {
         Some(m) => m.clone(),
         None if preset.heads.contains_key(&preset.name) => preset.name.clone(),
@@ -524,7 +405,7 @@ fn sharded_margin(method: &str, head: &HeadConfig) -> Result<ArcFaceConfig> {
     })
 }
 
-fn device_for(args: &TrainArgs, env: &DistEnv) -> Result<Device> {
+fn device_for(args: &TrainOptions, env: &DistEnv) -> Result<Device> {
     if args.gpus.is_some() {
         return Device::new_cuda(env.local_rank)
             .with_context(|| format!("opening cuda:{}", env.local_rank));
@@ -539,23 +420,21 @@ fn device_for(args: &TrainArgs, env: &DistEnv) -> Result<Device> {
     Ok(Device::Cpu)
 }
 
-fn worker(args: &TrainArgs, root: &Path) -> Result<()> {
+/// Trains as one rank of the run `args` describes (rank, world size and rendezvous from the
+/// torchrun environment variables, [`DistEnv`]; a single process when they are unset): rank 0
+/// writes `checkpoints/` and `train.json` under the output folder (default
+/// `root/target/train/<preset>-<method>`).
+///
+/// # Errors
+/// A bad preset or flag, a rendezvous or collective failure, a failed step or checkpoint.
+pub fn run_rank(args: &TrainOptions, root: &Path) -> Result<()> {
     watch_launcher();
     let env = DistEnv::from_env()?;
     let (rank, world_size) = (env.rank, env.world_size);
-    let config_path = args
-        .config
-        .clone()
-        .unwrap_or_else(|| root.join("configs").join(format!("{}.toml", args.preset)));
-    if !config_path.exists() {
-        bail!(
-            "no preset {}: {} does not exist (presets: {})",
-            args.preset,
-            config_path.display(),
-            crate::reproduce::list_presets(&root.join("configs")).join(", ")
-        );
-    }
-    let mut preset: Preset = crate::config_file::load(&config_path, &args.sets)?;
+    let mut preset: Preset = match &args.config {
+        Some(path) => crate::config_file::load(path, &args.sets)?,
+        None => Presets::with_dir(root.join("configs")).load(&args.preset, &args.sets)?,
+    };
     preset.validate()?;
     if let Some(p) = args.precision {
         preset.train.trainer.precision = p;
@@ -585,7 +464,7 @@ folder (or pick another --out) to start over",
     }
 
     // Data: every rank opens the same set; the loader gives each its slice of every batch.
-    let size = crate::reproduce::input_size(&preset);
+    let size = preset.input_size();
     let train_set: Arc<dyn FaceDataset> = match &args.train_rec {
         Some(dir) => Arc::new(
             RecordIoDataset::open(dir)
@@ -599,16 +478,9 @@ folder (or pick another --out) to start over",
     let loader = BatchLoader::new(
         train_set.clone(),
         LoaderConfig {
-            batch_size: preset.train.batch_size,
-            image_size: size,
-            shuffle: true,
-            seed: preset.seed,
-            drop_last: true,
-            skip_corrupt: preset.train.skip_corrupt,
-            prefetch: preset.train.prefetch.unwrap_or(2),
             rank,
             world_size,
-            ..LoaderConfig::default()
+            ..preset.loader_config(preset.train.batch_size, size)
         },
     )?
     .with_device(device.clone());
@@ -652,22 +524,9 @@ folder (or pick another --out) to start over",
 
     // Model: the backbone in the training precision, the head in f32 (same seeded VarMap, so
     // every rank starts from the same weights; rank 0's are broadcast anyway).
-    let seeded = SeededVarMap::new(preset.seed);
-    let backbone: Box<dyn Backbone> = build_backbone(
-        &preset.backbone,
-        seeded.var_builder(precision.backbone_dtype(), &device),
-    )
-    .context("building the backbone")?;
     let head_cfg = preset.heads[&method].clone();
-    let head_vb = seeded.var_builder(DType::F32, &device).pp("head");
-    let head: Box<dyn fr_heads::Head> = match args.partial_fc_sample_rate {
-        None => build_head(
-            &head_cfg,
-            backbone.embedding_size(),
-            train_set.num_classes(),
-            head_vb,
-        )
-        .with_context(|| format!("building head {method}"))?,
+    let head: Option<HeadBuilder> = match args.partial_fc_sample_rate {
+        None => None,
         Some(sample_rate) => {
             let cfg = ShardedPartialFcConfig {
                 sample_rate,
@@ -678,50 +537,25 @@ folder (or pick another --out) to start over",
                 Some((c, _)) => c.clone(),
                 None => Arc::new(SimulatedCollective::new(1)?),
             };
-            Box::new(
-                ShardedPartialFc::new(
-                    &cfg,
-                    backbone.embedding_size(),
-                    train_set.num_classes(),
-                    shared,
-                    &[head_vb],
-                )
-                .with_context(|| format!("building model-parallel Partial FC for {method}"))?,
-            )
+            let method = method.clone();
+            Some(Box::new(move |d, c, vb| {
+                let head = ShardedPartialFc::new(&cfg, d, c, shared, &[vb])
+                    .with_context(|| format!("building model-parallel Partial FC for {method}"))?;
+                Ok(Box::new(head) as Box<dyn fr_heads::Head>)
+            }))
         }
     };
-    let frozen: Vec<String> = {
-        let data = seeded.varmap().data().lock().expect("fresh VarMap lock");
-        data.keys()
-            .filter(|n| !n.starts_with("head.") && !backbone.is_trainable(n))
-            .cloned()
-            .collect()
-    };
-    let mut trainer_cfg = preset.train.trainer.clone();
-    trainer_cfg.seed = preset.seed;
-    let mut trainer = Trainer::new(
-        backbone,
-        head,
-        seeded.varmap().clone(),
-        trainer_cfg,
-        move |n: &str| !frozen.iter().any(|f| f == n),
-    )?
-    .with_model_card(
-        fr_backbone::ModelCard::new(preset.backbone.clone())
-            .with_head(
-                &method,
-                serde_json::to_value(&head_cfg).ok(),
-                Some(train_set.num_classes()),
-            )
-            .with_training_set(
-                args.train_rec.as_ref().map_or_else(
-                    || "synthetic identities".to_string(),
-                    |d| d.display().to_string(),
-                ),
-                Some(train_set.num_classes()),
-                Some(train_set.len()),
-            ),
+    let data = args.train_rec.as_ref().map_or_else(
+        || "synthetic identities".to_string(),
+        |d| d.display().to_string(),
     );
+    let mut trainer = assemble(ModelSpec {
+        backbone_dtype: precision.backbone_dtype(),
+        render: false,
+        head,
+        ..ModelSpec::new(&preset, &method, train_set.as_ref(), data, &device)
+    })?
+    .trainer;
     let sharded = args.partial_fc_sample_rate.is_some();
     let compression = compression_of(args)?;
     // With sharded centres every rank saves (its shard); otherwise rank 0 alone.
@@ -771,75 +605,17 @@ folder (or pick another --out) to start over",
         );
         return Ok(());
     }
-    let pb = if rank == 0 {
-        let pb = ProgressBar::new(stop_at);
-        pb.set_position(first_step.min(stop_at));
-        pb.set_style(
-            ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-                .expect("static template"),
-        );
-        pb.set_prefix(method.clone());
-        pb
-    } else {
-        ProgressBar::hidden()
+    let fit_config = FitConfig {
+        label: method.clone(),
+        epochs: preset.train.epochs,
+        max_steps: args.max_steps,
+        checkpoints: saves.then(|| ckpt_dir.clone()),
+        world_size,
+        progress: rank == 0,
     };
-    let start = Instant::now();
-    let (mut step_loss, mut epoch_loss) = (Vec::new(), Vec::new());
-    let (mut images, mut buckets, mut last_ckpt) = (0usize, 0usize, None);
-    let mut saved_step = None;
-    let first_epoch = (first_step / per_epoch) as usize;
-    'epochs: for epoch in first_epoch..preset.train.epochs {
-        trainer.set_epoch(epoch);
-        let (mut sum, mut count) = (0.0, 0usize);
-        // A resumed run goes on inside the epoch where it stopped.
-        let skip = if epoch == first_epoch {
-            (first_step % per_epoch) as usize
-        } else {
-            0
-        };
-        for batch in loader.epoch_from(epoch as u64, skip) {
-            if trainer.state().step >= stop_at {
-                break 'epochs;
-            }
-            let batch = batch?;
-            images += batch.indices.len() * world_size;
-            let o = trainer.step(&batch, total)?;
-            buckets = o.stats.get("dp_buckets").map_or(buckets, |b| *b as usize);
-            step_loss.push(o.loss);
-            if !o.skipped {
-                sum += o.loss;
-                count += 1;
-            }
-            pb.set_message(format!(
-                "epoch {} loss {:.3} lr {:.4}",
-                epoch + 1,
-                o.loss,
-                o.lr
-            ));
-            pb.inc(1);
-        }
-        epoch_loss.push(if count > 0 {
-            sum / count as f64
-        } else {
-            f64::NAN
-        });
-        if saves {
-            last_ckpt = Some(trainer.save(&ckpt_dir)?);
-            saved_step = Some(trainer.state().step);
-        }
-        info!(
-            rank,
-            epoch = epoch + 1,
-            loss = format!("{:.4}", epoch_loss.last().copied().unwrap_or(f64::NAN)),
-            "epoch done"
-        );
-    }
-    if saves && saved_step != Some(trainer.state().step) && trainer.state().step > first_step {
-        // Stopped inside an epoch by --max-steps: keep that state too.
-        last_ckpt = Some(trainer.save(&ckpt_dir)?);
-    }
-    pb.finish_and_clear();
-    let train_seconds = start.elapsed().as_secs_f64();
+    let mut buckets = GradientBuckets(0);
+    let fitted = fit(&mut trainer, &loader, &fit_config, &mut buckets)?;
+    let (buckets, train_seconds) = (buckets.0, fitted.train_seconds);
 
     // Are the replicas still identical? Every rank's weight sum, gathered.
     let mut checksum = 0f64;
@@ -885,13 +661,13 @@ folder (or pick another --out) to start over",
             global_batch_size: preset.train.batch_size * world_size,
             steps: trainer.state().step,
             skipped_steps: trainer.state().skipped_steps,
-            epoch_loss,
-            step_loss,
+            images_per_second: fitted.images_per_second(),
+            epoch_loss: fitted.epoch_loss,
+            step_loss: fitted.step_loss,
             train_seconds,
-            images_per_second: images as f64 / train_seconds.max(1e-9),
             weight_checksums,
             gradient_buckets: buckets,
-            checkpoint: last_ckpt,
+            checkpoint: fitted.last_checkpoint,
         };
         let path = out.join("train.json");
         let tmp = out.join("train.json.tmp");

@@ -10,21 +10,19 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::{bail, Context, Result};
 use fr_backbone::{parameter_shapes, BackboneConfig, Complexity, NAMED_BACKBONES};
 use serde::Serialize;
 
-/// Arguments of `cargo xtask info`.
-#[derive(Debug, clap::Args)]
-pub struct InfoArgs {
+/// Options of `cargo xtask info`.
+#[derive(Debug, Default)]
+pub struct InfoOptions {
     /// A short name (`r50`, `mbf`, …; an unknown name lists them) or a TOML file: a preset
     /// (its `[backbone]` table is used) or a backbone table alone (`type = "iresnet"`, …).
     pub backbone: String,
     /// Override a key of the backbone table, `key=value` (e.g. `embedding_size=128`).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Print JSON instead of text.
-    #[arg(long)]
     pub json: bool,
 }
 
@@ -49,7 +47,7 @@ pub struct BackboneInfo {
 ///
 /// # Errors
 /// An unknown name that is not a readable file, a TOML error, or a key the config rejects.
-pub fn resolve(args: &InfoArgs) -> Result<BackboneConfig> {
+pub fn resolve(args: &InfoOptions) -> Result<BackboneConfig> {
     let (tree, origin) = if let Some(cfg) = BackboneConfig::named(&args.backbone) {
         let tree = toml::Value::try_from(&cfg).context("serialising the named configuration")?;
         (tree, format!("`{}`", args.backbone))
@@ -128,35 +126,25 @@ pub fn render(name: &str, info: &BackboneInfo) -> String {
     )
 }
 
-/// Entry point of `cargo xtask info`.
-///
-/// # Errors
-/// See [`resolve`] and [`describe`].
-pub fn run(args: &InfoArgs) -> Result<()> {
-    let cfg = resolve(args)?;
-    let info = describe(&cfg)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
-    } else {
-        print!("{}", render(&args.backbone, &info));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: InfoArgs,
-    }
-
+    /// `fr info ARGV...`: the backbone, then `--set KEY=VALUE` pairs.
     fn info_of(argv: &[&str]) -> Result<BackboneInfo> {
-        let cli = Cli::try_parse_from(std::iter::once("info").chain(argv.iter().copied()))?;
-        describe(&resolve(&cli.args)?)
+        let sets = argv[1..]
+            .chunks(2)
+            .map(|kv| {
+                assert_eq!(kv[0], "--set");
+                kv[1].to_string()
+            })
+            .collect();
+        let args = InfoOptions {
+            backbone: argv[0].to_string(),
+            sets,
+            json: false,
+        };
+        describe(&resolve(&args)?)
     }
 
     #[test]
@@ -202,7 +190,7 @@ mod tests {
         // A preset file: its [backbone] table.
         let preset = crate::workspace_root().join("configs/lh2face.toml");
         let from_file = info_of(&[preset.to_str().unwrap()]).unwrap();
-        let want: crate::preset::Preset = crate::config_file::load(&preset, &[]).unwrap();
+        let want: crate::config::Preset = crate::config_file::load(&preset, &[]).unwrap();
         assert_eq!(from_file.config, want.backbone);
         // Errors name the problem.
         let err = info_of(&["r51"]).unwrap_err().to_string();
