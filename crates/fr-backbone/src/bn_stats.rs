@@ -82,6 +82,34 @@ impl BnTap {
     }
 }
 
+/// An eval-mode forward `f` run with a fresh tap: the embeddings and the statistics it
+/// recorded ([`BnStatsForward::forward_with_bn_stats`] of the backbones with BatchNorm).
+pub(crate) fn collect_bn_stats(
+    f: impl FnOnce(Option<&mut BnTap>) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
+    let mut tap = BnTap::default();
+    let y = f(Some(&mut tap))?;
+    Ok((y, tap.stats))
+}
+
+/// `f(tap)` with `prefix()` prepended to the names `tap` records meanwhile: for a block that
+/// does not know its own state-dict path (IResNet's `layer2.0.`).
+pub(crate) fn with_prefix<T>(
+    tap: Option<&mut BnTap>,
+    prefix: impl FnOnce() -> String,
+    f: impl FnOnce(Option<&mut BnTap>) -> candle_core::Result<T>,
+) -> candle_core::Result<T> {
+    match tap {
+        None => f(None),
+        Some(t) => {
+            t.prefix = prefix();
+            let y = f(Some(&mut *t))?;
+            t.prefix.clear();
+            Ok(y)
+        }
+    }
+}
+
 /// `bn(x)` (train or eval mode), recording `x` under `name` first when `tap` is given.
 pub(crate) fn tapped_bn(
     bn: &BatchNorm,

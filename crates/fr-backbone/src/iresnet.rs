@@ -11,21 +11,26 @@
 //!   block: bn1 → conv1 3x3/1 → bn2 → prelu → conv2 3x3/s → bn3, + downsample(x)
 //! bn2 → flatten → dropout → fc → features (BatchNorm1d, weight fixed at 1)   (B, D)
 //! ```
+//!
+//! This file is the architecture and its names; the `conv → BN (→ PReLU) (+ shortcut)` units
+//! bring the fused inference path, QuantFace fake quantisation ([`IResNet::quantize`],
+//! [`crate::quant`]) and the BatchNorm taps ([`crate::bn_stats`]).
 
 use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
-use fr_kernels::nn::{BatchNorm, Conv2d, PReLU};
-use fr_kernels::{ConvParams, Kernels};
+use fr_kernels::nn::{BatchNorm, Conv2d};
+use fr_kernels::Kernels;
 use serde::{Deserialize, Serialize};
 
-pub use crate::bn_stats::BnBatchStats;
-use crate::bn_stats::{check_input, BnStatsForward, BnTap};
+use crate::bn_stats::{
+    check_input, collect_bn_stats, tapped_bn, with_prefix, BnBatchStats, BnStatsForward, BnTap,
+};
 use crate::complexity::{Complexity, Counter};
+use crate::conv_bn::{ConvBn, Shortcut};
 use crate::error::{Error, Result};
-use crate::quant::{fake_quantize_weight, quantized_conv, quantized_prelu, QuantAct, QuantBits};
+use crate::layers::{self, ConvSpec};
+use crate::quant::{quantized_linear, QuantBits};
 
-/// BatchNorm epsilon used everywhere in the reference.
-pub(crate) const BN_EPS: f64 = 1e-5;
 /// insightface initialises every convolution with N(0, 0.1²).
 const CONV_INIT: Init = Init::Randn {
     mean: 0.0,
@@ -211,61 +216,29 @@ impl IResNetConfig {
     }
 }
 
-/// Layer constructors for one network, all with the same [`Kernels`].
-#[derive(Clone, Copy)]
-struct Layers(Kernels);
-
-impl Layers {
-    fn conv(
-        self,
-        in_c: usize,
-        out_c: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
-        vb: VarBuilder,
-    ) -> Result<Conv2d> {
-        let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", CONV_INIT)?;
-        let params = ConvParams {
-            stride,
-            padding,
-            ..Default::default()
-        };
-        Ok(Conv2d::new(weight, None, params, self.0))
-    }
-
-    fn bn(self, c: usize, vb: VarBuilder) -> Result<BatchNorm> {
-        Ok(BatchNorm::load(c, BN_EPS, vb, self.0)?)
-    }
-
-    fn prelu(self, c: usize, vb: VarBuilder) -> Result<PReLU> {
-        Ok(PReLU::load(c, vb, self.0)?)
-    }
+/// A bias-free `k`×`k` convolution, `weight` `(out_c, in_c, k, k)` under `vb`.
+fn conv(
+    (in_c, out_c, k): (usize, usize, usize),
+    stride: usize,
+    padding: usize,
+    kernels: Kernels,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    ConvSpec::new(in_c, out_c, k, stride, padding, 1).build(CONV_INIT, false, kernels, vb)
 }
 
-/// The residual block of IResNet (pre-activation style, PReLU inside).
+/// The residual block of IResNet (pre-activation style, PReLU inside):
+/// `bn1 → conv1 → bn2 → prelu → conv2 → bn3`, plus the input or `downsample.{0,1}` of it.
 #[derive(Debug, Clone)]
 pub struct IBasicBlock {
     bn1: BatchNorm,
-    conv1: Conv2d,
-    bn2: BatchNorm,
-    prelu: PReLU,
-    conv2: Conv2d,
-    bn3: BatchNorm,
-    downsample: Option<(Conv2d, BatchNorm)>,
-    quant: Option<BlockQuant>,
-}
-
-/// Fake quantisation of one block ([`IResNet::quantize`]): weight bits, PReLU slope bits (the
-/// activation width), the kernels to rebuild its convolutions and PReLU with, and the
-/// activation quantisers after the PReLU and after the residual addition.
-#[derive(Debug, Clone)]
-struct BlockQuant {
-    weight_bits: u32,
-    slope_bits: u32,
-    kernels: Kernels,
-    after_prelu: QuantAct,
-    after_residual: QuantAct,
+    /// `conv1 → bn2 → prelu`.
+    conv1: ConvBn,
+    /// `conv2 → bn3`, plus the shortcut.
+    conv2: ConvBn,
+    /// `downsample.0` (1×1 conv, stride) `→ downsample.1` (BatchNorm), where the shape
+    /// changes.
+    downsample: Option<ConvBn>,
 }
 
 impl IBasicBlock {
@@ -278,26 +251,55 @@ impl IBasicBlock {
         kernels: Kernels,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let l = Layers(kernels);
         let downsample = if stride != 1 || in_c != out_c {
             let vb = vb.pp("downsample");
-            Some((
-                l.conv(in_c, out_c, 1, stride, 0, vb.pp("0"))?,
-                l.bn(out_c, vb.pp("1"))?,
-            ))
+            let conv = conv((in_c, out_c, 1), stride, 0, kernels, vb.pp("0"))?;
+            let bn = layers::bn(out_c, kernels, vb.pp("1"))?;
+            Some(ConvBn::new(conv, bn, "downsample.1".into(), None))
         } else {
             None
         };
+        let bn1 = layers::bn(in_c, kernels, vb.pp("bn1"))?;
+        let conv1 = conv((in_c, out_c, 3), 1, 1, kernels, vb.pp("conv1"))?;
+        let bn2 = layers::bn(out_c, kernels, vb.pp("bn2"))?;
+        let prelu = layers::prelu(out_c, kernels, vb.pp("prelu"))?;
+        let conv2 = conv((out_c, out_c, 3), stride, 1, kernels, vb.pp("conv2"))?;
+        let bn3 = layers::bn(out_c, kernels, vb.pp("bn3"))?;
         Ok(Self {
-            bn1: l.bn(in_c, vb.pp("bn1"))?,
-            conv1: l.conv(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?,
-            bn2: l.bn(out_c, vb.pp("bn2"))?,
-            prelu: l.prelu(out_c, vb.pp("prelu"))?,
-            conv2: l.conv(out_c, out_c, 3, stride, 1, vb.pp("conv2"))?,
-            bn3: l.bn(out_c, vb.pp("bn3"))?,
+            bn1,
+            conv1: ConvBn::new(conv1, bn2, "bn2".into(), Some(prelu)),
+            conv2: ConvBn::new(conv2, bn3, "bn3".into(), None),
             downsample,
-            quant: None,
         })
+    }
+
+    /// QuantFace fake quantisation of the block ([`IResNet::quantize`]): activations after
+    /// the PReLU and after the residual addition.
+    fn quantize(&mut self, bits: QuantBits, kernels: Kernels) {
+        self.conv1.quantize(bits, kernels, false);
+        self.conv2.quantize(bits, kernels, true);
+        if let Some(d) = &mut self.downsample {
+            d.quantize(bits, kernels, false);
+        }
+    }
+
+    /// [`ModuleT::forward_t`], handing the input of every BatchNorm to `tap` when given:
+    /// `bn1`, `bn2`, `bn3`, `downsample.1`.
+    fn forward_tapped(
+        &self,
+        x: &Tensor,
+        train: bool,
+        mut tap: Option<&mut BnTap>,
+    ) -> candle_core::Result<Tensor> {
+        let out = tapped_bn(&self.bn1, "bn1", x, train, tap.as_deref_mut())?;
+        let out = self
+            .conv1
+            .forward_tapped(&out, train, None, tap.as_deref_mut())?;
+        let shortcut = match &self.downsample {
+            Some(d) => Shortcut::Projection(d, x),
+            None => Shortcut::Identity(x),
+        };
+        self.conv2.forward_tapped(&out, train, Some(shortcut), tap)
     }
 }
 
@@ -307,89 +309,18 @@ impl ModuleT for IBasicBlock {
     }
 }
 
-impl IBasicBlock {
-    /// [`ModuleT::forward_t`], handing the input of every BatchNorm to `tap` when given
-    /// (which also keeps the layers separate: no fused inference path).
-    fn forward_tapped(
-        &self,
-        x: &Tensor,
-        train: bool,
-        mut tap: Option<&mut BnTap>,
-    ) -> candle_core::Result<Tensor> {
-        let (bits, slope_bits, kernels) = match &self.quant {
-            Some(q) => (Some(q.weight_bits), Some(q.slope_bits), q.kernels),
-            None => (None, None, Kernels::Auto),
-        };
-        let prelu = quantized_prelu(&self.prelu, slope_bits, kernels)?;
-        let conv1 = quantized_conv(&self.conv1, bits, kernels)?;
-        let conv2 = quantized_conv(&self.conv2, bits, kernels)?;
-        let down = match &self.downsample {
-            Some((c, b)) => Some((quantized_conv(c, bits, kernels)?, b)),
-            None => None,
-        };
-        let act = |q: fn(&BlockQuant) -> &QuantAct, y: Tensor| match &self.quant {
-            Some(bq) => q(bq).forward_t(&y, train),
-            None => Ok(y),
-        };
-        if !train && !fr_kernels::is_grad_enabled() && tap.is_none() {
-            // Inference: conv1+bn2+prelu and conv2+bn3+residual as two fused convolutions.
-            let out = self.bn1.forward_t(x, false)?;
-            let out = conv1.forward_eval_fused(&out, &self.bn2, Some(&prelu), None)?;
-            let out = act(|q| &q.after_prelu, out)?;
-            let identity = match &down {
-                Some((c, b)) => c.forward_eval_fused(x, b, None, None)?,
-                None => x.clone(),
-            };
-            let out = conv2.forward_eval_fused(&out, &self.bn3, None, Some(&identity))?;
-            return act(|q| &q.after_residual, out);
-        }
-        let mut record = |name: &str, bn: &BatchNorm, input: &Tensor| match tap.as_deref_mut() {
-            Some(t) => t.record(name, bn, input),
-            None => Ok(()),
-        };
-        record("bn1", &self.bn1, x)?;
-        let out = self.bn1.forward_t(x, train)?;
-        let out = conv1.forward(&out)?;
-        record("bn2", &self.bn2, &out)?;
-        let out = self.bn2.forward_prelu_t(&out, &prelu, train)?;
-        let out = act(|q| &q.after_prelu, out)?;
-        let out = conv2.forward(&out)?;
-        record("bn3", &self.bn3, &out)?;
-        let out = self.bn3.forward_t(&out, train)?;
-        let identity = match &down {
-            Some((c, b)) => {
-                let y = c.forward(x)?;
-                record("downsample.1", b, &y)?;
-                b.forward_t(&y, train)?
-            }
-            None => x.clone(),
-        };
-        act(|q| &q.after_residual, (out + identity)?)
-    }
-}
-
-/// Fake quantisation of the stem and `fc` ([`IResNet::quantize`]).
-#[derive(Debug, Clone)]
-struct StemQuant {
-    weight_bits: u32,
-    slope_bits: u32,
-    /// After the stem's PReLU.
-    act: QuantAct,
-}
-
 /// IResNet: images `(B, 3, S, S)` → embeddings `(B, D)` (not normalised).
 #[derive(Debug, Clone)]
 pub struct IResNet {
     cfg: IResNetConfig,
-    conv1: Conv2d,
-    bn1: BatchNorm,
-    prelu: PReLU,
+    /// `conv1 → bn1 → prelu`.
+    stem: ConvBn,
     layers: Vec<Vec<IBasicBlock>>,
     bn2: BatchNorm,
     fc: Linear,
     features: BatchNorm,
-    /// The stem's fake quantisation, when quantised.
-    quant: Option<StemQuant>,
+    /// Weight bits of `fc`, when fake-quantised.
+    fc_bits: Option<u32>,
 }
 
 impl IResNet {
@@ -398,11 +329,10 @@ impl IResNet {
     /// `Var`s of the map too: filter them with [`IResNet::is_trainable`].
     pub fn new(cfg: &IResNetConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let w = cfg.widths;
-        let l = Layers(cfg.kernels);
-        let conv1 = l.conv(3, w[0], 3, 1, 1, vb.pp("conv1"))?;
-        let bn1 = l.bn(w[0], vb.pp("bn1"))?;
-        let prelu = l.prelu(w[0], vb.pp("prelu"))?;
+        let (w, k) = (cfg.widths, cfg.kernels);
+        let conv1 = conv((3, w[0], 3), 1, 1, k, vb.pp("conv1"))?;
+        let bn1 = layers::bn(w[0], k, vb.pp("bn1"))?;
+        let prelu = layers::prelu(w[0], k, vb.pp("prelu"))?;
         let mut layers = Vec::with_capacity(4);
         let mut in_c = w[0];
         for (li, (&n, &out_c)) in cfg.layers.iter().zip(w.iter()).enumerate() {
@@ -414,14 +344,14 @@ impl IResNet {
                     in_c,
                     out_c,
                     stride,
-                    cfg.kernels,
+                    k,
                     vb_l.pp(bi.to_string()),
                 )?);
                 in_c = out_c;
             }
             layers.push(blocks);
         }
-        let bn2 = l.bn(w[3], vb.pp("bn2"))?;
+        let bn2 = layers::bn(w[3], k, vb.pp("bn2"))?;
         let fc_in = cfg.fc_in_features();
         // PyTorch's nn.Linear default: U(±1/√fan_in) for weight and bias.
         let bound = 1.0 / (fc_in as f64).sqrt();
@@ -434,17 +364,15 @@ impl IResNet {
             vb_fc.get_with_hints((cfg.embedding_size, fc_in), "weight", init)?,
             Some(vb_fc.get_with_hints(cfg.embedding_size, "bias", init)?),
         );
-        let features = l.bn(cfg.embedding_size, vb.pp("features"))?;
+        let features = layers::bn(cfg.embedding_size, k, vb.pp("features"))?;
         Ok(Self {
             cfg: cfg.clone(),
-            conv1,
-            bn1,
-            prelu,
+            stem: ConvBn::new(conv1, bn1, "bn1".into(), Some(prelu)),
             layers,
             bn2,
             fc,
             features,
-            quant: None,
+            fc_bits: None,
         })
     }
 
@@ -462,21 +390,12 @@ impl IResNet {
     /// A bit width outside 2..=16.
     pub fn quantize(mut self, bits: QuantBits) -> Result<Self> {
         bits.validate()?;
-        let act = || QuantAct::new(bits.activation, bits.freeze_after);
+        let k = self.cfg.kernels;
         for block in self.layers.iter_mut().flatten() {
-            block.quant = Some(BlockQuant {
-                weight_bits: bits.weight,
-                slope_bits: bits.activation,
-                kernels: self.cfg.kernels,
-                after_prelu: act(),
-                after_residual: act(),
-            });
+            block.quantize(bits, k);
         }
-        self.quant = Some(StemQuant {
-            weight_bits: bits.weight,
-            slope_bits: bits.activation,
-            act: act(),
-        });
+        self.stem.quantize(bits, k, false);
+        self.fc_bits = Some(bits.weight);
         Ok(self)
     }
 
@@ -494,34 +413,11 @@ impl IResNet {
     /// with a prefix such as `backbone.`): false for BatchNorm running statistics and for
     /// `features.weight`, which insightface fixes at 1.
     pub fn is_trainable(name: &str) -> bool {
-        let last = name.rsplit('.').next().unwrap_or(name);
-        let fixed_stat = matches!(last, "running_mean" | "running_var" | "num_batches_tracked");
         let fixed_scale = name == "features.weight" || name.ends_with(".features.weight");
-        !(fixed_stat || fixed_scale)
-    }
-}
-
-impl IResNet {
-    /// Eval-mode forward `(B, 3, S, S)` → embeddings `(B, D)` that also returns the batch
-    /// statistics of the input of every BatchNorm2d layer, in forward order, with gradients
-    /// (for the BatchNorm-statistics prior of DeepInversion, Yin et al., CVPR 2020, which
-    /// hooks every `BatchNorm2d`; the 1-D `features` layer is left out, as there): `bn1`,
-    /// then per block `bn1`, `bn2`, `bn3`, `downsample.1`, then `bn2`. BatchNorm normalises
-    /// with the running statistics, as in [`ModuleT::forward_t`] with `train = false`;
-    /// nothing is updated. The layers run unfused, so the result equals the eval forward up
-    /// to float rounding. Also [`BnStatsForward::forward_with_bn_stats`].
-    ///
-    /// # Errors
-    /// An input that is not `(B, 3, S, S)`, or a failure of a layer.
-    pub fn forward_with_bn_stats(
-        &self,
-        x: &Tensor,
-    ) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
-        let mut tap = BnTap::default();
-        let y = self.forward_tapped(x, false, Some(&mut tap))?;
-        Ok((y, tap.stats))
+        !(layers::is_running_stat(name) || fixed_scale)
     }
 
+    /// The forward pass, handing the input of every BatchNorm2d to `tap` when given.
     fn forward_tapped(
         &self,
         x: &Tensor,
@@ -529,53 +425,24 @@ impl IResNet {
         mut tap: Option<&mut BnTap>,
     ) -> candle_core::Result<Tensor> {
         check_input("IResNet", x, self.cfg.input_shape())?;
-        let q = self.quant.as_ref();
-        let conv1 = quantized_conv(&self.conv1, q.map(|q| q.weight_bits), self.cfg.kernels)?;
-        let prelu = quantized_prelu(&self.prelu, q.map(|q| q.slope_bits), self.cfg.kernels)?;
-        let mut x = if !train && !fr_kernels::is_grad_enabled() && tap.is_none() {
-            conv1.forward_eval_fused(x, &self.bn1, Some(&prelu), None)?
-        } else {
-            let x = conv1.forward(x)?;
-            if let Some(t) = tap.as_deref_mut() {
-                t.record("bn1", &self.bn1, &x)?;
-            }
-            self.bn1.forward_prelu_t(&x, &prelu, train)?
-        };
-        if let Some(q) = q {
-            x = q.act.forward_t(&x, train)?;
-        }
+        let mut x = self
+            .stem
+            .forward_tapped(x, train, None, tap.as_deref_mut())?;
         for (li, blocks) in self.layers.iter().enumerate() {
             for (bi, block) in blocks.iter().enumerate() {
-                x = match tap.as_deref_mut() {
-                    Some(t) => {
-                        t.prefix = format!("layer{}.{bi}.", li + 1);
-                        let y = block.forward_tapped(&x, train, Some(&mut *t))?;
-                        t.prefix.clear();
-                        y
-                    }
-                    None => block.forward_t(&x, train)?,
-                };
+                let prefix = || format!("layer{}.{bi}.", li + 1);
+                x = with_prefix(tap.as_deref_mut(), prefix, |t| {
+                    block.forward_tapped(&x, train, t)
+                })?;
             }
         }
-        if let Some(t) = tap {
-            t.record("bn2", &self.bn2, &x)?;
-        }
-        let x = self.bn2.forward_t(&x, train)?.flatten_from(1)?;
+        let x = tapped_bn(&self.bn2, "bn2", &x, train, tap)?.flatten_from(1)?;
         let x = if train && self.cfg.dropout > 0.0 {
             candle_nn::ops::dropout(&x, self.cfg.dropout)?
         } else {
             x
         };
-        // Detached inside `fr_kernels::no_grad`, like the other layers.
-        let weight = match q {
-            Some(q) => fake_quantize_weight(self.fc.weight(), q.weight_bits)?,
-            None => self.fc.weight().clone(),
-        };
-        let fc = Linear::new(
-            fr_kernels::track(&weight),
-            self.fc.bias().map(fr_kernels::track),
-        );
-        let x = fc.forward(&x)?;
+        let x = quantized_linear(&self.fc, self.fc_bits)?.forward(&x)?;
         self.features.forward_t(&x, train)
     }
 }
@@ -596,12 +463,16 @@ impl crate::Backbone for IResNet {
     }
 }
 
+/// Every BatchNorm2d in forward order (the prior of DeepInversion, Yin et al., CVPR 2020,
+/// hooks every `BatchNorm2d`; the 1-D `features` layer is left out, as there), named by its
+/// state-dict prefix: `bn1`, then per block `layerL.B.bn1`, `…bn2`, `…bn3`,
+/// `…downsample.1`, then `bn2`.
 impl BnStatsForward for IResNet {
     fn forward_with_bn_stats(
         &self,
         x: &Tensor,
     ) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
-        IResNet::forward_with_bn_stats(self, x)
+        collect_bn_stats(|tap| self.forward_tapped(x, false, tap))
     }
 
     fn input_shape(&self) -> (usize, usize) {

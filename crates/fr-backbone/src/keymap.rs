@@ -34,7 +34,8 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::iresnet::{IResNetConfig, BN_EPS};
+use crate::iresnet::IResNetConfig;
+use crate::layers::BN_EPS;
 
 /// The naming scheme of a state dict (after its prefix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

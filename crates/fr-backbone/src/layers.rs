@@ -1,12 +1,14 @@
-//! Building blocks shared by the lightweight backbones: convolution geometry, BatchNorm and
-//! PReLU on this project's kernels (the `conv → BN (→ PReLU)` unit is [`crate::conv_bn`]).
+//! Building blocks shared by the backbones: convolution geometry, BatchNorm and PReLU on this
+//! project's kernels (the `conv → BN (→ PReLU)` unit is [`crate::conv_bn`]).
 
 use candle_nn::{Init, VarBuilder};
 use fr_kernels::nn::{BatchNorm, Conv2d, PReLU};
 use fr_kernels::{ConvParams, Kernels};
 
 use crate::error::Result;
-use crate::iresnet::BN_EPS;
+
+/// BatchNorm epsilon of every reference (PyTorch's default).
+pub(crate) const BN_EPS: f64 = 1e-5;
 
 /// Geometry of a square convolution.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +22,25 @@ pub(crate) struct ConvSpec {
 }
 
 impl ConvSpec {
+    /// A `k`×`k` convolution from `in_c` to `out_c` channels (`groups` divides both).
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+    ) -> Self {
+        Self {
+            in_c,
+            out_c,
+            k,
+            stride,
+            padding,
+            groups,
+        }
+    }
+
     /// PyTorch's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`: N(0, 2 / (Cout·k²)).
     pub fn kaiming_fan_out(&self) -> Init {
         Init::Randn {

@@ -29,12 +29,12 @@ use fr_kernels::nn::BatchNorm;
 use fr_kernels::Kernels;
 use serde::{Deserialize, Serialize};
 
-use crate::bn_stats::{check_input, BnBatchStats, BnStatsForward, BnTap};
+use crate::bn_stats::{check_input, collect_bn_stats, BnBatchStats, BnStatsForward, BnTap};
 use crate::complexity::{Complexity, Counter};
-use crate::conv_bn::ConvBn;
+use crate::conv_bn::{ConvBn, Shortcut};
 use crate::error::{Error, Result};
 use crate::layers::{self, ConvSpec};
-use crate::quant::{fake_quantize_weight, QuantBits};
+use crate::quant::{quantized_linear, QuantBits};
 
 /// Architecture of a [`MobileFaceNet`]. Defaults: insightface's `mbf` at 112×112, 512-d.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,14 +229,7 @@ impl DepthWise {
         vb: VarBuilder,
     ) -> Result<Self> {
         let vb = vb.pp("layers");
-        let conv = |in_c, out_c, k, stride, padding, groups| ConvSpec {
-            in_c,
-            out_c,
-            k,
-            stride,
-            padding,
-            groups,
-        };
+        let conv = ConvSpec::new;
         Ok(Self {
             expand: block(conv(in_c, expansion, 1, 1, 0, 1), true, kernels, vb.pp("0"))?,
             depthwise: block(
@@ -273,8 +266,8 @@ impl DepthWise {
         let y = self
             .depthwise
             .forward_tapped(&y, train, None, tap.as_deref_mut())?;
-        let residual = if self.residual { Some(x) } else { None };
-        self.project.forward_tapped(&y, train, residual, tap)
+        let shortcut = self.residual.then_some(Shortcut::Identity(x));
+        self.project.forward_tapped(&y, train, shortcut, tap)
     }
 }
 
@@ -330,14 +323,7 @@ impl MobileFaceNet {
         let k = cfg.kernels;
         let c1 = 64 * cfg.scale;
         let vb_l = vb.pp("layers");
-        let spec = |in_c, out_c, k, stride, padding, groups| ConvSpec {
-            in_c,
-            out_c,
-            k,
-            stride,
-            padding,
-            groups,
-        };
+        let spec = ConvSpec::new;
         let mut stages = vec![Stage::Conv(block(
             spec(3, c1, 3, 2, 1, 1),
             true,
@@ -462,12 +448,7 @@ impl MobileFaceNet {
             .gdc
             .forward_tapped(&x, train, None, tap)?
             .flatten_from(1)?;
-        let weight = match self.linear_bits {
-            Some(bits) => fake_quantize_weight(self.linear.weight(), bits)?,
-            None => self.linear.weight().clone(),
-        };
-        let linear = Linear::new(fr_kernels::track(&weight), None);
-        let x = linear.forward(&x)?;
+        let x = quantized_linear(&self.linear, self.linear_bits)?.forward(&x)?;
         self.features.forward_t(&x, train)
     }
 }
@@ -487,9 +468,7 @@ impl BnStatsForward for MobileFaceNet {
         &self,
         x: &Tensor,
     ) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
-        let mut tap = BnTap::default();
-        let y = self.forward_tapped(x, false, Some(&mut tap))?;
-        Ok((y, tap.stats))
+        collect_bn_stats(|tap| self.forward_tapped(x, false, tap))
     }
 
     fn input_shape(&self) -> (usize, usize) {

@@ -36,7 +36,9 @@ use fr_kernels::nn::{BatchNorm, Conv2d, PReLU, Pool3x3};
 use fr_kernels::{Kernels, PoolKind};
 use serde::{Deserialize, Serialize};
 
-use crate::bn_stats::{check_input, tapped_bn, BnBatchStats, BnStatsForward, BnTap};
+use crate::bn_stats::{
+    check_input, collect_bn_stats, tapped_bn, BnBatchStats, BnStatsForward, BnTap,
+};
 use crate::complexity::{Complexity, Counter};
 use crate::conv_bn::ConvBn;
 use crate::error::{Error, Result};
@@ -389,14 +391,7 @@ fn conv(
     kernels: Kernels,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let spec = ConvSpec {
-        in_c,
-        out_c,
-        k,
-        stride,
-        padding: k / 2,
-        groups,
-    };
+    let spec = ConvSpec::new(in_c, out_c, k, stride, k / 2, groups);
     spec.build(kaiming_uniform(&spec), false, kernels, vb)
 }
 
@@ -664,6 +659,8 @@ impl PocketNet {
         let (con, f, d) = (cfg.tail_channels(), cfg.final_size(), cfg.embedding_size);
         let vb_t = vb.pp("tail");
         let tail_prelu = layers::prelu(c_p, k, vb_t.pp("0"))?;
+        // The global depthwise convolution over the final map.
+        let gdc = ConvSpec::new(con, con, f, 1, 0, con);
         let tail = [
             ConvBn::new(
                 conv(c_p, con, 1, 1, 1, k, vb_t.pp("1"))?,
@@ -672,27 +669,7 @@ impl PocketNet {
                 Some(layers::prelu(con, k, vb_t.pp("3"))?),
             ),
             ConvBn::new(
-                ConvSpec {
-                    in_c: con,
-                    out_c: con,
-                    k: f,
-                    stride: 1,
-                    padding: 0,
-                    groups: con,
-                }
-                .build(
-                    kaiming_uniform(&ConvSpec {
-                        in_c: con,
-                        out_c: con,
-                        k: f,
-                        stride: 1,
-                        padding: 0,
-                        groups: con,
-                    }),
-                    false,
-                    k,
-                    vb_t.pp("4"),
-                )?,
+                gdc.build(kaiming_uniform(&gdc), false, k, vb_t.pp("4"))?,
                 layers::bn(con, k, vb_t.pp("5"))?,
                 vb_t.pp("5").prefix(),
                 None,
@@ -765,9 +742,7 @@ impl BnStatsForward for PocketNet {
         &self,
         x: &Tensor,
     ) -> candle_core::Result<(Tensor, Vec<BnBatchStats>)> {
-        let mut tap = BnTap::default();
-        let y = self.forward_tapped(x, false, Some(&mut tap))?;
-        Ok((y, tap.stats))
+        collect_bn_stats(|tap| self.forward_tapped(x, false, tap))
     }
 
     fn input_shape(&self) -> (usize, usize) {

@@ -429,6 +429,22 @@ pub(crate) fn quantized_conv(
     })
 }
 
+/// `linear` with its weight fake-quantised to `bits` bits per output row when given, its
+/// tensors tracked (detached inside `fr_kernels::no_grad`, like the other layers).
+pub(crate) fn quantized_linear(
+    linear: &candle_nn::Linear,
+    bits: Option<u32>,
+) -> candle_core::Result<candle_nn::Linear> {
+    let weight = match bits {
+        Some(b) => fake_quantize_weight(linear.weight(), b)?,
+        None => linear.weight().clone(),
+    };
+    Ok(candle_nn::Linear::new(
+        fr_kernels::track(&weight),
+        linear.bias().map(fr_kernels::track),
+    ))
+}
+
 /// `prelu` with its slopes fake-quantised to `bits` bits ([`fake_quantize_prelu_slopes`]),
 /// rebuilt on `kernels`.
 pub(crate) fn quantized_prelu(

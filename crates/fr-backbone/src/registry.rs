@@ -105,42 +105,43 @@ impl Default for BackboneConfig {
     }
 }
 
-/// The short names of insightface's `get_model` (and this crate's additions), with the
-/// configuration each stands for: `(name, what)`.
-pub const NAMED_BACKBONES: &[(&str, &str)] = &[
-    ("r18", "IResNet-18, 112x112, 512-d"),
-    ("r34", "IResNet-34, 112x112, 512-d"),
-    ("r50", "IResNet-50, 112x112, 512-d"),
-    ("r100", "IResNet-100, 112x112, 512-d"),
-    ("r200", "IResNet-200, 112x112, 512-d"),
-    ("mbf", "MobileFaceNet (insightface mbf), 112x112, 512-d"),
-    (
-        "mbf_large",
-        "MobileFaceNet (insightface mbf_large), 112x112, 512-d",
-    ),
-    ("sphere20", "SphereNet-20 (SphereFace), 112x96, 512-d"),
-    ("sphere64", "SphereNet-64 (SphereFace), 112x96, 512-d"),
-    ("pocketnets", "PocketNetS (DARTS cells), 112x112, 128-d"),
-    ("pocketnetm", "PocketNetM (DARTS cells), 112x112, 128-d"),
-];
+/// Declares [`NAMED_BACKBONES`] and [`BackboneConfig::named`] from one list of
+/// `"name" => "what", config;` lines, so each short name is written once.
+macro_rules! named_backbones {
+    ($($name:literal => $what:literal, $config:expr;)+) => {
+        /// The short names of insightface's `get_model` (and this crate's additions), with the
+        /// configuration each stands for: `(name, what)`.
+        pub const NAMED_BACKBONES: &[(&str, &str)] = &[$(($name, $what)),+];
 
-impl BackboneConfig {
-    /// The configuration of a short name of [`NAMED_BACKBONES`] (`r50`, …); `None` for an
-    /// unknown name.
-    pub fn named(name: &str) -> Option<Self> {
-        Some(match name {
-            "r18" => BackboneConfig::Iresnet(IResNetConfig::r18()),
-            "r34" => BackboneConfig::Iresnet(IResNetConfig::r34()),
-            "r50" => BackboneConfig::Iresnet(IResNetConfig::r50()),
-            "r100" => BackboneConfig::Iresnet(IResNetConfig::r100()),
-            "r200" => BackboneConfig::Iresnet(IResNetConfig::r200()),
-            "mbf" => BackboneConfig::Mobilefacenet(MobileFaceNetConfig::mbf()),
-            "mbf_large" => BackboneConfig::Mobilefacenet(MobileFaceNetConfig::mbf_large()),
-            "sphere20" => BackboneConfig::Spherenet(SphereNetConfig::sphere20()),
-            "sphere64" => BackboneConfig::Spherenet(SphereNetConfig::sphere64()),
-            "pocketnets" => BackboneConfig::Pocketnet(PocketNetConfig::s()),
-            "pocketnetm" => BackboneConfig::Pocketnet(PocketNetConfig::m()),
-            _ => return None,
-        })
-    }
+        impl BackboneConfig {
+            /// The configuration of a short name of [`NAMED_BACKBONES`] (`r50`, …); `None` for
+            /// an unknown name.
+            pub fn named(name: &str) -> Option<Self> {
+                match name {
+                    $($name => Some($config),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+named_backbones! {
+    "r18" => "IResNet-18, 112x112, 512-d", BackboneConfig::Iresnet(IResNetConfig::r18());
+    "r34" => "IResNet-34, 112x112, 512-d", BackboneConfig::Iresnet(IResNetConfig::r34());
+    "r50" => "IResNet-50, 112x112, 512-d", BackboneConfig::Iresnet(IResNetConfig::r50());
+    "r100" => "IResNet-100, 112x112, 512-d", BackboneConfig::Iresnet(IResNetConfig::r100());
+    "r200" => "IResNet-200, 112x112, 512-d", BackboneConfig::Iresnet(IResNetConfig::r200());
+    "mbf" => "MobileFaceNet (insightface mbf), 112x112, 512-d",
+        BackboneConfig::Mobilefacenet(MobileFaceNetConfig::mbf());
+    "mbf_large" => "MobileFaceNet (insightface mbf_large), 112x112, 512-d",
+        BackboneConfig::Mobilefacenet(MobileFaceNetConfig::mbf_large());
+    "sphere20" => "SphereNet-20 (SphereFace), 112x96, 512-d",
+        BackboneConfig::Spherenet(SphereNetConfig::sphere20());
+    "sphere64" => "SphereNet-64 (SphereFace), 112x96, 512-d",
+        BackboneConfig::Spherenet(SphereNetConfig::sphere64());
+    "pocketnets" => "PocketNetS (DARTS cells), 112x112, 128-d",
+        BackboneConfig::Pocketnet(PocketNetConfig::s());
+    "pocketnetm" => "PocketNetM (DARTS cells), 112x112, 128-d",
+        BackboneConfig::Pocketnet(PocketNetConfig::m());
 }

@@ -204,14 +204,7 @@ impl SphereNet {
         let mut stages = Vec::with_capacity(4);
         for (si, (&units, &c)) in cfg.units.iter().zip(&cfg.widths).enumerate() {
             let s = si + 1;
-            let spec = |in_c, stride| ConvSpec {
-                in_c,
-                out_c: c,
-                k: 3,
-                stride,
-                padding: 1,
-                groups: 1,
-            };
+            let spec = |in_c, stride| ConvSpec::new(in_c, c, 3, stride, 1, 1);
             let down = ConvPrelu::new(spec(in_c, 2), k, &vb, s, 1)?;
             let units = (0..units)
                 .map(|u| {

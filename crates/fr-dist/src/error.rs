@@ -27,9 +27,31 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
-    /// A collective operation failed.
+    /// A collective operation between ranks failed: a lost connection, a peer calling another
+    /// operation, a timeout, an NCCL error.
+    #[error("collective `{op}` on rank {rank}: {reason}")]
+    Collective {
+        /// The operation (`all_reduce`, `all_gather`, `broadcast`, `init`, …).
+        op: String,
+        /// The rank that reports the failure.
+        rank: usize,
+        /// What went wrong, naming the peer rank where there is one.
+        reason: String,
+    },
+    /// Tensors handed to a collective that do not fit: a wrong number of them, shapes or
+    /// dtypes that differ between ranks, counts or a root rank out of range.
+    #[error("`{what}`: expected {expected}, got {got}")]
+    Shape {
+        /// Which input (the operation, with the rank where known).
+        what: String,
+        /// What was expected, e.g. `[4, 3] F32 as on rank 0`.
+        expected: String,
+        /// What was received.
+        got: String,
+    },
+    /// A tensor operation failed.
     #[error(transparent)]
-    Collective(#[from] fr_heads::Error),
+    Candle(#[from] candle_core::Error),
 }
 
 impl Error {

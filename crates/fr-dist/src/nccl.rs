@@ -12,8 +12,8 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp as NcclOp};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
-use fr_heads::sharded::{check_root, Collective, ReduceOp};
 
+use crate::collective::{check_root, Collective, ReduceOp};
 use crate::rendezvous::rendezvous;
 use crate::{DistEnv, Error, Result};
 
@@ -49,8 +49,8 @@ impl std::fmt::Debug for NcclCollective {
     }
 }
 
-fn nccl_err(op: &str, rank: usize, e: impl std::fmt::Debug) -> fr_heads::Error {
-    fr_heads::Error::Collective {
+fn nccl_err(op: &str, rank: usize, e: impl std::fmt::Debug) -> Error {
+    Error::Collective {
         op: op.into(),
         rank,
         reason: format!("NCCL: {e:?}"),
@@ -65,7 +65,7 @@ impl NcclCollective {
     /// [`Error::Rendezvous`] as [`rendezvous`]; [`Error::Collective`] when the GPU cannot be
     /// opened or NCCL fails to create the id or the communicator.
     pub fn connect(env: &DistEnv, timeout: Duration) -> Result<Self> {
-        let device = Device::new_cuda(env.local_rank).map_err(|e| fr_heads::Error::Collective {
+        let device = Device::new_cuda(env.local_rank).map_err(|e| Error::Collective {
             op: "init".into(),
             rank: env.rank,
             reason: format!("opening cuda:{}: {e}", env.local_rank),
@@ -124,10 +124,10 @@ impl NcclCollective {
         self.rank
     }
 
-    fn single<'a>(&self, what: &str, parts: &'a [Tensor]) -> fr_heads::Result<&'a Tensor> {
+    fn single<'a>(&self, what: &str, parts: &'a [Tensor]) -> Result<&'a Tensor> {
         match parts {
             [t] => Ok(t),
-            _ => Err(fr_heads::Error::Shape {
+            _ => Err(Error::Shape {
                 what: what.into(),
                 expected: "one tensor (this process holds one rank)".into(),
                 got: format!("{} tensors", parts.len()),
@@ -208,15 +208,9 @@ impl CustomOp1 for NcclOpOnStorage<'_> {
 }
 
 impl NcclCollective {
-    fn call(
-        &self,
-        name: &str,
-        t: &Tensor,
-        call: Call,
-        out_shape: Shape,
-    ) -> fr_heads::Result<Tensor> {
+    fn call(&self, name: &str, t: &Tensor, call: Call, out_shape: Shape) -> Result<Tensor> {
         let t = t.detach().contiguous()?;
-        let comm = self.comm.lock().map_err(|_| fr_heads::Error::Collective {
+        let comm = self.comm.lock().map_err(|_| Error::Collective {
             op: name.into(),
             rank: self.rank,
             reason: "communicator lock poisoned by an earlier panic".into(),
@@ -240,7 +234,7 @@ impl Collective for NcclCollective {
         vec![self.rank]
     }
 
-    fn all_gather(&self, parts: &[Tensor]) -> fr_heads::Result<Vec<Tensor>> {
+    fn all_gather(&self, parts: &[Tensor]) -> Result<Vec<Tensor>> {
         let mine = self.single("all_gather", parts)?;
         let dims = mine.dims().to_vec();
         let rows = dims.first().copied().unwrap_or(1);
@@ -254,7 +248,7 @@ impl Collective for NcclCollective {
         )?;
         let counts = all.to_vec1::<u32>()?;
         if counts.iter().any(|&c| c as usize != rows) {
-            return Err(fr_heads::Error::Shape {
+            return Err(Error::Shape {
                 what: "all_gather (NCCL)".into(),
                 expected: "the same number of rows on every rank".into(),
                 got: format!("rows per rank {counts:?}"),
@@ -274,7 +268,7 @@ impl Collective for NcclCollective {
         )?])
     }
 
-    fn all_reduce(&self, parts: &[Tensor], op: ReduceOp) -> fr_heads::Result<Vec<Tensor>> {
+    fn all_reduce(&self, parts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
         let mine = self.single("all_reduce", parts)?;
         Ok(vec![self.call(
             "all_reduce",
@@ -284,7 +278,7 @@ impl Collective for NcclCollective {
         )?])
     }
 
-    fn reduce_scatter(&self, parts: &[Tensor], counts: &[usize]) -> fr_heads::Result<Vec<Tensor>> {
+    fn reduce_scatter(&self, parts: &[Tensor], counts: &[usize]) -> Result<Vec<Tensor>> {
         let mine = self.single("reduce_scatter", parts)?;
         let dims = mine.dims().to_vec();
         let rows = dims.first().copied().unwrap_or(0);
@@ -292,7 +286,7 @@ impl Collective for NcclCollective {
             && counts.iter().sum::<usize>() == rows
             && counts.iter().all(|&c| c == counts[0]);
         if !equal {
-            return Err(fr_heads::Error::Shape {
+            return Err(Error::Shape {
                 what: "reduce_scatter counts (NCCL)".into(),
                 expected: format!("{} equal counts adding up to {rows}", self.world_size),
                 got: format!("{counts:?}"),
@@ -308,7 +302,7 @@ impl Collective for NcclCollective {
         )?])
     }
 
-    fn broadcast(&self, parts: &[Tensor], root: usize) -> fr_heads::Result<Vec<Tensor>> {
+    fn broadcast(&self, parts: &[Tensor], root: usize) -> Result<Vec<Tensor>> {
         let mine = self.single("broadcast", parts)?;
         check_root(root, self.world_size)?;
         Ok(vec![self.call(

@@ -4,12 +4,12 @@ use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::collective::{check_counts, check_root, fold, scatter_rows, Collective, ReduceOp};
 use candle_core::Tensor;
-use fr_heads::sharded::{check_counts, check_root, fold, scatter_rows, Collective, ReduceOp};
 
 use crate::rendezvous::{rendezvous, Peers, Rendezvous};
 use crate::wire::{self, Frame, Op};
-use crate::{DistEnv, Result};
+use crate::{DistEnv, Error, Result};
 
 /// How long a collective waits for a peer before failing (PyTorch's default process-group
 /// timeout is also 30 minutes).
@@ -18,8 +18,8 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// One rank of a multi-process group whose collectives go over TCP through rank 0.
 ///
 /// Every rank sends its tensor to rank 0; rank 0 gathers or reduces in rank order
-/// ([`fr_heads::sharded::fold`], the arithmetic of
-/// [`fr_heads::sharded::SimulatedCollective`] too, so results are bit-identical to `K` simulated
+/// ([`crate::collective::fold`], the arithmetic of [`crate::SimulatedCollective`] too, so
+/// results are bit-identical to `K` simulated
 /// ranks and the same on every rank) and sends each rank its result. Each call holds exactly
 /// one rank ([`Collective::local_ranks`] is `[rank]`), takes one tensor and returns one.
 /// Tensors travel as host copies: meant for CPU ranks (PyTorch's gloo role); GPU ranks use
@@ -59,7 +59,7 @@ impl TcpCollective {
             Peers::Worker(s) => set(s),
             Peers::Alone => Ok(()),
         };
-        ok.map_err(|e| crate::Error::Rendezvous {
+        ok.map_err(|e| Error::Rendezvous {
             addr: format!("{}:{}", r.env.master_addr, r.env.master_port),
             rank: r.env.rank,
             world_size: r.env.world_size,
@@ -81,23 +81,23 @@ impl TcpCollective {
     ///
     /// # Errors
     /// As [`Collective::all_reduce`].
-    pub fn barrier(&self) -> fr_heads::Result<()> {
+    pub fn barrier(&self) -> Result<()> {
         let one = Tensor::ones(1, candle_core::DType::U8, &candle_core::Device::Cpu)?;
         self.all_reduce(&[one], ReduceOp::Max).map(|_| ())
     }
 
-    fn err(&self, op: Op, reason: impl Into<String>) -> fr_heads::Error {
-        fr_heads::Error::Collective {
+    fn err(&self, op: Op, reason: impl Into<String>) -> Error {
+        Error::Collective {
             op: op.name().into(),
             rank: self.rank,
             reason: reason.into(),
         }
     }
 
-    fn single<'a>(&self, op: Op, parts: &'a [Tensor]) -> fr_heads::Result<&'a Tensor> {
+    fn single<'a>(&self, op: Op, parts: &'a [Tensor]) -> Result<&'a Tensor> {
         match parts {
             [t] => Ok(t),
-            _ => Err(fr_heads::Error::Shape {
+            _ => Err(Error::Shape {
                 what: op.name().into(),
                 expected: "one tensor (this process holds one rank)".into(),
                 got: format!("{} tensors", parts.len()),
@@ -113,8 +113,8 @@ impl TcpCollective {
         op: Op,
         mine: &Tensor,
         shape_only: bool,
-        combine: impl FnOnce(Vec<Frame>) -> fr_heads::Result<Vec<Tensor>>,
-    ) -> fr_heads::Result<Tensor> {
+        combine: impl FnOnce(Vec<Frame>) -> Result<Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let mut peers = self
             .peers
             .lock()
@@ -178,20 +178,20 @@ fn tensors(
     op: Op,
     frames: Vec<Frame>,
     same: impl Fn(&[usize], &[usize]) -> bool,
-) -> fr_heads::Result<Vec<Tensor>> {
+) -> Result<Vec<Tensor>> {
     let (dtype, dims) = (frames[0].dtype, frames[0].dims.clone());
     frames
         .into_iter()
         .enumerate()
         .map(|(rank, f)| {
             if f.dtype != dtype || !same(&f.dims, &dims) {
-                return Err(fr_heads::Error::Shape {
+                return Err(Error::Shape {
                     what: format!("{} (rank {rank})", op.name()),
                     expected: format!("{dims:?} {dtype:?} as on rank 0"),
                     got: format!("{:?} {:?}", f.dims, f.dtype),
                 });
             }
-            f.tensor.ok_or_else(|| fr_heads::Error::Collective {
+            f.tensor.ok_or_else(|| Error::Collective {
                 op: op.name().into(),
                 rank: 0,
                 reason: format!("rank {rank} sent a shape without elements"),
@@ -209,7 +209,7 @@ impl Collective for TcpCollective {
         vec![self.rank]
     }
 
-    fn all_gather(&self, parts: &[Tensor]) -> fr_heads::Result<Vec<Tensor>> {
+    fn all_gather(&self, parts: &[Tensor]) -> Result<Vec<Tensor>> {
         let op = Op::AllGather;
         let mine = self.single(op, parts)?;
         let k = self.world_size;
@@ -220,7 +220,7 @@ impl Collective for TcpCollective {
         Ok(vec![out])
     }
 
-    fn all_reduce(&self, parts: &[Tensor], reduce: ReduceOp) -> fr_heads::Result<Vec<Tensor>> {
+    fn all_reduce(&self, parts: &[Tensor], reduce: ReduceOp) -> Result<Vec<Tensor>> {
         let op = match reduce {
             ReduceOp::Sum => Op::AllReduceSum,
             ReduceOp::Max => Op::AllReduceMax,
@@ -234,7 +234,7 @@ impl Collective for TcpCollective {
         Ok(vec![out])
     }
 
-    fn reduce_scatter(&self, parts: &[Tensor], counts: &[usize]) -> fr_heads::Result<Vec<Tensor>> {
+    fn reduce_scatter(&self, parts: &[Tensor], counts: &[usize]) -> Result<Vec<Tensor>> {
         let op = Op::ReduceScatter;
         let mine = self.single(op, parts)?;
         let rows = mine.dims().first().copied().unwrap_or(0);
@@ -247,7 +247,7 @@ impl Collective for TcpCollective {
         Ok(vec![out])
     }
 
-    fn broadcast(&self, parts: &[Tensor], root: usize) -> fr_heads::Result<Vec<Tensor>> {
+    fn broadcast(&self, parts: &[Tensor], root: usize) -> Result<Vec<Tensor>> {
         let op = Op::Broadcast;
         let mine = self.single(op, parts)?;
         check_root(root, self.world_size)?;
@@ -259,7 +259,7 @@ impl Collective for TcpCollective {
                 .enumerate()
                 .find(|(_, f)| f.dtype != dtype || f.dims != dims)
             {
-                return Err(fr_heads::Error::Shape {
+                return Err(Error::Shape {
                     what: format!("broadcast (rank {rank})"),
                     expected: format!("{dims:?} {dtype:?} as on rank 0"),
                     got: format!("{:?} {:?}", f.dims, f.dtype),
@@ -269,7 +269,7 @@ impl Collective for TcpCollective {
                 .into_iter()
                 .nth(root)
                 .and_then(|f| f.tensor)
-                .ok_or_else(|| fr_heads::Error::Collective {
+                .ok_or_else(|| Error::Collective {
                     op: op.name().into(),
                     rank: 0,
                     reason: format!("the root rank {root} sent no elements"),

@@ -1,19 +1,16 @@
 //! The TCP rendezvous and collective with ranks in threads of one test process (the same code
 //! path as one process per rank: every rank has its own sockets): results are bit-identical to
-//! `SimulatedCollective`, model-parallel Partial FC over TCP equals the simulated run, and bad
-//! rendezvous or mismatched calls fail with errors naming the rank.
+//! `SimulatedCollective`, and bad rendezvous or mismatched calls fail with errors naming the
+//! rank. (Model-parallel Partial FC over TCP is tested in `fr-train`, which uses both crates.)
 
 use std::net::TcpListener;
 use std::thread;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use fr_dist::{rendezvous, DistEnv, Error, Peers, TcpCollective};
-use fr_heads::sharded::{
-    Collective, ReduceOp, ShardedPartialFc, ShardedPartialFcConfig, SimulatedCollective,
+use fr_dist::{
+    rendezvous, Collective, DistEnv, Error, Peers, ReduceOp, SimulatedCollective, TcpCollective,
 };
-use fr_heads::StepContext;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -266,86 +263,6 @@ fn mismatched_calls_and_shapes_name_the_rank() {
             .to_string()
     });
     assert!(e[0].contains("one tensor"), "{}", e[0]);
-}
-
-/// Model-parallel Partial FC with one rank per "process" over TCP: the same loss and gradients
-/// as all ranks simulated in one process.
-#[test]
-fn partial_fc_over_tcp_equals_simulated_ranks() {
-    let (k, b, d, c) = (3usize, 4usize, 8usize, 20usize);
-    let cfg = ShardedPartialFcConfig {
-        sample_rate: 0.5,
-        seed: 5,
-        ..Default::default()
-    };
-    let emb = move |rank: usize| -> Tensor {
-        let v: Vec<f64> = (0..b * d)
-            .map(|i| ((i as f64) * 0.91 + rank as f64 * 3.1).sin())
-            .collect();
-        Tensor::from_vec(v, (b, d), &Device::Cpu).unwrap()
-    };
-    let lab = move |rank: usize| -> Tensor {
-        let v: Vec<u32> = (0..b).map(|i| ((rank * b + i) * 7 % c) as u32).collect();
-        Tensor::new(v.as_slice(), &Device::Cpu).unwrap()
-    };
-    // The class centres `(C, D)`; each rank holds its shard's rows.
-    let centres = move || -> Tensor {
-        let v: Vec<f64> = (0..c * d).map(|i| ((i as f64) * 0.37).cos()).collect();
-        Tensor::from_vec(v, (c, d), &Device::Cpu).unwrap()
-    };
-    let set_shard = move |vm: &VarMap, classes: &std::ops::Range<usize>| {
-        let rows = centres().narrow(0, classes.start, classes.len()).unwrap();
-        vm.data().lock().unwrap()["weight"].set(&rows).unwrap();
-    };
-    let ctx = StepContext::train(3, 0);
-    let cfg2 = cfg.clone();
-    let over_tcp = on_ranks(k, move |rank, col| {
-        let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
-        let pfc = ShardedPartialFc::new(&cfg2, d, c, col, &[vb]).unwrap();
-        set_shard(&vm, &pfc.shards()[0].classes);
-        let out = pfc.forward(&[emb(rank)], &[lab(rank)], &ctx).unwrap();
-        let g = pfc.backward(&out).unwrap();
-        let w = &pfc.shards()[0].weight;
-        let gw = g.centres[0]
-            .get(w)
-            .cloned()
-            .unwrap_or(w.zeros_like().unwrap());
-        (
-            out.loss,
-            g.embeddings[0].to_vec2::<f64>().unwrap(),
-            gw.to_vec2::<f64>().unwrap(),
-        )
-    });
-    let vms: Vec<VarMap> = (0..k).map(|_| VarMap::new()).collect();
-    let vbs: Vec<VarBuilder> = vms
-        .iter()
-        .map(|vm| VarBuilder::from_varmap(vm, DType::F64, &Device::Cpu))
-        .collect();
-    let pfc =
-        ShardedPartialFc::new(&cfg, d, c, SimulatedCollective::new(k).unwrap(), &vbs).unwrap();
-    for (shard, vm) in pfc.shards().iter().zip(&vms) {
-        set_shard(vm, &shard.classes);
-    }
-    let xs: Vec<Tensor> = (0..k).map(emb).collect();
-    let ys: Vec<Tensor> = (0..k).map(lab).collect();
-    let out = pfc.forward(&xs, &ys, &ctx).unwrap();
-    let g = pfc.backward(&out).unwrap();
-    for (rank, (loss, gx, gw)) in over_tcp.iter().enumerate() {
-        assert_eq!(*loss, out.loss, "loss on rank {rank}");
-        assert_eq!(
-            gx,
-            &g.embeddings[rank].to_vec2::<f64>().unwrap(),
-            "dL/dx on rank {rank}"
-        );
-        let w = &pfc.shards()[rank].weight;
-        let want = g.centres[rank]
-            .get(w)
-            .cloned()
-            .unwrap_or(w.zeros_like().unwrap());
-        assert_eq!(gw, &want.to_vec2::<f64>().unwrap(), "dL/dW on rank {rank}");
-    }
-    assert!(out.loss.is_finite() && out.loss > 0.0);
 }
 
 #[test]

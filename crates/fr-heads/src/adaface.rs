@@ -40,8 +40,8 @@ use std::f64::consts::PI;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::arcface::MarginMode;
 use crate::common::{self, as_dtype_of};
+use crate::margin::MarginMode;
 use crate::{Error, Head, HeadOutput, Result, StepContext};
 
 /// Checkpoint key of the running mean of the feature norms.
@@ -196,13 +196,7 @@ impl AdaFace {
             let theta = common::acos(c)?.add(&g_ang)?.clamp(eps, PI - eps)?;
             Ok(theta.cos()?.sub(&g_add)?)
         };
-        let target = match self.cfg.margin_mode {
-            MarginMode::Exact => margin_target(&c)?,
-            MarginMode::StraightThrough => {
-                let shift = margin_target(&c.detach())?.sub(&c.detach())?;
-                (&c + shift)?
-            }
-        };
+        let target = self.cfg.margin_mode.apply(&c, margin_target)?;
         let logits = (common::replace_target(&cos, &mask, &target)? * self.cfg.scale)?;
         Ok((logits, mask, c))
     }

@@ -24,38 +24,17 @@
 //!
 //! Cosines are clamped to `[−1 + ε, 1 − ε]` (ε = 1e-7) before `acos` / `sqrt(1 − c²)`, so the
 //! loss and gradients stay finite at `c = ±1`.
-
-use std::f64::consts::PI;
+//!
+//! The margin itself is [`crate::margin`] ([`ArcFaceConfig::margin_softmax`]), shared with
+//! CosFace, Partial FC and the model-parallel head.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{self, as_dtype_of, DEFAULT_COS_EPS};
+use crate::common::{self, DEFAULT_COS_EPS};
+use crate::margin::{AngularMargin, MarginSoftmax, TargetMargin};
+pub use crate::margin::{Fallback, MarginMode};
 use crate::{Head, HeadOutput, Result, StepContext};
-
-/// How an angular margin enters the gradient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MarginMode {
-    /// Differentiate `cos(m1·θ + m2) − m3` exactly.
-    #[default]
-    Exact,
-    /// `z = c + sg(target − c)`: the margin shifts the value only (insightface arcface_torch).
-    StraightThrough,
-}
-
-/// What the target logit becomes where `m1·θ + m2 > π`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Fallback {
-    /// Keep `cos(m1·θ + m2) − m3` (insightface arcface_torch).
-    None,
-    /// `c − sin(π − m2)·m2 − m3` (the original th/mm rule).
-    #[default]
-    Classic,
-    /// `c − fallback_margin` (FaceX-Zoo, whose `margin_am` defaults to 0).
-    Cosine,
-}
 
 /// Hyperparameters of [`ArcFace`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,48 +102,38 @@ impl ArcFaceConfig {
 
     /// Check every range; the error names the key.
     pub fn validate(&self) -> Result<()> {
-        common::check_positive("scale", self.scale)?;
-        common::check_range("margin", self.margin, 0.0, PI - 1e-6)?;
-        common::check_range("m1", self.m1, 1.0, 8.0)?;
-        common::check_range("m3", self.m3, 0.0, 1.0)?;
-        common::check_range("fallback_margin", self.fallback_margin, 0.0, 1.0)?;
-        // ε > 0 keeps sqrt(1 − c²) and acos differentiable at c = ±1.
-        common::check_range("cos_eps", self.cos_eps, 1e-12, 0.1)
+        self.margin_softmax().validate()
     }
 
-    /// `cos(m1·θ + m2) − m3` for target cosines `c` `(B,)`, differentiable.
-    pub(crate) fn margin_cos(&self, c: &Tensor) -> Result<Tensor> {
-        let ArcFaceConfig {
-            margin: m2, m1, m3, ..
-        } = *self;
-        let v = if m1 == 1.0 {
-            let sin = c.sqr()?.neg()?.affine(1.0, 1.0)?.maximum(0.0)?.sqrt()?;
-            ((c * m2.cos())? - (sin * m2.sin())?)?
-        } else {
-            common::acos(c)?.affine(m1, m2)?.cos()?
-        };
-        Ok((v - m3)?)
-    }
-
-    /// The target logit before scaling: margin, then easy-margin / fallback selection.
-    pub(crate) fn target_logit(&self, c: &Tensor) -> Result<Tensor> {
-        let phi = self.margin_cos(c)?;
-        if self.easy_margin {
-            return Ok(c.gt(0.0)?.where_cond(&phi, c)?);
+    /// The angular margin `cos(m1·θ + m2) − m3` with this config's mode, fallback and easy
+    /// margin.
+    pub fn angular_margin(&self) -> AngularMargin {
+        AngularMargin {
+            m1: self.m1,
+            m2: self.margin,
+            m3: self.m3,
+            mode: self.margin_mode,
+            fallback: self.fallback,
+            fallback_margin: self.fallback_margin,
+            easy_margin: self.easy_margin,
         }
-        let th = self.threshold();
-        let alt = match self.fallback {
-            Fallback::None => return Ok(phi),
-            Fallback::Classic => (c - ((PI - self.margin).sin() * self.margin + self.m3))?,
-            Fallback::Cosine => (c - self.fallback_margin)?,
-        };
-        Ok(c.gt(th)?.where_cond(&phi, &alt)?)
     }
 
-    /// Threshold `th`: the margin applies where `c > th`, i.e. `m1·θ + m2 < π`.
+    /// The logits of this head (arcface_torch's `CombinedMarginLoss(s, m1, m2, m3)`), for the
+    /// dense head, Partial FC and the model-parallel head.
+    pub fn margin_softmax(&self) -> MarginSoftmax {
+        MarginSoftmax {
+            scale: self.scale,
+            margin: TargetMargin::Angular(self.angular_margin()),
+            clamp_p_target: self.clamp_p_target,
+            cos_eps: self.cos_eps,
+        }
+    }
+
+    /// Threshold `th`: the margin applies where `c > th`, i.e. `m1·θ + m2 < π`
+    /// ([`AngularMargin::threshold`]).
     pub fn threshold(&self) -> f64 {
-        let theta_max = (PI - self.margin) / self.m1;
-        theta_max.cos()
+        self.angular_margin().threshold()
     }
 }
 
@@ -173,7 +142,6 @@ impl ArcFaceConfig {
 pub struct ArcFace {
     cfg: ArcFaceConfig,
     weight: Tensor,
-    embedding_size: usize,
     num_classes: usize,
 }
 
@@ -190,7 +158,6 @@ impl ArcFace {
         Ok(Self {
             cfg: cfg.clone(),
             weight,
-            embedding_size,
             num_classes,
         })
     }
@@ -212,30 +179,9 @@ impl Head for ArcFace {
         labels: &Tensor,
         _ctx: &StepContext,
     ) -> Result<HeadOutput> {
-        let inp = common::check_inputs(embeddings, labels, self.embedding_size, self.num_classes)?;
-        let cos = common::cosine(
-            &inp.x,
-            &as_dtype_of(&self.weight, &inp.x)?,
-            self.cfg.cos_eps,
-        )?;
-        let mask = common::target_mask(&inp.labels_t, self.num_classes)?;
-        let c = common::target_values(&cos, &mask)?;
-        let target = match self.cfg.margin_mode {
-            MarginMode::Exact => self.cfg.target_logit(&c)?,
-            MarginMode::StraightThrough => {
-                let shift = (self.cfg.target_logit(&c.detach())? - c.detach())?;
-                (&c + shift)?
-            }
-        };
-        let logits = (common::replace_target(&cos, &mask, &target)? * self.cfg.scale)?;
-        let p_floor = self.cfg.clamp_p_target.then_some(1e-30);
-        let cos_target_mean = common::scalar(&c.mean_all()?)?;
-        common::ce_output(
-            logits,
-            &mask,
-            p_floor,
-            &[("cos_target_mean", cos_target_mean)],
-        )
+        self.cfg
+            .margin_softmax()
+            .forward_dense(embeddings, labels, &self.weight, self.num_classes)
     }
 }
 
@@ -245,6 +191,7 @@ mod tests {
     use crate::common::tests::fd_check;
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
+    use std::f64::consts::PI;
 
     fn head(cfg: ArcFaceConfig) -> Result<(ArcFace, VarMap)> {
         let vm = VarMap::new();
@@ -254,6 +201,7 @@ mod tests {
 
     fn target(h: &ArcFace, c: &[f64]) -> Result<Vec<f64>> {
         Ok(h.cfg
+            .angular_margin()
             .target_logit(&Tensor::new(c, &Device::Cpu)?)?
             .to_vec1()?)
     }
@@ -327,7 +275,8 @@ mod tests {
             },
         ] {
             let (h, _) = head(cfg)?;
-            let err = fd_check(&c, |c| Ok(h.cfg.target_logit(c)?.sqr()?.sum_all()?))?;
+            let margin = h.cfg.angular_margin();
+            let err = fd_check(&c, |c| Ok(margin.target_logit(c)?.sqr()?.sum_all()?))?;
             assert!(err < 1e-6, "fd error {err}");
         }
         Ok(())

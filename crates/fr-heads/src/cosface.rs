@@ -12,12 +12,14 @@
 //! (`CombinedMarginLoss` with m3) and JDAI-CV/FaceX-Zoo `head/AM_Softmax.py`.
 //! insightface caps the *loss value* of each sample at `-ln(1e-30)` (it clamps the target
 //! probability before the log; the gradient ignores the cap): `clamp_p_target = true`
-//! reproduces its logged loss.
+//! reproduces its logged loss. The margin is [`crate::margin`]
+//! ([`CosFaceConfig::margin_softmax`]).
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{self, as_dtype_of, DEFAULT_COS_EPS};
+use crate::common::{self, DEFAULT_COS_EPS};
+use crate::margin::{MarginSoftmax, TargetMargin};
 use crate::{Head, HeadOutput, Result, StepContext};
 
 /// Hyperparameters of [`CosFace`].
@@ -68,9 +70,18 @@ impl CosFaceConfig {
 
     /// Check `scale > 0`, `margin` in `[0, 1]`, `cos_eps` in `[0, 0.1]`.
     pub fn validate(&self) -> Result<()> {
-        common::check_positive("scale", self.scale)?;
-        common::check_range("margin", self.margin, 0.0, 1.0)?;
-        common::check_range("cos_eps", self.cos_eps, 0.0, 0.1)
+        self.margin_softmax().validate()
+    }
+
+    /// The logits of this head: arcface_torch's `CombinedMarginLoss` with m1 = 1, m2 = 0,
+    /// m3 = `margin` (the target logit `c − m`, [`TargetMargin::Cosine`]).
+    pub fn margin_softmax(&self) -> MarginSoftmax {
+        MarginSoftmax {
+            scale: self.scale,
+            margin: TargetMargin::Cosine { m: self.margin },
+            clamp_p_target: self.clamp_p_target,
+            cos_eps: self.cos_eps,
+        }
     }
 }
 
@@ -79,7 +90,6 @@ impl CosFaceConfig {
 pub struct CosFace {
     cfg: CosFaceConfig,
     weight: Tensor,
-    embedding_size: usize,
     num_classes: usize,
 }
 
@@ -96,7 +106,6 @@ impl CosFace {
         Ok(Self {
             cfg: cfg.clone(),
             weight,
-            embedding_size,
             num_classes,
         })
     }
@@ -118,24 +127,9 @@ impl Head for CosFace {
         labels: &Tensor,
         _ctx: &StepContext,
     ) -> Result<HeadOutput> {
-        let inp = common::check_inputs(embeddings, labels, self.embedding_size, self.num_classes)?;
-        let cos = common::cosine(
-            &inp.x,
-            &as_dtype_of(&self.weight, &inp.x)?,
-            self.cfg.cos_eps,
-        )?;
-        let mask = common::target_mask(&inp.labels_t, self.num_classes)?;
-        let target = common::target_values(&cos, &mask)?;
-        let logits =
-            (common::replace_target(&cos, &mask, &(&target - self.cfg.margin)?)? * self.cfg.scale)?;
-        let p_floor = self.cfg.clamp_p_target.then_some(1e-30);
-        let cos_target_mean = common::scalar(&target.mean_all()?)?;
-        common::ce_output(
-            logits,
-            &mask,
-            p_floor,
-            &[("cos_target_mean", cos_target_mean)],
-        )
+        self.cfg
+            .margin_softmax()
+            .forward_dense(embeddings, labels, &self.weight, self.num_classes)
     }
 }
 

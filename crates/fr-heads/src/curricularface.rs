@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arcface::ArcFaceConfig;
 use crate::common::{self, as_dtype_of, DEFAULT_COS_EPS};
+use crate::margin::AngularMargin;
 use crate::{Head, HeadOutput, Result, StepContext};
 
 /// Checkpoint key of the curriculum parameter.
@@ -73,7 +74,8 @@ impl CurricularFaceConfig {
 #[derive(Debug, Clone)]
 pub struct CurricularFace {
     cfg: CurricularFaceConfig,
-    arc: ArcFaceConfig,
+    /// The ArcFace margin on the target cosine.
+    arc: AngularMargin,
     weight: Tensor,
     embedding_size: usize,
     num_classes: usize,
@@ -93,7 +95,7 @@ impl CurricularFace {
         let weight = common::class_centres(&vb, embedding_size, num_classes)?;
         Ok(Self {
             cfg: cfg.clone(),
-            arc: cfg.arcface(),
+            arc: cfg.arcface().angular_margin(),
             weight,
             embedding_size,
             num_classes,

@@ -51,8 +51,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::arcface::{ArcFaceConfig, Fallback, MarginMode};
+use crate::arcface::ArcFaceConfig;
 use crate::common::{self, as_dtype_of, DEFAULT_COS_EPS, NORM_EPS};
+use crate::margin::{Fallback, MarginMode, TargetMargin};
 use crate::{Head, HeadOutput, Result, StepContext};
 
 /// Checkpoint key of the prototype bank.
@@ -145,15 +146,22 @@ impl Default for EplConfig {
 }
 
 impl EplConfig {
-    /// The ArcFace part of the ArcFace base: no fallback, the configured margin mode.
-    fn arcface(&self) -> ArcFaceConfig {
-        ArcFaceConfig {
-            scale: self.scale,
-            margin: self.margin,
-            margin_mode: self.margin_mode,
-            fallback: Fallback::None,
-            cos_eps: self.cos_eps,
-            ..ArcFaceConfig::default()
+    /// The base head's target margin: `c − m` (CosFace), or ArcFace's `cos(θ + m)` without
+    /// fallback in the configured margin mode.
+    fn target_margin(&self) -> TargetMargin {
+        match self.base {
+            EplBase::CosFace => TargetMargin::Cosine { m: self.margin },
+            EplBase::ArcFace => TargetMargin::Angular(
+                ArcFaceConfig {
+                    scale: self.scale,
+                    margin: self.margin,
+                    margin_mode: self.margin_mode,
+                    fallback: Fallback::None,
+                    cos_eps: self.cos_eps,
+                    ..ArcFaceConfig::default()
+                }
+                .angular_margin(),
+            ),
         }
     }
 
@@ -175,7 +183,8 @@ impl EplConfig {
 #[derive(Debug, Clone)]
 pub struct Epl {
     cfg: EplConfig,
-    arc: ArcFaceConfig,
+    /// The base head's margin on target cosines.
+    margin: TargetMargin,
     weight: Tensor,
     embedding_size: usize,
     num_classes: usize,
@@ -206,7 +215,7 @@ impl Epl {
         let bank = bank.to_dtype(vb.dtype())?.to_device(vb.device())?;
         Ok(Self {
             cfg: cfg.clone(),
-            arc: cfg.arcface(),
+            margin: cfg.target_margin(),
             weight,
             embedding_size,
             num_classes,
@@ -263,16 +272,7 @@ impl Epl {
 
     /// The margin-applied target values `(N,)` of target cosines `c` `(N,)`, before scaling.
     fn margin_target(&self, c: &Tensor) -> Result<Tensor> {
-        match self.cfg.base {
-            EplBase::CosFace => Ok((c - self.cfg.margin)?),
-            EplBase::ArcFace => match self.cfg.margin_mode {
-                MarginMode::Exact => self.arc.target_logit(c),
-                MarginMode::StraightThrough => {
-                    let shift = (self.arc.target_logit(&c.detach())? - c.detach())?;
-                    Ok((c + shift)?)
-                }
-            },
-        }
+        self.margin.apply(c)
     }
 }
 

@@ -37,17 +37,11 @@ pub enum Error {
         /// Number of classes of the head.
         num_classes: usize,
     },
-    /// A collective operation between ranks failed (a lost connection, a peer calling another
-    /// operation, a timeout, an NCCL error).
-    #[error("collective `{op}` on rank {rank}: {reason}")]
-    Collective {
-        /// The operation (`all_reduce`, `all_gather`, `broadcast`, `rendezvous`, …).
-        op: String,
-        /// The rank that reports the failure.
-        rank: usize,
-        /// What went wrong, naming the peer rank where there is one.
-        reason: String,
-    },
+    /// A collective operation between ranks of the model-parallel head failed (a lost
+    /// connection, a peer calling another operation, a timeout, an NCCL error, inputs that do
+    /// not match across ranks): `fr_dist`'s error, naming the operation and the rank.
+    #[error(transparent)]
+    Collective(#[from] fr_dist::Error),
     /// A checkpointed state entry that is missing or malformed.
     #[error("head state `{key}`: {reason}")]
     State {

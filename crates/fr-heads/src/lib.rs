@@ -30,8 +30,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Modules: [`common`] (normalisation, cosine, masks, stable cross-entropy), one module per
-//! head, [`qmagface`] (quality-aware MagFace comparison scores), [`vmf`] (Bessel functions
+//! Modules: [`common`] (normalisation, cosine, masks, stable cross-entropy), [`margin`] (the
+//! target-logit margin of arcface_torch's `CombinedMarginLoss`, shared by ArcFace, CosFace,
+//! sub-center ArcFace, EPL, Partial FC and the model-parallel head), one module per head, [`qmagface`] (quality-aware MagFace comparison scores), [`vmf`] (Bessel functions
 //! and the vMF normaliser), [`registry`].
 
 pub mod adaface;
@@ -49,6 +50,7 @@ pub mod km;
 pub mod lh2face;
 pub mod lsoftmax;
 pub mod magface;
+pub mod margin;
 pub mod normface;
 pub mod partial_fc;
 pub mod qmagface;

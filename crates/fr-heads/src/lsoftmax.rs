@@ -31,8 +31,8 @@ use std::f64::consts::PI;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::arcface::MarginMode;
 use crate::common::{self, as_dtype_of, DEFAULT_COS_EPS};
+use crate::margin::MarginMode;
 use crate::{Error, Head, HeadOutput, Result, StepContext};
 
 /// Hyperparameters of [`LSoftmax`].

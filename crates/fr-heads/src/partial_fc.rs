@@ -84,6 +84,15 @@ impl PartialFcConfig {
         })
     }
 
+    /// The inner head's margin softmax ([`HeadConfig::margin_softmax`]): Partial FC changes
+    /// which centres a step sees, not the margin.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `type` when the inner head has no target-logit margin.
+    pub fn margin_softmax(&self) -> Result<crate::margin::MarginSoftmax> {
+        self.head.margin_softmax()
+    }
+
     /// Centres sampled per step out of `num_classes` (before adding positives beyond it).
     pub fn num_sample(&self, num_classes: usize) -> usize {
         ((self.sample_rate * num_classes as f64) as usize).min(num_classes)

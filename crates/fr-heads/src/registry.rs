@@ -120,6 +120,31 @@ heads! {
     TripletJoint = "triplet_joint" => triplet::TripletJoint, triplet::TripletJointConfig;
 }
 
+impl HeadConfig {
+    /// The margin softmax ([`crate::margin::MarginSoftmax`]: scale, target-logit margin,
+    /// cosine clamp, loss cap) of a head whose logits are the scaled cosines with a margin on
+    /// the target only: ArcFace, CosFace, and Partial FC over one of them. This is what the
+    /// model-parallel Partial FC ([`crate::sharded`]) takes.
+    ///
+    /// # Errors
+    /// [`crate::Error::Config`] naming `type` for a head without such a margin.
+    pub fn margin_softmax(&self) -> Result<crate::margin::MarginSoftmax> {
+        match self {
+            HeadConfig::ArcFace(c) => Ok(c.margin_softmax()),
+            HeadConfig::CosFace(c) => Ok(c.margin_softmax()),
+            HeadConfig::PartialFc(c) => c.margin_softmax(),
+            other => Err(crate::Error::config(
+                "type",
+                format!(
+                    "head `{}` has no target-logit margin (arcface, cosface and partial_fc over \
+                     them have one)",
+                    other.name()
+                ),
+            )),
+        }
+    }
+}
+
 impl Default for HeadConfig {
     /// ArcFace with the paper's defaults.
     fn default() -> Self {

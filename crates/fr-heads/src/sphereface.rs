@@ -35,9 +35,9 @@
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::arcface::MarginMode;
 use crate::common::{self, as_dtype_of, DEFAULT_COS_EPS};
 use crate::lsoftmax::{annealed_lambda, check_margin, check_schedule, margin_logits};
+use crate::margin::MarginMode;
 use crate::{Head, HeadOutput, Result, StepContext};
 
 /// How the gradient reaches the stored weight through the per-forward normalisation.

@@ -28,7 +28,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::arcface::{ArcFaceConfig, MarginMode};
+use crate::arcface::ArcFaceConfig;
 use crate::common::{self, as_dtype_of};
 use crate::{Error, Head, HeadOutput, Result, StepContext};
 
@@ -130,26 +130,9 @@ impl Head for SubCenterArcFace {
         _ctx: &StepContext,
     ) -> Result<HeadOutput> {
         let inp = common::check_inputs(embeddings, labels, self.embedding_size, self.num_classes)?;
-        let arc = &self.cfg.arcface;
         let cos = self.class_cosines(&inp.x)?;
         let mask = common::target_mask(&inp.labels_t, self.num_classes)?;
-        let c = common::target_values(&cos, &mask)?;
-        let target = match arc.margin_mode {
-            MarginMode::Exact => arc.target_logit(&c)?,
-            MarginMode::StraightThrough => {
-                let shift = (arc.target_logit(&c.detach())? - c.detach())?;
-                (&c + shift)?
-            }
-        };
-        let logits = (common::replace_target(&cos, &mask, &target)? * arc.scale)?;
-        let p_floor = arc.clamp_p_target.then_some(1e-30);
-        let cos_target_mean = common::scalar(&c.mean_all()?)?;
-        common::ce_output(
-            logits,
-            &mask,
-            p_floor,
-            &[("cos_target_mean", cos_target_mean)],
-        )
+        self.cfg.arcface.margin_softmax().head_output(&cos, &mask)
     }
 }
 

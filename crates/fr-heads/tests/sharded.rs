@@ -4,10 +4,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use fr_dist::{Collective, SimulatedCollective};
 use fr_heads::arcface::{ArcFaceConfig, MarginMode};
-use fr_heads::sharded::{
-    shard_range, Collective, ShardedPartialFc, ShardedPartialFcConfig, SimulatedCollective,
-};
+use fr_heads::sharded::{shard_range, ShardedPartialFc, ShardedPartialFcConfig};
 use fr_heads::{build_head, HeadConfig, StepContext};
 
 const D: usize = 8;
@@ -177,7 +176,7 @@ fn k_ranks_equal_single_process_arcface() {
             let cfg = ShardedPartialFcConfig {
                 sample_rate: 1.0,
                 seed: 3,
-                margin: margin.clone(),
+                margin: margin.margin_softmax(),
             };
             let run = sharded(&cfg, k, &xs, &labels, &w, &StepContext::train(5, 0));
             assert_eq!(run.union, (0..c as u32).collect::<Vec<_>>());
@@ -212,7 +211,7 @@ fn sampled_k_ranks_equal_single_rank_over_the_union() {
             let cfg = ShardedPartialFcConfig {
                 sample_rate: 0.4,
                 seed: 11,
-                margin: margin.clone(),
+                margin: margin.margin_softmax(),
             };
             let mut samples = Vec::new();
             for step in 0..4 {
@@ -324,7 +323,7 @@ fn large_logits_stay_finite_and_exact() {
             let cfg = ShardedPartialFcConfig {
                 sample_rate: 1.0,
                 seed: 0,
-                margin: margin.clone(),
+                margin: margin.margin_softmax(),
             };
             let run = sharded(&cfg, k, &xs, &labels, &w, &StepContext::train(0, 0));
             assert!(run.loss.is_finite());

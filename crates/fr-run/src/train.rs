@@ -25,12 +25,8 @@ use fr_data::loader::{BatchLoader, LoaderConfig};
 use fr_data::recordio::RecordIoDataset;
 use fr_data::synthetic::SyntheticFaces;
 use fr_data::{FaceDataset, InMemoryDataset};
-use fr_dist::DistEnv;
-use fr_heads::arcface::ArcFaceConfig;
-use fr_heads::sharded::{
-    Collective, ShardedPartialFc, ShardedPartialFcConfig, SimulatedCollective,
-};
-use fr_heads::HeadConfig;
+use fr_dist::{Collective, DistEnv, SimulatedCollective};
+use fr_heads::sharded::{ShardedPartialFc, ShardedPartialFcConfig};
 use fr_train::{
     DataParallel, DataParallelConfig, GradCompression, GradReduction, Precision, StepOutcome,
     Trainer,
@@ -384,27 +380,6 @@ fn collective(
     Ok(Some((Arc::new(c), "tcp")))
 }
 
-/// The margin of a model-parallel Partial FC for the method's head: ArcFace's as it is,
-/// CosFace's as the combined margin `cos θ − m` (m1 = 1, m2 = 0, m3 = m).
-fn sharded_margin(method: &str, head: &HeadConfig) -> Result<ArcFaceConfig> {
-    Ok(match head {
-        HeadConfig::ArcFace(a) => a.clone(),
-        HeadConfig::CosFace(c) => ArcFaceConfig {
-            scale: c.scale,
-            margin: 0.0,
-            m1: 1.0,
-            m3: c.margin,
-            clamp_p_target: c.clamp_p_target,
-            cos_eps: c.cos_eps,
-            ..ArcFaceConfig::default()
-        },
-        _ => bail!(
-            "--partial-fc-sample-rate: model-parallel Partial FC takes an ArcFace-family margin \
-(arcface, cosface); method {method} has another head"
-        ),
-    })
-}
-
 fn device_for(args: &TrainOptions, env: &DistEnv) -> Result<Device> {
     if args.gpus.is_some() {
         return Device::new_cuda(env.local_rank)
@@ -531,7 +506,9 @@ folder (or pick another --out) to start over",
             let cfg = ShardedPartialFcConfig {
                 sample_rate,
                 seed: preset.seed,
-                margin: sharded_margin(&method, &head_cfg)?,
+                margin: head_cfg
+                    .margin_softmax()
+                    .with_context(|| format!("--partial-fc-sample-rate: method {method}"))?,
             };
             let shared: Shared = match &collective {
                 Some((c, _)) => c.clone(),

@@ -25,7 +25,7 @@
 //! model-parallel head) are neither broadcast nor reduced: each rank owns different ones.
 
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
-use fr_heads::sharded::{Collective, ReduceOp};
+use fr_dist::{Collective, ReduceOp};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -127,7 +127,7 @@ impl std::fmt::Debug for DataParallel {
     }
 }
 
-fn comm(e: fr_heads::Error) -> Error {
+fn comm(e: fr_dist::Error) -> Error {
     Error::Collective(e)
 }
 

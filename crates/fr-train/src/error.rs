@@ -96,7 +96,7 @@ pub enum Error {
     /// A data-parallel collective (broadcast, gradient all-reduce) failed: a lost or
     /// mismatched rank, named in the source.
     #[error("data parallel: {0}")]
-    Collective(#[source] fr_heads::Error),
+    Collective(#[source] fr_dist::Error),
 }
 
 fn last_finite(v: &Option<(u64, f64)>) -> String {

@@ -3,6 +3,8 @@
 //! the weights of one process with batch `K·B` (f64, BatchNorm-free backbone, ArcFace head,
 //! SGD with momentum and weight decay, clipping), the replicas stay bit-identical, gradient
 //! buckets and presence flags behave, and a non-finite loss on one rank makes every rank skip.
+//! Model-parallel Partial FC over TCP gives the loss and gradients of the simulated ranks, and
+//! trains like one process under the data-parallel trainer.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -334,7 +336,7 @@ fn buckets_presence_flags_and_broadcast() {
     }
     assert!(
         DataParallel::new(
-            Box::new(fr_heads::sharded::SimulatedCollective::new(2).unwrap()),
+            Box::new(fr_dist::SimulatedCollective::new(2).unwrap()),
             DataParallelConfig::default()
         )
         .is_err(),
@@ -386,6 +388,101 @@ fn a_non_finite_loss_on_one_rank_skips_the_step_everywhere() {
     }
 }
 
+/// Model-parallel Partial FC with one rank per "process" over TCP: the same loss and gradients
+/// as all ranks simulated in one process.
+#[test]
+fn partial_fc_over_tcp_equals_simulated_ranks() {
+    use fr_heads::sharded::{ShardedPartialFc, ShardedPartialFcConfig};
+
+    let (k, b, d, c) = (3usize, 4usize, 8usize, 20usize);
+    let cfg = ShardedPartialFcConfig {
+        sample_rate: 0.5,
+        seed: 5,
+        ..Default::default()
+    };
+    let emb = move |rank: usize| -> Tensor {
+        let v: Vec<f64> = (0..b * d)
+            .map(|i| ((i as f64) * 0.91 + rank as f64 * 3.1).sin())
+            .collect();
+        Tensor::from_vec(v, (b, d), &Device::Cpu).unwrap()
+    };
+    let lab = move |rank: usize| -> Tensor {
+        let v: Vec<u32> = (0..b).map(|i| ((rank * b + i) * 7 % c) as u32).collect();
+        Tensor::new(v.as_slice(), &Device::Cpu).unwrap()
+    };
+    // The class centres `(C, D)`; each rank holds its shard's rows.
+    let centres = move || -> Tensor {
+        let v: Vec<f64> = (0..c * d).map(|i| ((i as f64) * 0.37).cos()).collect();
+        Tensor::from_vec(v, (c, d), &Device::Cpu).unwrap()
+    };
+    let set_shard = move |vm: &VarMap, classes: &std::ops::Range<usize>| {
+        let rows = centres().narrow(0, classes.start, classes.len()).unwrap();
+        vm.data().lock().unwrap()["weight"].set(&rows).unwrap();
+    };
+    let ctx = fr_heads::StepContext::train(3, 0);
+    let port = free_port();
+    let threads: Vec<_> = (0..k)
+        .map(|rank| {
+            let cfg = cfg.clone();
+            thread::spawn(move || {
+                let col = connect(rank, k, port);
+                let vm = VarMap::new();
+                let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+                let pfc = ShardedPartialFc::new(&cfg, d, c, col, &[vb]).unwrap();
+                set_shard(&vm, &pfc.shards()[0].classes);
+                let out = pfc.forward(&[emb(rank)], &[lab(rank)], &ctx).unwrap();
+                let g = pfc.backward(&out).unwrap();
+                let w = &pfc.shards()[0].weight;
+                let gw = g.centres[0]
+                    .get(w)
+                    .cloned()
+                    .unwrap_or(w.zeros_like().unwrap());
+                (
+                    out.loss,
+                    g.embeddings[0].to_vec2::<f64>().unwrap(),
+                    gw.to_vec2::<f64>().unwrap(),
+                )
+            })
+        })
+        .collect();
+    let over_tcp: Vec<_> = threads.into_iter().map(|h| h.join().unwrap()).collect();
+    let vms: Vec<VarMap> = (0..k).map(|_| VarMap::new()).collect();
+    let vbs: Vec<VarBuilder> = vms
+        .iter()
+        .map(|vm| VarBuilder::from_varmap(vm, DType::F64, &Device::Cpu))
+        .collect();
+    let pfc = ShardedPartialFc::new(
+        &cfg,
+        d,
+        c,
+        fr_dist::SimulatedCollective::new(k).unwrap(),
+        &vbs,
+    )
+    .unwrap();
+    for (shard, vm) in pfc.shards().iter().zip(&vms) {
+        set_shard(vm, &shard.classes);
+    }
+    let xs: Vec<Tensor> = (0..k).map(emb).collect();
+    let ys: Vec<Tensor> = (0..k).map(lab).collect();
+    let out = pfc.forward(&xs, &ys, &ctx).unwrap();
+    let g = pfc.backward(&out).unwrap();
+    for (rank, (loss, gx, gw)) in over_tcp.iter().enumerate() {
+        assert_eq!(*loss, out.loss, "loss on rank {rank}");
+        assert_eq!(
+            gx,
+            &g.embeddings[rank].to_vec2::<f64>().unwrap(),
+            "dL/dx on rank {rank}"
+        );
+        let w = &pfc.shards()[rank].weight;
+        let want = g.centres[rank]
+            .get(w)
+            .cloned()
+            .unwrap_or(w.zeros_like().unwrap());
+        assert_eq!(gw, &want.to_vec2::<f64>().unwrap(), "dL/dW on rank {rank}");
+    }
+    assert!(out.loss.is_finite() && out.loss > 0.0);
+}
+
 /// Model-parallel Partial FC (class centres sharded over the ranks, every centre used) under
 /// the data-parallel trainer: `K` ranks train the backbone to the weights of one process with
 /// the ArcFace head over the global batch, and each rank's centres to its rows of that head's.
@@ -416,7 +513,7 @@ fn sharded_partial_fc_ranks_train_like_one_process() {
                 let fc = candle_nn::linear(IN, EMB, vb.pp("fc")).unwrap();
                 let cfg = ShardedPartialFcConfig {
                     sample_rate: 1.0,
-                    margin: ArcFaceConfig::default(),
+                    margin: ArcFaceConfig::default().margin_softmax(),
                     ..Default::default()
                 };
                 let head = ShardedPartialFc::new(&cfg, EMB, CLASSES, col.clone(), &[vb.pp("head")])
