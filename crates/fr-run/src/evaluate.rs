@@ -1039,6 +1039,72 @@ pub fn verify_bins<E: Embedder>(
     Ok(crate::reproduce::evaluate_all(embedder, &sets, preset, "bin")?.0)
 }
 
+/// Verification during training, as arcface_torch's `CallBackVerification`: every `every`
+/// steps the trainer's backbone (eval mode, no graph) embeds the `.bin` sets loaded once at
+/// construction and [`verify_bins`]' protocol scores them; each result is logged and kept in
+/// [`VerificationCallback::history`], the best accuracy per set in
+/// [`VerificationCallback::best`]. A [`FitHooks`](crate::fit::FitHooks) for
+/// [`fit`](crate::fit::fit).
+pub struct VerificationCallback<'a> {
+    preset: &'a Preset,
+    sets: Vec<crate::reproduce::EvalSet>,
+    device: Device,
+    every: u64,
+    /// `(step, set, accuracy)` of every evaluation, in order (`step` counts steps done).
+    pub history: Vec<(u64, String, f64)>,
+    /// The highest accuracy seen per set.
+    pub best: std::collections::BTreeMap<String, f64>,
+}
+
+impl<'a> VerificationCallback<'a> {
+    /// Verification on `bins` every `every` steps (0: never) with `preset`'s input size, folds
+    /// and batch size, the backbone running on `device`.
+    ///
+    /// # Errors
+    /// An unreadable or malformed `.bin`, named.
+    pub fn new(preset: &'a Preset, bins: &[PathBuf], every: u64, device: &Device) -> Result<Self> {
+        Ok(Self {
+            preset,
+            sets: crate::reproduce::bin_eval(bins, preset.input_size())?,
+            device: device.clone(),
+            every,
+            history: Vec::new(),
+            best: std::collections::BTreeMap::new(),
+        })
+    }
+}
+
+impl crate::fit::FitHooks<fr_train::Trainer> for VerificationCallback<'_> {
+    fn after_step(
+        &mut self,
+        trainer: &mut fr_train::Trainer,
+        _epoch: usize,
+        outcome: &fr_train::StepOutcome,
+    ) -> Result<()> {
+        let done = outcome.step + 1;
+        if self.every == 0 || done % self.every != 0 {
+            return Ok(());
+        }
+        let mut embedder = BackboneEmbedder::new(trainer.backbone(), &self.device);
+        let label = format!("step {done}");
+        let (reports, _) =
+            crate::reproduce::evaluate_all(&mut embedder, &self.sets, self.preset, &label)?;
+        for (set, r) in reports {
+            let best = self.best.entry(set.clone()).or_insert(f64::NEG_INFINITY);
+            *best = best.max(r.accuracy_mean);
+            info!(
+                step = done,
+                set = %set,
+                accuracy = format!("{:.4}", r.accuracy_mean),
+                best = format!("{:.4}", *best),
+                "verification"
+            );
+            self.history.push((done, set, r.accuracy_mean));
+        }
+        Ok(())
+    }
+}
+
 /// Evaluates the checkpoint `args` names on every protocol it lists (`.bin` sets, a pairs
 /// folder, IJB-B/C 1:1 and 1:N, uniform accuracy) and writes `report.md`, `metrics.json`,
 /// `roc.png` and `det.png` (default folder `root/target/eval/<label>`); presets are read from
@@ -1054,45 +1120,7 @@ pub fn run(args: &EvalOptions, root: &Path) -> Result<Written> {
         bail!("nothing to evaluate: pass --bin FILE..., --ijb DIR, --pairs-folder DIR --pairs FILE, or --labelled DIR");
     }
     let preset = load_preset(args, root)?;
-    let checkpoint = args.checkpoint.to_string_lossy().into_owned();
-    let load_options = LoadOptions {
-        hub: HubOptions {
-            offline: args.offline,
-            cache_dir: args.hub_cache.clone(),
-            ..HubOptions::default()
-        },
-        ..LoadOptions::default()
-    };
-    let (pretrained, label_default) = if checkpoint.starts_with(HUB_SCHEME) {
-        if args.method.is_some() {
-            bail!(
-                "--method selects a run in a reproduce folder; it does not apply to {checkpoint}"
-            );
-        }
-        let source = Source::parse(&checkpoint)?;
-        let name = match &source {
-            Source::Hub { repo, .. } => repo.rsplit('/').next().unwrap_or(repo).to_string(),
-            Source::Path(_) => unreachable!("an hf:// source"),
-        };
-        let p = Pretrained::load(&source, &load_options)
-            .with_context(|| format!("--checkpoint {checkpoint}"))?;
-        (p, name)
-    } else {
-        let weights = resolve_weights(&args.checkpoint, args.method.as_deref())?;
-        let p = if weights
-            .file_name()
-            .is_some_and(|f| f == fr_train::checkpoint::MODEL_FILE)
-        {
-            args.checkpoint.as_path()
-        } else {
-            weights.as_path()
-        };
-        let name = p
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into());
-        (Pretrained::from_path(&weights, &load_options)?, name)
-    };
+    let (pretrained, label_default) = load_checkpoint(args)?;
     let weights = pretrained.weights_file.clone();
     let label = args.method.clone().unwrap_or(label_default);
     let out_dir = args
@@ -1104,75 +1132,10 @@ pub fn run(args: &EvalOptions, root: &Path) -> Result<Written> {
         .cache
         .clone()
         .unwrap_or_else(|| root.join("target").join("eval").join("cache"));
-
-    #[cfg(feature = "cuda")]
-    let device = Device::cuda_if_available(0)?;
-    #[cfg(not(feature = "cuda"))]
-    let device = Device::Cpu;
-    let (backbone, backbone_from) = backbone_config(&pretrained, &preset, &args.sets)?;
-    let (model, report) = pretrained
-        .build(&backbone, DType::F32, &device)
-        .map_err(|e| with_shape_hint(e, &pretrained, backbone_from))
-        .with_context(|| {
-            format!(
-                "building the {} backbone from {}",
-                match backbone_from {
-                    ConfigOrigin::Card => "model card's",
-                    _ => "preset's",
-                },
-                pretrained.origin
-            )
-        })?;
-    if !report.unused.is_empty() {
-        tracing::debug!(
-            keys = report.unused.len(),
-            "weights the backbone does not use (head, …)"
-        );
-    }
-    let size = backbone.input_shape().0 as u32;
-    let input = InputTransform::new(pretrained.colour_order, pretrained.normalisation);
-    let backbone_from = match backbone_from {
-        ConfigOrigin::Card => "model card",
-        _ => "preset",
-    };
-    info!(source = %pretrained.origin, weights = %weights.display(), label, size, backbone_from, "model loaded");
-    let mut weights_key = fingerprint(&weights)?;
-    if !input.is_identity() {
-        weights_key += &format!("|input {}", input.describe());
-    }
-    let mut ctx = Ctx {
-        embedder: BackboneEmbedder {
-            model,
-            device,
-            input,
-        },
-        size,
-        batch: args.batch_size.unwrap_or(preset.eval.batch_size).max(1),
-        cache_dir,
-        weights_key,
-        embedded: Vec::new(),
-    };
-
-    let mut sets = Vec::new();
-    for b in &args.bin {
-        sets.push(bin_set(&mut ctx, b)?);
-    }
-    if let (Some(folder), Some(pairs)) = (&args.pairs_folder, &args.pairs) {
-        sets.push(folder_set(&mut ctx, folder, pairs)?);
-    }
-    let mut pair_sets = Vec::new();
-    for set in &sets {
-        let (cos, q) = pair_set_scores(set);
-        pair_sets.push(PairSetResult {
-            name: set.name.clone(),
-            cosine: verification(&cos, &set.issame, &preset, &set.name)?,
-            qmagface: if args.qmagface {
-                Some(verification(&q, &set.issame, &preset, &set.name)?)
-            } else {
-                None
-            },
-        });
-    }
+    let (mut ctx, backbone, backbone_from) =
+        model_context(args, &preset, &pretrained, &label, cache_dir)?;
+    let size = ctx.size;
+    let pair_sets = pair_set_results(&mut ctx, args, &preset)?;
     let ijb = args
         .ijb
         .as_ref()
@@ -1183,31 +1146,7 @@ pub fn run(args: &EvalOptions, root: &Path) -> Result<Written> {
         .as_ref()
         .map(|f| uniform_eval(&mut ctx, f, &weights))
         .transpose()?;
-
-    // Tables, curves.
-    let mut rows = Vec::new();
     let mut curves = Vec::new();
-    for p in &pair_sets {
-        rows.push(Row::from_report(&label, &p.name, &p.cosine, None));
-        curves.push(curve(
-            format!("{label} · {}", p.name),
-            &p.cosine.roc_fpr,
-            &p.cosine.roc_tpr,
-        ));
-        if let Some(q) = &p.qmagface {
-            rows.push(Row::from_report(
-                &format!("{label} + QMagFace"),
-                &p.name,
-                q,
-                None,
-            ));
-            curves.push(curve(
-                format!("{label} + QMagFace · {}", p.name),
-                &q.roc_fpr,
-                &q.roc_tpr,
-            ));
-        }
-    }
     let mut md = format!(
         "# Evaluation: {label}\n\nWeights: `{}`{} (preset `{}`; backbone from the {backbone_from}, \
 input {size}×{size}{}). Embeddings: image + horizontally flipped image, batch {}.\n",
@@ -1221,76 +1160,14 @@ input {size}×{size}{}). Embeddings: image + horizontally flipped image, batch {
         if ctx.embedder.input.is_bgr() { ", BGR" } else { "" },
         ctx.batch
     );
-    if !rows.is_empty() {
-        md += &format!(
-            "\n## Verification pairs\n\nCosine of the flip-summed embeddings; accuracy: insightface \
-{}-fold verification (sets under {} pairs per fold as one fold); TAR@FAR: nearest ROC point.{}\n\n{}",
-            preset.eval.folds,
-            MIN_PAIRS_PER_FOLD,
-            if args.qmagface {
-                " `+ QMagFace`: cos + ω(cos)·min(q1, q2), q the MagFace magnitude ‖(e + e_flip)/2‖, \
-published ω (α 0.077428, β 0.125926)."
-            } else {
-                ""
-            },
-            report::markdown_table(&rows, &preset.eval.far)
-        );
-    }
+    md += &pairs_section(&label, &pair_sets, &preset, args.qmagface, &mut curves);
     if let Some(r) = &ijb {
-        md += &ijb_tables(&label, r);
-        if args.qmagface {
-            md += "\nQMagFace on IJB: the template cosine of the protocol above plus \
-ω(cos)·min(q1, q2), where a template's quality q is the mean MagFace magnitude \
-‖(e + e_flip)/2‖ of its images; published ω.\n";
-        }
-        curves.push(curve(
-            format!("{label} · {}", r.subset),
-            &r.one_to_one.roc.fpr,
-            &r.one_to_one.roc.tpr,
-        ));
-        if let Some(q) = &r.one_to_one_qmagface {
-            curves.push(curve(
-                format!("{label} + QMagFace · {}", r.subset),
-                &q.roc.fpr,
-                &q.roc.tpr,
-            ));
-        }
+        md += &ijb_section(&label, r, args.qmagface, &mut curves);
     }
     if let Some(u) = &uniform {
-        md += &format!(
-            "\n## Uniform classification\n\n`{}`: {} images of {} identities, cosine of each \
-flip-summed embedding to each class centre of the checkpoint's head. Uniform accuracy (one global \
-threshold for every sample): **{:.2} %** (threshold {}); per-sample (arg-max) accuracy {:.2} %.\n",
-            u.folder.display(),
-            u.accuracy.n,
-            u.classes,
-            100.0 * u.accuracy.accuracy,
-            u.accuracy
-                .threshold
-                .map_or("none".to_string(), |t| format!("{t:.4}")),
-            100.0 * u.accuracy.sample_accuracy
-        );
+        md += &uniform_section(u);
     }
-    if !curves.is_empty() {
-        let lo = curves
-            .iter()
-            .filter_map(|c| c.fpr.iter().copied().find(|&f| f > 0.0))
-            .fold(1e-4f64, f64::min)
-            .max(1e-6);
-        report::plot_roc_from(
-            &out_dir.join("roc.png"),
-            &format!("{label} — ROC"),
-            &curves,
-            lo,
-        )?;
-        report::plot_det(
-            &out_dir.join("det.png"),
-            &format!("{label} — DET"),
-            &curves,
-            lo,
-        )?;
-        md += "\n![ROC](roc.png)\n\n![DET: FNMR against FMR](det.png)\n";
-    }
+    md += &plot_curves(&out_dir, &label, &curves)?;
     let reused = ctx.embedded.iter().filter(|e| e.cached).count();
     md += &format!(
         "\nEmbeddings: {} dataset(s), {} from the cache ({}). Total wall time {:.1} s.\n",
@@ -1329,9 +1206,308 @@ threshold for every sample): **{:.2} %** (threshold {}); per-sample (arg-max) ac
     })
 }
 
+/// The checkpoint `args` names, loaded (a Hub repository, a run or step folder, a weights
+/// file), and the label it gives the report by default (repository or file name).
+fn load_checkpoint(args: &EvalOptions) -> Result<(Pretrained, String)> {
+    let checkpoint = args.checkpoint.to_string_lossy().into_owned();
+    let load_options = LoadOptions {
+        hub: HubOptions {
+            offline: args.offline,
+            cache_dir: args.hub_cache.clone(),
+            ..HubOptions::default()
+        },
+        ..LoadOptions::default()
+    };
+    Ok(if checkpoint.starts_with(HUB_SCHEME) {
+        if args.method.is_some() {
+            bail!(
+                "--method selects a run in a reproduce folder; it does not apply to {checkpoint}"
+            );
+        }
+        let source = Source::parse(&checkpoint)?;
+        let name = match &source {
+            Source::Hub { repo, .. } => repo.rsplit('/').next().unwrap_or(repo).to_string(),
+            Source::Path(_) => unreachable!("an hf:// source"),
+        };
+        let p = Pretrained::load(&source, &load_options)
+            .with_context(|| format!("--checkpoint {checkpoint}"))?;
+        (p, name)
+    } else {
+        let weights = resolve_weights(&args.checkpoint, args.method.as_deref())?;
+        let p = if weights
+            .file_name()
+            .is_some_and(|f| f == fr_train::checkpoint::MODEL_FILE)
+        {
+            args.checkpoint.as_path()
+        } else {
+            weights.as_path()
+        };
+        let name = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        (Pretrained::from_path(&weights, &load_options)?, name)
+    })
+}
+
+/// The embedder of the checkpoint (the model card's backbone and input transform, else the
+/// preset's) in its evaluation context; also the backbone config and where it came from.
+fn model_context(
+    args: &EvalOptions,
+    preset: &Preset,
+    pretrained: &Pretrained,
+    label: &str,
+    cache_dir: PathBuf,
+) -> Result<(Ctx, BackboneConfig, &'static str)> {
+    let weights = &pretrained.weights_file;
+    #[cfg(feature = "cuda")]
+    let device = Device::cuda_if_available(0)?;
+    #[cfg(not(feature = "cuda"))]
+    let device = Device::Cpu;
+    let (backbone, backbone_from) = backbone_config(pretrained, preset, &args.sets)?;
+    let (model, report) = pretrained
+        .build(&backbone, DType::F32, &device)
+        .map_err(|e| with_shape_hint(e, pretrained, backbone_from))
+        .with_context(|| {
+            format!(
+                "building the {} backbone from {}",
+                match backbone_from {
+                    ConfigOrigin::Card => "model card's",
+                    _ => "preset's",
+                },
+                pretrained.origin
+            )
+        })?;
+    if !report.unused.is_empty() {
+        tracing::debug!(
+            keys = report.unused.len(),
+            "weights the backbone does not use (head, …)"
+        );
+    }
+    let size = backbone.input_shape().0 as u32;
+    let input = InputTransform::new(pretrained.colour_order, pretrained.normalisation);
+    let backbone_from = match backbone_from {
+        ConfigOrigin::Card => "model card",
+        _ => "preset",
+    };
+    info!(source = %pretrained.origin, weights = %weights.display(), label, size, backbone_from, "model loaded");
+    let mut weights_key = fingerprint(weights)?;
+    if !input.is_identity() {
+        weights_key += &format!("|input {}", input.describe());
+    }
+    let ctx = Ctx {
+        embedder: BackboneEmbedder {
+            model,
+            device,
+            input,
+        },
+        size,
+        batch: args.batch_size.unwrap_or(preset.eval.batch_size).max(1),
+        cache_dir,
+        weights_key,
+        embedded: Vec::new(),
+    };
+    Ok((ctx, backbone, backbone_from))
+}
+
+/// The `.bin` sets and the pairs folder of `args`, embedded and scored (cosine, and QMagFace
+/// with `--qmagface`).
+fn pair_set_results(
+    ctx: &mut Ctx,
+    args: &EvalOptions,
+    preset: &Preset,
+) -> Result<Vec<PairSetResult>> {
+    let mut sets = Vec::new();
+    for b in &args.bin {
+        sets.push(bin_set(ctx, b)?);
+    }
+    if let (Some(folder), Some(pairs)) = (&args.pairs_folder, &args.pairs) {
+        sets.push(folder_set(ctx, folder, pairs)?);
+    }
+    let mut pair_sets = Vec::new();
+    for set in &sets {
+        let (cos, q) = pair_set_scores(set);
+        pair_sets.push(PairSetResult {
+            name: set.name.clone(),
+            cosine: verification(&cos, &set.issame, preset, &set.name)?,
+            qmagface: if args.qmagface {
+                Some(verification(&q, &set.issame, preset, &set.name)?)
+            } else {
+                None
+            },
+        });
+    }
+    Ok(pair_sets)
+}
+
+/// The report's verification table (and its curves, appended to `curves`); empty without
+/// pair sets.
+fn pairs_section(
+    label: &str,
+    pair_sets: &[PairSetResult],
+    preset: &Preset,
+    qmagface: bool,
+    curves: &mut Vec<Curve>,
+) -> String {
+    // Tables, curves.
+    let mut rows = Vec::new();
+    for p in pair_sets {
+        rows.push(Row::from_report(label, &p.name, &p.cosine, None));
+        curves.push(curve(
+            format!("{label} · {}", p.name),
+            &p.cosine.roc_fpr,
+            &p.cosine.roc_tpr,
+        ));
+        if let Some(q) = &p.qmagface {
+            rows.push(Row::from_report(
+                &format!("{label} + QMagFace"),
+                &p.name,
+                q,
+                None,
+            ));
+            curves.push(curve(
+                format!("{label} + QMagFace · {}", p.name),
+                &q.roc_fpr,
+                &q.roc_tpr,
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+            "\n## Verification pairs\n\nCosine of the flip-summed embeddings; accuracy: insightface \
+{}-fold verification (sets under {} pairs per fold as one fold); TAR@FAR: nearest ROC point.{}\n\n{}",
+            preset.eval.folds,
+            MIN_PAIRS_PER_FOLD,
+            if qmagface {
+                " `+ QMagFace`: cos + ω(cos)·min(q1, q2), q the MagFace magnitude ‖(e + e_flip)/2‖, \
+published ω (α 0.077428, β 0.125926)."
+            } else {
+                ""
+            },
+            report::markdown_table(&rows, &preset.eval.far)
+        )
+}
+
+/// The report's IJB tables (and its curves, appended to `curves`).
+fn ijb_section(label: &str, r: &IjbResult, qmagface: bool, curves: &mut Vec<Curve>) -> String {
+    let mut md = ijb_tables(label, r);
+    if qmagface {
+        md += "\nQMagFace on IJB: the template cosine of the protocol above plus \
+ω(cos)·min(q1, q2), where a template's quality q is the mean MagFace magnitude \
+‖(e + e_flip)/2‖ of its images; published ω.\n";
+    }
+    curves.push(curve(
+        format!("{label} · {}", r.subset),
+        &r.one_to_one.roc.fpr,
+        &r.one_to_one.roc.tpr,
+    ));
+    if let Some(q) = &r.one_to_one_qmagface {
+        curves.push(curve(
+            format!("{label} + QMagFace · {}", r.subset),
+            &q.roc.fpr,
+            &q.roc.tpr,
+        ));
+    }
+    md
+}
+
+/// The report's uniform-classification paragraph.
+fn uniform_section(u: &UniformResult) -> String {
+    format!(
+        "\n## Uniform classification\n\n`{}`: {} images of {} identities, cosine of each \
+flip-summed embedding to each class centre of the checkpoint's head. Uniform accuracy (one global \
+threshold for every sample): **{:.2} %** (threshold {}); per-sample (arg-max) accuracy {:.2} %.\n",
+        u.folder.display(),
+        u.accuracy.n,
+        u.classes,
+        100.0 * u.accuracy.accuracy,
+        u.accuracy
+            .threshold
+            .map_or("none".to_string(), |t| format!("{t:.4}")),
+        100.0 * u.accuracy.sample_accuracy
+    )
+}
+
+/// `roc.png` and `det.png` of `curves`, and the report's lines showing them; nothing without
+/// curves.
+fn plot_curves(out_dir: &Path, label: &str, curves: &[Curve]) -> Result<String> {
+    if curves.is_empty() {
+        return Ok(String::new());
+    }
+    let lo = curves
+        .iter()
+        .filter_map(|c| c.fpr.iter().copied().find(|&f| f > 0.0))
+        .fold(1e-4f64, f64::min)
+        .max(1e-6);
+    report::plot_roc_from(
+        &out_dir.join("roc.png"),
+        &format!("{label} — ROC"),
+        curves,
+        lo,
+    )?;
+    report::plot_det(
+        &out_dir.join("det.png"),
+        &format!("{label} — DET"),
+        curves,
+        lo,
+    )?;
+    Ok("\n![ROC](roc.png)\n\n![DET: FNMR against FMR](det.png)\n".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The callback evaluates at every `every`-th step only, keeps each result and the best.
+    #[test]
+    fn verification_callback_runs_every_n_steps() {
+        use crate::fit::{fit, FitConfig};
+        use crate::model::{assemble, ModelSpec};
+        let root = crate::workspace_root();
+        let sets = [
+            "train.epochs=1",
+            "train.batch_size=8",
+            "synthetic.train.num_identities=6",
+            "synthetic.train.images_per_identity=4",
+        ];
+        let preset = crate::Presets::builtin()
+            .load("arcface", &sets.map(String::from))
+            .unwrap();
+        let size = preset.input_size();
+        let faces = SyntheticFaces::new(preset.synthetic.train.clone()).unwrap();
+        let train =
+            std::sync::Arc::new(fr_data::InMemoryDataset::from_dataset(&faces, size).unwrap());
+        let mut model = assemble(ModelSpec::new(
+            &preset,
+            "arcface",
+            train.as_ref(),
+            "test",
+            &Device::Cpu,
+        ))
+        .unwrap();
+        let loader = fr_data::BatchLoader::new(train, preset.loader_config(8, size)).unwrap();
+        assert_eq!(loader.batches_per_epoch(), 3);
+        let bin = root.join("crates/fr-data/tests/data/bin/pairs_py2_str.bin");
+        let mut callback = VerificationCallback::new(&preset, &[bin], 2, &Device::Cpu).unwrap();
+        fit(
+            &mut model.trainer,
+            &loader,
+            &FitConfig {
+                progress: false,
+                ..FitConfig::new("arcface", 1)
+            },
+            &mut callback,
+        )
+        .unwrap();
+        let steps: Vec<u64> = callback.history.iter().map(|h| h.0).collect();
+        assert_eq!(steps, [2], "3 steps, every 2nd evaluated");
+        let (_, set, accuracy) = &callback.history[0];
+        assert_eq!(set, "pairs_py2_str");
+        assert!((0.0..=1.0).contains(accuracy));
+        assert_eq!(callback.best[set], *accuracy);
+    }
     use fr_backbone::build_backbone;
     use fr_backbone::{ColourOrder, Normalisation};
     use fr_data::synthetic::{SyntheticConfig, SyntheticFaces};

@@ -4,7 +4,7 @@
 //! It follows arcface_torch's `train_v2.py` loop: for each epoch, for each batch, one step; a
 //! checkpoint at the end of every epoch; the schedule spans every epoch. What a workflow adds
 //! (averaging the reconstruction branch's terms, a teacher's per-epoch snapshots, evaluation
-//! during training) plugs in through [`FitHooks`].
+//! during training, [`crate::evaluate::VerificationCallback`]) plugs in through [`FitHooks`].
 //!
 //! ```no_run
 //! # fn demo(trainer: &mut fr_train::Trainer, loader: &fr_data::BatchLoader) -> fr_run::Result<()> {

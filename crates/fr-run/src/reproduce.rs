@@ -417,6 +417,55 @@ pub(crate) struct MethodExtras<'a> {
 /// A callback after each epoch: epochs done, the run's variables.
 pub(crate) type EpochHook<'a> = dyn FnMut(usize, &candle_nn::VarMap) -> Result<()> + 'a;
 
+/// A method's training loader: the preset's batches (the whole set as one batch when it is
+/// smaller than one), identity-balanced when the preset says so; and the batch size.
+///
+/// # Errors
+/// A loader that cannot be built, or an empty training set.
+fn method_loader(
+    preset: &Preset,
+    train_set: &Arc<dyn FaceDataset>,
+    input_size: u32,
+    device: &Device,
+) -> Result<(BatchLoader, usize)> {
+    let batch_size = if train_set.len() < preset.train.batch_size
+        && preset.train.identities_per_batch.is_none()
+    {
+        warn!(
+            images = train_set.len(),
+            batch_size = preset.train.batch_size,
+            "training set smaller than one batch: using the whole set as the batch"
+        );
+        train_set.len()
+    } else {
+        preset.train.batch_size
+    };
+    let loader = BatchLoader::new(
+        train_set.clone(),
+        LoaderConfig {
+            identities_per_batch: preset.train.identities_per_batch,
+            ..preset.loader_config(batch_size, input_size)
+        },
+    )?
+    .with_device(device.clone());
+    if loader.batches_per_epoch() == 0 {
+        bail!("the training set is empty");
+    }
+    Ok((loader, batch_size))
+}
+
+/// `checkpoints/<method>`, emptied: a reproduction starts from scratch, and checkpoints of an
+/// earlier run in this folder would mix with this run's (`latest` would point across runs).
+fn fresh_checkpoints(checkpoints: &Path, method: &str) -> Result<PathBuf> {
+    let ckpt_dir = checkpoints.join(method);
+    if ckpt_dir.exists() {
+        info!(path = %ckpt_dir.display(), "removing the previous run's checkpoints");
+        std::fs::remove_dir_all(&ckpt_dir)
+            .with_context(|| format!("removing {}", ckpt_dir.display()))?;
+    }
+    Ok(ckpt_dir)
+}
+
 /// [`run_method`] with `extras`.
 #[allow(clippy::too_many_arguments)]
 fn run_method_with(
@@ -443,37 +492,8 @@ fn run_method_with(
         auxiliary: extras.auxiliary.take(),
         ..ModelSpec::new(preset, method, train_set.as_ref(), data_desc, device)
     })?;
-    let batch_size = if train_set.len() < preset.train.batch_size
-        && preset.train.identities_per_batch.is_none()
-    {
-        warn!(
-            images = train_set.len(),
-            batch_size = preset.train.batch_size,
-            "training set smaller than one batch: using the whole set as the batch"
-        );
-        train_set.len()
-    } else {
-        preset.train.batch_size
-    };
-    let loader = BatchLoader::new(
-        train_set.clone(),
-        LoaderConfig {
-            identities_per_batch: preset.train.identities_per_batch,
-            ..preset.loader_config(batch_size, input_size)
-        },
-    )?
-    .with_device(device.clone());
-    if loader.batches_per_epoch() == 0 {
-        bail!("the training set is empty");
-    }
-    // A reproduction starts from scratch: checkpoints of an earlier run in this folder would
-    // mix with this run's (and `latest` would point across runs).
-    let ckpt_dir = checkpoints.join(method);
-    if ckpt_dir.exists() {
-        info!(path = %ckpt_dir.display(), "removing the previous run's checkpoints");
-        std::fs::remove_dir_all(&ckpt_dir)
-            .with_context(|| format!("removing {}", ckpt_dir.display()))?;
-    }
+    let (loader, batch_size) = method_loader(preset, &train_set, input_size, device)?;
+    let ckpt_dir = fresh_checkpoints(&checkpoints, method)?;
     let fit_config = FitConfig {
         checkpoints: Some(ckpt_dir),
         ..FitConfig::new(method, preset.train.epochs)
@@ -972,20 +992,7 @@ pub fn run(args: &ReproduceOptions, root: &Path) -> Result<Written> {
     let configs = Presets::with_dir(root.join("configs"));
     let preset = resolve_preset(args, &configs)?;
     preset.validate()?;
-    if let (Some(inv), Some(_)) = (&preset.inversion, &args.train_rec) {
-        if inv.embeddings > 0 {
-            bail!(
-                "config key `inversion.embeddings`: inverting test embeddings needs the synthetic \
-held-out identities (their other images score the result); with --train-rec set it to 0 and \
-invert class centres only"
-            );
-        }
-    }
-    match (&args.train_rec, args.val_bin.is_empty()) {
-        (Some(_), true) => bail!("--train-rec needs at least one --val-bin FILE to evaluate on"),
-        (None, false) => bail!("--val-bin is for real data: pass --train-rec DIR as well"),
-        _ => {}
-    }
+    check_data_flags(args, &preset)?;
     let out_dir = args
         .out
         .clone()
@@ -998,10 +1005,109 @@ invert class centres only"
     #[cfg(not(feature = "cuda"))]
     let device = Device::Cpu;
     let size = preset.input_size();
+    let (train_set, sets, data_desc) = load_data(args, &preset, size)?;
+    info!(data = %data_desc, "data ready");
+    let ctx = RunContext {
+        preset: &preset,
+        train_rec: args.train_rec.is_some(),
+        device,
+        size,
+        out_dir,
+        train_set,
+        sets,
+        data_desc,
+    };
+    let (raw_pixels, _) = evaluate_all(&mut PixelEmbedder, &ctx.sets, &preset, "raw pixels")?;
+    let trained = train_methods(&ctx)?;
+    let students = train_students(&ctx, &trained.teachers)?;
+    let rows = result_rows(&trained, &students, &raw_pixels);
+    let table = report::markdown_table(&rows, &preset.eval.far);
+    plot_roc_of(&ctx, &trained.methods, &students, &raw_pixels)?;
+    let total_seconds = started.elapsed().as_secs_f64();
+    let md = report_markdown(
+        &ctx,
+        &trained,
+        &students,
+        &raw_pixels,
+        &rows,
+        &table,
+        total_seconds,
+    )?;
+    let out_dir = ctx.out_dir;
+    report::write_atomic(&out_dir.join("report.md"), md.as_bytes())?;
+    report::write_json(
+        &out_dir.join("metrics.json"),
+        &Metrics {
+            preset: &preset,
+            data: ctx.data_desc,
+            raw_pixels,
+            methods: trained.methods,
+            rows,
+            quant: trained.quant,
+            students,
+            inversion: trained.inverted,
+            total_seconds,
+        },
+    )?;
+    Ok(Written {
+        table,
+        out_dir,
+        files: "report.md, metrics.json, roc.png, checkpoints/".into(),
+        seconds: total_seconds,
+    })
+}
 
-    let (train_set, sets, data_desc): (Arc<dyn FaceDataset>, Vec<EvalSet>, String) = match &args
-        .train_rec
-    {
+/// What every step of one reproduction shares.
+struct RunContext<'a> {
+    preset: &'a Preset,
+    /// Training on a RecordIO folder (`--train-rec`) rather than the synthetic identities.
+    train_rec: bool,
+    device: Device,
+    /// Input side, pixels.
+    size: u32,
+    out_dir: PathBuf,
+    train_set: Arc<dyn FaceDataset>,
+    /// The evaluation sets (held-out synthetic identities, or the `--val-bin` sets).
+    sets: Vec<EvalSet>,
+    /// The training data as the report names it.
+    data_desc: String,
+}
+
+/// The preset's methods, trained and evaluated, with what the later steps need of them.
+struct TrainedMethods {
+    methods: Vec<MethodResult>,
+    teachers: student::Teachers,
+    quant: Option<quantface::QuantResult>,
+    inverted: Option<inversion::InversionSummary>,
+}
+
+/// `--train-rec` / `--val-bin` go together, and inverting test embeddings needs the synthetic
+/// held-out identities.
+fn check_data_flags(args: &ReproduceOptions, preset: &Preset) -> Result<()> {
+    if let (Some(inv), Some(_)) = (&preset.inversion, &args.train_rec) {
+        if inv.embeddings > 0 {
+            bail!(
+                "config key `inversion.embeddings`: inverting test embeddings needs the synthetic \
+held-out identities (their other images score the result); with --train-rec set it to 0 and \
+invert class centres only"
+            );
+        }
+    }
+    match (&args.train_rec, args.val_bin.is_empty()) {
+        (Some(_), true) => bail!("--train-rec needs at least one --val-bin FILE to evaluate on"),
+        (None, false) => bail!("--val-bin is for real data: pass --train-rec DIR as well"),
+        _ => Ok(()),
+    }
+}
+
+/// The training set, the evaluation sets and the data's description: a RecordIO folder and
+/// `.bin` sets, or the synthetic identities rendered once at `size`.
+fn load_data(
+    args: &ReproduceOptions,
+    preset: &Preset,
+    size: u32,
+) -> Result<(Arc<dyn FaceDataset>, Vec<EvalSet>, String)> {
+    Ok(match &args.train_rec {
         Some(dir) => {
             if !dir.is_dir() {
                 bail!(
@@ -1050,27 +1156,32 @@ invert class centres only"
                     syn.pairs_per_subset
                 );
             info!("rendering held-out identities");
-            (Arc::new(ds), vec![synthetic_eval(&preset, size)?], desc)
+            (Arc::new(ds), vec![synthetic_eval(preset, size)?], desc)
         }
-    };
-    info!(data = %data_desc, "data ready");
+    })
+}
 
-    // QMagFace's ω is fitted on held-out validation identities (synthetic data only; real data
+/// Trains and evaluates every method of the preset in order; after each, the steps that take
+/// it as their model: the inversion, QuantFace's students, the teachers' snapshots.
+fn train_methods(ctx: &RunContext<'_>) -> Result<TrainedMethods> {
+    let preset = ctx.preset;
+    let (size, device, out_dir) = (ctx.size, &ctx.device, &ctx.out_dir);
+    let (sets, train_set, data_desc) = (&ctx.sets, &ctx.train_set, &ctx.data_desc);
+    // QuantFace's ω is fitted on held-out validation identities (synthetic data only; real data
     // uses the published ω).
-    let fit_set = match (preset.eval.scoring, &args.train_rec) {
-        (Scoring::Qmagface, None) => Some(synthetic_validation(&preset, size)?),
+    let fit_set = match (preset.eval.scoring, ctx.train_rec) {
+        (Scoring::Qmagface, false) => Some(synthetic_validation(preset, size)?),
         _ => None,
     };
-    let (raw_pixels, _) = evaluate_all(&mut PixelEmbedder, &sets, &preset, "raw pixels")?;
     // Ground truth of the reconstruction branch's depth (synthetic data only).
     let render_methods: Vec<&String> = preset
         .methods
         .iter()
         .filter(|m| preset.render_for(m).is_some())
         .collect();
-    let depth_truth = match (&args.train_rec, render_methods.is_empty()) {
-        (None, false) => Some(DepthTruth {
-            test: synthetic_test_faces(&preset)?,
+    let depth_truth = match (ctx.train_rec, render_methods.is_empty()) {
+        (false, false) => Some(DepthTruth {
+            test: synthetic_test_faces(preset)?,
             template: SyntheticFaces::new(preset.synthetic.train.clone())?.canonical_depth(
                 0,
                 preset
@@ -1109,17 +1220,17 @@ invert class centres only"
             Ok(())
         };
         let (result, vars) = run_method_with(
-            &preset,
+            preset,
             method,
             train_set.clone(),
-            &sets,
+            sets,
             fit_set.as_ref(),
-            &device,
+            device,
             size,
-            &out_dir,
+            out_dir,
             depth_truth.as_ref(),
             &out_dir.join(grid),
-            &data_desc,
+            data_desc,
             MethodExtras {
                 auxiliary: None,
                 on_epoch: if multi_step.contains(&method.as_str()) {
@@ -1139,76 +1250,98 @@ invert class centres only"
         if let Some(inv) = preset
             .inversion
             .as_ref()
-            .filter(|i| i.method(&preset) == method)
+            .filter(|i| i.method(preset) == method)
         {
             inverted = Some(inversion::run(
-                &preset, inv, method, &vars, &sets[0], &device, &out_dir,
+                preset, inv, method, &vars, &sets[0], device, out_dir,
             )?);
         }
         // QuantFace: the trained method is the teacher of its quantised students.
         if let Some(q) = preset
             .quant
             .as_ref()
-            .filter(|q| q.teacher(&preset) == method)
+            .filter(|q| q.teacher(preset) == method)
         {
             quant = Some(quantface::run(
-                &preset,
+                preset,
                 q,
                 method,
                 &vars,
                 train_set.clone(),
-                &sets,
-                &device,
+                sets,
+                device,
                 size,
             )?);
         }
     }
 
-    // Students, on their own data when the preset gives one (synthetic runs only).
-    let students = if preset.students.is_empty() {
-        Vec::new()
-    } else {
-        let (student_set, student_desc): (Arc<dyn FaceDataset>, String) = match (
-            &preset.student_data,
-            &args.train_rec,
-        ) {
-            (Some(d), None) => {
+    Ok(TrainedMethods {
+        methods,
+        teachers,
+        quant,
+        inverted,
+    })
+}
+
+/// Trains and evaluates the `[[student]]`s, on their own data when the preset gives one
+/// (synthetic runs only).
+fn train_students(
+    ctx: &RunContext<'_>,
+    teachers: &student::Teachers,
+) -> Result<Vec<student::StudentResult>> {
+    let preset = ctx.preset;
+    if preset.students.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (train_set, data_desc) = (&ctx.train_set, &ctx.data_desc);
+    let (student_set, student_desc): (Arc<dyn FaceDataset>, String) =
+        match (&preset.student_data, ctx.train_rec) {
+            (Some(d), false) => {
                 info!("rendering the students' training identities");
                 (
-                        Arc::new(InMemoryDataset::from_dataset(
-                            &SyntheticFaces::new(d.clone())?,
-                            size,
-                        )?),
-                        format!(
-                            "students: their own synthetic identities ({} ids × {} images from id {}, hard fraction {}, low-quality fraction {})",
-                            d.num_identities,
-                            d.images_per_identity,
-                            d.first_identity,
-                            d.hard_fraction,
-                            d.low_quality_fraction
-                        ),
-                    )
+                    Arc::new(InMemoryDataset::from_dataset(
+                        &SyntheticFaces::new(d.clone())?,
+                        ctx.size,
+                    )?),
+                    format!(
+                        "students: their own synthetic identities ({} ids × {} images from id {}, \
+hard fraction {}, low-quality fraction {})",
+                        d.num_identities,
+                        d.images_per_identity,
+                        d.first_identity,
+                        d.hard_fraction,
+                        d.low_quality_fraction
+                    ),
+                )
             }
-            (Some(_), Some(_)) => {
+            (Some(_), true) => {
                 warn!("[student_data] is for the synthetic default: students train on --train-rec");
                 (train_set.clone(), data_desc.clone())
             }
             (None, _) => (train_set.clone(), data_desc.clone()),
         };
-        student::run(
-            &preset,
-            &teachers,
-            student_set,
-            &sets,
-            &device,
-            size,
-            &out_dir,
-            &student_desc,
-        )?
-    };
+    student::run(
+        preset,
+        teachers,
+        student_set,
+        &ctx.sets,
+        &ctx.device,
+        ctx.size,
+        &ctx.out_dir,
+        &student_desc,
+    )
+}
 
+/// The results table's rows: every method, its QMagFace scoring, QuantFace's students, the
+/// `[[student]]`s, then the raw-pixels baseline.
+fn result_rows(
+    trained: &TrainedMethods,
+    students: &[student::StudentResult],
+    raw_pixels: &Reports,
+) -> Vec<Row> {
+    let methods = &trained.methods;
     let mut rows = Vec::new();
-    for m in &methods {
+    for m in methods {
         for (name, r) in &m.protocols {
             rows.push(Row::from_report(
                 &m.method,
@@ -1218,7 +1351,7 @@ invert class centres only"
             ));
         }
     }
-    for m in &methods {
+    for m in methods {
         if let Some(q) = &m.qmagface {
             for (name, r) in &q.protocols {
                 rows.push(Row::from_report(
@@ -1230,7 +1363,7 @@ invert class centres only"
             }
         }
     }
-    if let Some(q) = &quant {
+    if let Some(q) = &trained.quant {
         for st in &q.settings {
             for (suffix, reports) in [
                 (" (calibration only)", &st.calibrated),
@@ -1251,7 +1384,7 @@ invert class centres only"
             }
         }
     }
-    for st in &students {
+    for st in students {
         for (name, r) in &st.protocols {
             rows.push(Row::from_report(
                 &st.config.name,
@@ -1261,10 +1394,19 @@ invert class centres only"
             ));
         }
     }
-    for (name, r) in &raw_pixels {
+    for (name, r) in raw_pixels {
         rows.push(Row::from_report("raw pixels", name, r, None));
     }
-    let table = report::markdown_table(&rows, &preset.eval.far);
+    rows
+}
+
+/// `roc.png`: every method's and student's ROC on the first protocol, and the raw pixels'.
+fn plot_roc_of(
+    ctx: &RunContext<'_>,
+    methods: &[MethodResult],
+    students: &[student::StudentResult],
+    raw_pixels: &Reports,
+) -> Result<()> {
     let curves: Vec<Curve> = methods
         .iter()
         .map(|m| (m.method.clone(), &m.protocols[0].1))
@@ -1284,11 +1426,26 @@ invert class centres only"
         })
         .collect();
     report::plot_roc(
-        &out_dir.join("roc.png"),
-        &format!("{} — ROC on {}", preset.name, sets[0].protocols[0].name),
+        &ctx.out_dir.join("roc.png"),
+        &format!(
+            "{} — ROC on {}",
+            ctx.preset.name, ctx.sets[0].protocols[0].name
+        ),
         &curves,
-    )?;
-    let total_seconds = started.elapsed().as_secs_f64();
+    )
+}
+
+/// `report.md`: the setting, the results table, the ROC and each paper section.
+fn report_markdown(
+    ctx: &RunContext<'_>,
+    trained: &TrainedMethods,
+    students: &[student::StudentResult],
+    raw_pixels: &Reports,
+    rows: &[Row],
+    table: &str,
+    total_seconds: f64,
+) -> Result<String> {
+    let (preset, methods) = (ctx.preset, &trained.methods);
     let min_impostors = raw_pixels
         .iter()
         .map(|(_, r)| r.n_pairs - r.n_genuine)
@@ -1297,7 +1454,7 @@ invert class centres only"
     let batch = methods.iter().map(|m| m.batch_size).min().unwrap_or(0);
     let skipped: usize = methods.iter().map(|m| m.skipped_images).sum();
     let folds = rows.iter().map(|r| r.folds).min().unwrap_or(0);
-    let caveat = if args.train_rec.is_none() {
+    let caveat = if !ctx.train_rec {
         format!(
             "\n\nThis embedded default is a CPU-sized check of the pipeline (narrow IResNet at \
 56×56, {} epochs on synthetic identities), not a reproduction of the paper's numbers or its \
@@ -1326,8 +1483,8 @@ reconstruction branch.",
             without_branch.join(", ")
         )
     };
-    let mut render_md = render_section(&methods, &preset);
-    if let Some(q) = &quant {
+    let mut render_md = render_section(methods, preset);
+    if let Some(q) = &trained.quant {
         let teacher = methods
             .iter()
             .find(|m| m.method == q.teacher)
@@ -1335,11 +1492,11 @@ reconstruction branch.",
             .context("QuantFace teacher missing from the results")?;
         render_md += &quantface::section(q, teacher);
     }
-    render_md += &student::section(&students, &preset);
-    if let Some(inv) = &inverted {
+    render_md += &student::section(students, preset);
+    if let Some(inv) = &trained.inverted {
         render_md += &inversion::section(inv);
     }
-    let md = format!(
+    Ok(format!(
         "# Reproduction: {}\n\n{}\n\nPublished headline (full scale): {}\n\nData: {}.{}\n\n\
 Every method is trained with the same seed ({}), backbone and budget ({} epochs, batch {}; {} \
 undecodable training images skipped). Accuracy: insightface {}-fold verification (mean ± \
@@ -1350,7 +1507,7 @@ the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC]
         preset.name,
         preset.paper,
         preset.headline,
-        data_desc,
+        ctx.data_desc,
         caveat,
         preset.seed,
         preset.train.epochs,
@@ -1364,28 +1521,7 @@ the embedding, same pairs and protocol.{} Total wall time {:.0} s.\n\n{}\n![ROC]
         total_seconds,
         table,
         render_md
-    );
-    report::write_atomic(&out_dir.join("report.md"), md.as_bytes())?;
-    report::write_json(
-        &out_dir.join("metrics.json"),
-        &Metrics {
-            preset: &preset,
-            data: data_desc,
-            raw_pixels,
-            methods,
-            rows,
-            quant,
-            students,
-            inversion: inverted,
-            total_seconds,
-        },
-    )?;
-    Ok(Written {
-        table,
-        out_dir,
-        files: "report.md, metrics.json, roc.png, checkpoints/".into(),
-        seconds: total_seconds,
-    })
+    ))
 }
 
 /// Images per step of the training runs (the smallest, as the report states it).

@@ -158,6 +158,23 @@ struct Summary {
     checkpoint: Option<PathBuf>,
 }
 
+impl Summary {
+    /// Writes `train.json` into `out` (through a temporary file).
+    fn write(&self, out: &Path) -> Result<()> {
+        let path = out.join("train.json");
+        let tmp = out.join("train.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        info!(
+            path = %path.display(),
+            images_per_second = format!("{:.1}", self.images_per_second),
+            "trained"
+        );
+        Ok(())
+    }
+}
+
 /// Keeps the number of gradient buckets the data-parallel all-reduce used (`dp_buckets`).
 struct GradientBuckets(usize);
 
@@ -395,86 +412,22 @@ fn device_for(args: &TrainOptions, env: &DistEnv) -> Result<Device> {
     Ok(Device::Cpu)
 }
 
-/// Trains as one rank of the run `args` describes (rank, world size and rendezvous from the
-/// torchrun environment variables, [`DistEnv`]; a single process when they are unset): rank 0
-/// writes `checkpoints/` and `train.json` under the output folder (default
-/// `root/target/train/<preset>-<method>`).
-///
-/// # Errors
-/// A bad preset or flag, a rendezvous or collective failure, a failed step or checkpoint.
-pub fn run_rank(args: &TrainOptions, root: &Path) -> Result<()> {
-    watch_launcher();
-    let env = DistEnv::from_env()?;
-    let (rank, world_size) = (env.rank, env.world_size);
-    let mut preset: Preset = match &args.config {
-        Some(path) => crate::config_file::load(path, &args.sets)?,
-        None => Presets::with_dir(root.join("configs")).load(&args.preset, &args.sets)?,
-    };
-    preset.validate()?;
-    if let Some(p) = args.precision {
-        preset.train.trainer.precision = p;
-    }
+/// What every rank must agree on, and what a resumed run must keep: the preset with its
+/// overrides, the method, precision, communication settings, the data's size, the world size.
+fn run_settings(
+    args: &TrainOptions,
+    preset: &Preset,
+    method: &str,
+    train_set: &dyn FaceDataset,
+    world_size: usize,
+) -> Result<Vec<(&'static str, String)>> {
     let precision = preset.train.trainer.precision;
-    let method = method_of(args, &preset)?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        root.join("target")
-            .join("train")
-            .join(format!("{}-{method}", preset.name))
-    });
-    let device = device_for(args, &env)?;
-    let timeout = Duration::from_secs(args.rendezvous_timeout);
-    let collective = collective(&env, &device, timeout)?;
-    let backend = collective.as_ref().map_or("none", |(_, b)| *b);
-    info!(rank, world_size, backend, device = ?device, %precision, method, "worker ready");
-    if rank == 0 {
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        fr_train::check_output_dir(&out.join("checkpoints"))?;
-    }
-    if !args.resume && out.join("checkpoints").join("latest").exists() {
-        bail!(
-            "{} holds the checkpoints of an earlier run: --resume continues it, or remove the \
-folder (or pick another --out) to start over",
-            out.join("checkpoints").display()
-        );
-    }
-
-    // Data: every rank opens the same set; the loader gives each its slice of every batch.
-    let size = preset.input_size();
-    let train_set: Arc<dyn FaceDataset> = match &args.train_rec {
-        Some(dir) => Arc::new(
-            RecordIoDataset::open(dir)
-                .with_context(|| format!("opening RecordIO {}", dir.display()))?,
-        ),
-        None => Arc::new(InMemoryDataset::from_dataset(
-            &SyntheticFaces::new(preset.synthetic.train.clone())?,
-            size,
-        )?),
-    };
-    let loader = BatchLoader::new(
-        train_set.clone(),
-        LoaderConfig {
-            rank,
-            world_size,
-            ..preset.loader_config(preset.train.batch_size, size)
-        },
-    )?
-    .with_device(device.clone());
-    let per_epoch = loader.batches_per_epoch() as u64;
-    if per_epoch == 0 {
-        bail!(
-            "the training set ({} images) is smaller than one global batch ({} ranks × {})",
-            train_set.len(),
-            world_size,
-            preset.train.batch_size
-        );
-    }
-    // What every rank must agree on, and what a resumed run must keep.
-    let settings: Vec<(&str, String)> = vec![
+    Ok(vec![
         (
             "the preset and its --set values",
             serde_json::to_string(&preset)?,
         ),
-        ("--method", method.clone()),
+        ("--method", method.to_string()),
         ("--precision", precision.to_string()),
         ("--grad-compression", args.grad_compression.clone()),
         (
@@ -491,16 +444,19 @@ folder (or pick another --out) to start over",
             ),
         ),
         ("the world size", world_size.to_string()),
-    ];
-    if let Some((c, _)) = &collective {
-        check_same_settings(c.as_ref(), rank, &settings)?;
-    }
-    check_run_record(&out, rank, args.resume, &settings)?;
+    ])
+}
 
-    // Model: the backbone in the training precision, the head in f32 (same seeded VarMap, so
-    // every rank starts from the same weights; rank 0's are broadcast anyway).
-    let head_cfg = preset.heads[&method].clone();
-    let head: Option<HeadBuilder> = match args.partial_fc_sample_rate {
+/// With `--partial-fc-sample-rate`, the model-parallel Partial FC head over `collective` (one
+/// simulated rank without one) with the method's margin; `None`: the preset's head.
+fn sharded_head(
+    args: &TrainOptions,
+    preset: &Preset,
+    method: &str,
+    collective: Option<&Shared>,
+) -> Result<Option<HeadBuilder<'static>>> {
+    let head_cfg = &preset.heads[method];
+    Ok(match args.partial_fc_sample_rate {
         None => None,
         Some(sample_rate) => {
             let cfg = ShardedPartialFcConfig {
@@ -510,18 +466,183 @@ folder (or pick another --out) to start over",
                     .margin_softmax()
                     .with_context(|| format!("--partial-fc-sample-rate: method {method}"))?,
             };
-            let shared: Shared = match &collective {
-                Some((c, _)) => c.clone(),
+            let shared: Shared = match collective {
+                Some(c) => c.clone(),
                 None => Arc::new(SimulatedCollective::new(1)?),
             };
-            let method = method.clone();
+            let method = method.to_string();
             Some(Box::new(move |d, c, vb| {
                 let head = ShardedPartialFc::new(&cfg, d, c, shared, &[vb])
                     .with_context(|| format!("building model-parallel Partial FC for {method}"))?;
                 Ok(Box::new(head) as Box<dyn fr_heads::Head>)
             }))
         }
+    })
+}
+
+/// DDP over `collective`: gradients averaged over ranks, or summed for the sharded head (whose
+/// loss is already the global one), its centres left rank-local.
+fn data_parallel(collective: Shared, args: &TrainOptions, sharded: bool) -> Result<DataParallel> {
+    let compression = compression_of(args)?;
+    let mut dp = DataParallel::new(
+        Box::new(collective),
+        DataParallelConfig {
+            bucket_cap_mb: args.bucket_cap_mb,
+            // The sharded head's loss is already the global one: its per-rank backbone
+            // gradients add up (see fr_train::data_parallel).
+            reduction: if sharded {
+                GradReduction::Sum
+            } else {
+                GradReduction::Mean
+            },
+            compression,
+            ..DataParallelConfig::default()
+        },
+    )?;
+    if sharded {
+        dp = dp.with_local_variables(|n| n.starts_with("head."));
+    }
+    Ok(dp)
+}
+
+/// Are the replicas still identical? Every rank's sum of its replicated weights, gathered (a
+/// warning when they differ).
+fn weight_checksums(trainer: &Trainer, device: &Device) -> Result<Vec<f64>> {
+    let mut checksum = 0f64;
+    let replicated = |name: &str| !trainer.data_parallel().is_some_and(|dp| dp.is_local(name));
+    for name in trainer.trainable_names().filter(|n| replicated(n)) {
+        let data = trainer.varmap().data().lock().expect("VarMap lock");
+        let v = data[name]
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        checksum += v;
+    }
+    let weight_checksums = match trainer.data_parallel() {
+        Some(dp) => dp.all_gather_f64(checksum, device)?,
+        None => vec![checksum],
     };
+    if weight_checksums
+        .iter()
+        .any(|c| c.to_bits() != weight_checksums[0].to_bits())
+    {
+        warn!(
+            ?weight_checksums,
+            "the ranks' weights differ: the replicas are out of sync"
+        );
+    }
+    Ok(weight_checksums)
+}
+
+/// This rank's training set (a RecordIO folder, or the preset's synthetic identities rendered at
+/// the input size) and its loader (its slice of every global batch).
+fn rank_data(
+    args: &TrainOptions,
+    preset: &Preset,
+    env: &DistEnv,
+    device: &Device,
+) -> Result<(Arc<dyn FaceDataset>, BatchLoader)> {
+    let size = preset.input_size();
+    let train_set: Arc<dyn FaceDataset> = match &args.train_rec {
+        Some(dir) => Arc::new(
+            RecordIoDataset::open(dir)
+                .with_context(|| format!("opening RecordIO {}", dir.display()))?,
+        ),
+        None => Arc::new(InMemoryDataset::from_dataset(
+            &SyntheticFaces::new(preset.synthetic.train.clone())?,
+            size,
+        )?),
+    };
+    let loader = BatchLoader::new(
+        train_set.clone(),
+        LoaderConfig {
+            rank: env.rank,
+            world_size: env.world_size,
+            ..preset.loader_config(preset.train.batch_size, size)
+        },
+    )?
+    .with_device(device.clone());
+    if loader.batches_per_epoch() == 0 {
+        bail!(
+            "the training set ({} images) is smaller than one global batch ({} ranks × {})",
+            train_set.len(),
+            env.world_size,
+            preset.train.batch_size
+        );
+    }
+    Ok((train_set, loader))
+}
+
+/// The preset `args` names (`--config` file, else a preset of `root/configs` or built in) with
+/// its overrides, validated, `--precision` applied.
+fn rank_preset(args: &TrainOptions, root: &Path) -> Result<Preset> {
+    let mut preset: Preset = match &args.config {
+        Some(path) => crate::config_file::load(path, &args.sets)?,
+        None => Presets::with_dir(root.join("configs")).load(&args.preset, &args.sets)?,
+    };
+    preset.validate()?;
+    if let Some(p) = args.precision {
+        preset.train.trainer.precision = p;
+    }
+    Ok(preset)
+}
+
+/// Rank 0 creates the output folder and checks it is writable; every rank refuses a folder that
+/// holds an earlier run's checkpoints unless it resumes.
+fn prepare_output(out: &Path, rank: usize, resume: bool) -> Result<()> {
+    if rank == 0 {
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        fr_train::check_output_dir(&out.join("checkpoints"))?;
+    }
+    if !resume && out.join("checkpoints").join("latest").exists() {
+        bail!(
+            "{} holds the checkpoints of an earlier run: --resume continues it, or remove the \
+folder (or pick another --out) to start over",
+            out.join("checkpoints").display()
+        );
+    }
+    Ok(())
+}
+
+/// Trains as one rank of the run `args` describes (rank, world size and rendezvous from the
+/// torchrun environment variables, [`DistEnv`]; a single process when they are unset): rank 0
+/// writes `checkpoints/` and `train.json` under the output folder (default
+/// `root/target/train/<preset>-<method>`).
+///
+/// # Errors
+/// A bad preset or flag, a rendezvous or collective failure, a failed step or checkpoint.
+pub fn run_rank(args: &TrainOptions, root: &Path) -> Result<()> {
+    watch_launcher();
+    let env = DistEnv::from_env()?;
+    let (rank, world_size) = (env.rank, env.world_size);
+    let preset = rank_preset(args, root)?;
+    let precision = preset.train.trainer.precision;
+    let method = method_of(args, &preset)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        root.join("target")
+            .join("train")
+            .join(format!("{}-{method}", preset.name))
+    });
+    let device = device_for(args, &env)?;
+    let timeout = Duration::from_secs(args.rendezvous_timeout);
+    let collective = collective(&env, &device, timeout)?;
+    let backend = collective.as_ref().map_or("none", |(_, b)| *b);
+    info!(rank, world_size, backend, device = ?device, %precision, method, "worker ready");
+    prepare_output(&out, rank, args.resume)?;
+
+    // Data: every rank opens the same set; the loader gives each its slice of every batch.
+    let (train_set, loader) = rank_data(args, &preset, &env, &device)?;
+    let per_epoch = loader.batches_per_epoch() as u64;
+    let settings = run_settings(args, &preset, &method, train_set.as_ref(), world_size)?;
+    if let Some((c, _)) = &collective {
+        check_same_settings(c.as_ref(), rank, &settings)?;
+    }
+    check_run_record(&out, rank, args.resume, &settings)?;
+
+    // Model: the backbone in the training precision, the head in f32 (same seeded VarMap, so
+    // every rank starts from the same weights; rank 0's are broadcast anyway).
+    let head = sharded_head(args, &preset, &method, collective.as_ref().map(|(c, _)| c))?;
     let data = args.train_rec.as_ref().map_or_else(
         || "synthetic identities".to_string(),
         |d| d.display().to_string(),
@@ -534,7 +655,6 @@ folder (or pick another --out) to start over",
     })?
     .trainer;
     let sharded = args.partial_fc_sample_rate.is_some();
-    let compression = compression_of(args)?;
     // With sharded centres every rank saves (its shard); otherwise rank 0 alone.
     let saves = rank == 0 || sharded;
     let ckpt_dir = if rank == 0 || !sharded {
@@ -549,25 +669,7 @@ folder (or pick another --out) to start over",
         info!(rank, step = trainer.state().step, "resumed");
     }
     if let Some((c, _)) = collective {
-        let mut dp = DataParallel::new(
-            Box::new(c),
-            DataParallelConfig {
-                bucket_cap_mb: args.bucket_cap_mb,
-                // The sharded head's loss is already the global one: its per-rank backbone
-                // gradients add up (see fr_train::data_parallel).
-                reduction: if sharded {
-                    GradReduction::Sum
-                } else {
-                    GradReduction::Mean
-                },
-                compression,
-                ..DataParallelConfig::default()
-            },
-        )?;
-        if sharded {
-            dp = dp.with_local_variables(|n| n.starts_with("head."));
-        }
-        trainer = trainer.with_data_parallel(dp)?;
+        trainer = trainer.with_data_parallel(data_parallel(c, args, sharded)?)?;
     }
 
     // The schedule spans every epoch; --max-steps only stops early.
@@ -594,31 +696,7 @@ folder (or pick another --out) to start over",
     let fitted = fit(&mut trainer, &loader, &fit_config, &mut buckets)?;
     let (buckets, train_seconds) = (buckets.0, fitted.train_seconds);
 
-    // Are the replicas still identical? Every rank's weight sum, gathered.
-    let mut checksum = 0f64;
-    let replicated = |name: &str| !trainer.data_parallel().is_some_and(|dp| dp.is_local(name));
-    for name in trainer.trainable_names().filter(|n| replicated(n)) {
-        let data = trainer.varmap().data().lock().expect("VarMap lock");
-        let v = data[name]
-            .as_tensor()
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        checksum += v;
-    }
-    let weight_checksums = match trainer.data_parallel() {
-        Some(dp) => dp.all_gather_f64(checksum, &device)?,
-        None => vec![checksum],
-    };
-    if weight_checksums
-        .iter()
-        .any(|c| c.to_bits() != weight_checksums[0].to_bits())
-    {
-        warn!(
-            ?weight_checksums,
-            "the ranks' weights differ: the replicas are out of sync"
-        );
-    }
+    let weight_checksums = weight_checksums(&trainer, &device)?;
     if rank == 0 {
         let summary = Summary {
             preset: preset.name.clone(),
@@ -646,16 +724,7 @@ folder (or pick another --out) to start over",
             gradient_buckets: buckets,
             checkpoint: fitted.last_checkpoint,
         };
-        let path = out.join("train.json");
-        let tmp = out.join("train.json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&summary)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-        info!(
-            path = %path.display(),
-            images_per_second = format!("{:.1}", summary.images_per_second),
-            "trained"
-        );
+        summary.write(&out)?;
     }
     Ok(())
 }

@@ -251,124 +251,26 @@ pub(super) fn run(
             .clone()
             .unwrap_or_else(|| preset.backbone.clone());
         let complexity = backbone_cfg.complexity()?;
-        // Teachers of this student, in schedule order.
-        let teacher_models: Vec<Teacher> = if st.distills() {
-            let t = st
-                .teacher
-                .as_deref()
-                .context("a distilling student without a teacher (validated before)")?;
-            match st.schedule {
-                KdSchedule::Fixed => vec![teacher_from(
-                    &preset.backbone,
-                    teachers
-                        .finals
-                        .get(t)
-                        .with_context(|| format!("teacher `{t}` not trained"))?,
-                    device,
-                )?],
-                KdSchedule::MultiStep => teachers
-                    .snapshots
-                    .get(t)
-                    .with_context(|| format!("no per-epoch snapshots of teacher `{t}`"))?
-                    .iter()
-                    .map(|v| teacher_from(&preset.backbone, v, device))
-                    .collect::<Result<_>>()?,
-            }
-        } else {
-            Vec::new()
-        };
+        let teacher_models = teachers_of(st, preset, teachers, device)?;
         let schedule = match st.schedule {
             KdSchedule::Fixed => TeacherSchedule::Fixed,
             KdSchedule::MultiStep => TeacherSchedule::MultiStep,
         };
         info!(student = %st.name, params = complexity.params, teachers = teacher_models.len(), "training student");
+        let run = StudentRun {
+            preset,
+            st,
+            backbone: &backbone_cfg,
+            teachers: teacher_models,
+            schedule,
+            train_set: train_set.clone(),
+            sets,
+            device,
+            input_size,
+        };
         let (epoch_loss, train_seconds, images_per_second, batch_size, protocols) = match &st.head {
-            Some(head) => {
-                // The methods' loop on a derived preset: the student's backbone, and its head
-                // under the student's name.
-                let mut p = preset.clone();
-                p.backbone = backbone_cfg.clone();
-                p.heads.insert(st.name.clone(), preset.heads[head].clone());
-                p.render = None;
-                let auxiliary: Option<Box<dyn fr_train::AuxiliaryLoss>> = if st.kd_weight > 0.0 {
-                    Some(Box::new(Distillation::with_schedule(
-                        teacher_models,
-                        schedule,
-                        st.kd_weight,
-                    )?))
-                } else {
-                    None
-                };
-                let (r, _) = run_method_with(
-                    &p,
-                    &st.name,
-                    train_set.clone(),
-                    sets,
-                    None,
-                    device,
-                    input_size,
-                    out_dir,
-                    None,
-                    &out_dir.join("unused_render_grid.png"),
-                    data_desc,
-                    MethodExtras {
-                        auxiliary,
-                        on_epoch: None,
-                    },
-                )?;
-                (
-                    r.epoch_loss,
-                    r.train_seconds,
-                    r.images_per_second,
-                    r.batch_size,
-                    r.protocols,
-                )
-            }
-            None => {
-                let seeded = SeededVarMap::new(preset.seed);
-                let model = build_backbone(&backbone_cfg, seeded.var_builder(DType::F32, device))
-                    .with_context(|| format!("building student {}", st.name))?;
-                let mut params: Vec<(String, Var)> = {
-                    let data = seeded.varmap().data().lock().expect("student VarMap lock");
-                    data.iter()
-                        .filter(|(n, _)| model.is_trainable(n))
-                        .map(|(n, v)| (n.clone(), v.clone()))
-                        .collect()
-                };
-                params.sort_by(|a, b| a.0.cmp(&b.0));
-                let batch_size = train_set.len().min(preset.train.batch_size);
-                let loader = BatchLoader::new(
-                    train_set.clone(),
-                    preset.loader_config(batch_size, input_size),
-                )?
-                .with_device(device.clone());
-                let refs: Vec<&dyn ModuleT> = teacher_models
-                    .iter()
-                    .map(|t| t.as_ref() as &dyn ModuleT)
-                    .collect();
-                let run = distill_label_free(
-                    preset,
-                    model.as_ref(),
-                    params,
-                    &refs,
-                    schedule,
-                    &loader,
-                    preset.train.epochs,
-                    st.lr.unwrap_or(preset.train.trainer.optimizer.lr()),
-                    st.kd_weight,
-                    &st.name,
-                )?;
-                let model: &dyn ModuleT = model.as_ref();
-                let mut embedder = BackboneEmbedder::new(model, device);
-                let (protocols, _) = evaluate_all(&mut embedder, sets, preset, &st.name)?;
-                (
-                    run.epoch_loss,
-                    run.train_seconds,
-                    run.images as f64 / run.train_seconds.max(1e-9),
-                    batch_size,
-                    protocols,
-                )
-            }
+            Some(head) => run.with_head(head, out_dir, data_desc)?,
+            None => run.label_free()?,
         };
         results.push(StudentResult {
             config: st.clone(),
@@ -384,6 +286,175 @@ pub(super) fn run(
         });
     }
     Ok(results)
+}
+
+/// The teachers of student `st`, in schedule order: the final teacher, or its per-epoch
+/// snapshots (multi-step KD); none when the student does not distil.
+fn teachers_of(
+    st: &StudentSection,
+    preset: &Preset,
+    teachers: &Teachers,
+    device: &Device,
+) -> Result<Vec<Teacher>> {
+    if !st.distills() {
+        return Ok(Vec::new());
+    }
+    let t = st
+        .teacher
+        .as_deref()
+        .context("a distilling student without a teacher (validated before)")?;
+    Ok(match st.schedule {
+        KdSchedule::Fixed => vec![teacher_from(
+            &preset.backbone,
+            teachers
+                .finals
+                .get(t)
+                .with_context(|| format!("teacher `{t}` not trained"))?,
+            device,
+        )?],
+        KdSchedule::MultiStep => teachers
+            .snapshots
+            .get(t)
+            .with_context(|| format!("no per-epoch snapshots of teacher `{t}`"))?
+            .iter()
+            .map(|v| teacher_from(&preset.backbone, v, device))
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// One student's training run: what both kinds of student need.
+struct StudentRun<'a> {
+    preset: &'a Preset,
+    st: &'a StudentSection,
+    backbone: &'a BackboneConfig,
+    teachers: Vec<Teacher>,
+    schedule: TeacherSchedule,
+    train_set: Arc<dyn FaceDataset>,
+    sets: &'a [EvalSet],
+    device: &'a Device,
+    input_size: u32,
+}
+
+/// A student's epoch losses, training seconds, images/s, batch size and reports.
+type StudentOutcome = (Vec<f64>, f64, f64, usize, Reports);
+
+impl StudentRun<'_> {
+    /// A student with a head: the methods' loop on a derived preset (its backbone, its head
+    /// under its name), with [`Distillation`] as the auxiliary loss when `kd_weight` > 0.
+    fn with_head(
+        self,
+        head: &str,
+        out_dir: &std::path::Path,
+        data_desc: &str,
+    ) -> Result<StudentOutcome> {
+        let StudentRun {
+            preset,
+            st,
+            backbone: backbone_cfg,
+            teachers: teacher_models,
+            schedule,
+            train_set,
+            sets,
+            device,
+            input_size,
+        } = self;
+        let mut p = preset.clone();
+        p.backbone = backbone_cfg.clone();
+        p.heads.insert(st.name.clone(), preset.heads[head].clone());
+        p.render = None;
+        let auxiliary: Option<Box<dyn fr_train::AuxiliaryLoss>> = if st.kd_weight > 0.0 {
+            Some(Box::new(Distillation::with_schedule(
+                teacher_models,
+                schedule,
+                st.kd_weight,
+            )?))
+        } else {
+            None
+        };
+        let (r, _) = run_method_with(
+            &p,
+            &st.name,
+            train_set.clone(),
+            sets,
+            None,
+            device,
+            input_size,
+            out_dir,
+            None,
+            &out_dir.join("unused_render_grid.png"),
+            data_desc,
+            MethodExtras {
+                auxiliary,
+                on_epoch: None,
+            },
+        )?;
+        Ok((
+            r.epoch_loss,
+            r.train_seconds,
+            r.images_per_second,
+            r.batch_size,
+            r.protocols,
+        ))
+    }
+
+    /// A student without a head: label-free distillation ([`distill_label_free`]) from its
+    /// teachers, then evaluation.
+    fn label_free(self) -> Result<StudentOutcome> {
+        let StudentRun {
+            preset,
+            st,
+            backbone: backbone_cfg,
+            teachers: teacher_models,
+            schedule,
+            train_set,
+            sets,
+            device,
+            input_size,
+        } = self;
+        let seeded = SeededVarMap::new(preset.seed);
+        let model = build_backbone(&backbone_cfg, seeded.var_builder(DType::F32, device))
+            .with_context(|| format!("building student {}", st.name))?;
+        let mut params: Vec<(String, Var)> = {
+            let data = seeded.varmap().data().lock().expect("student VarMap lock");
+            data.iter()
+                .filter(|(n, _)| model.is_trainable(n))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect()
+        };
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let batch_size = train_set.len().min(preset.train.batch_size);
+        let loader = BatchLoader::new(
+            train_set.clone(),
+            preset.loader_config(batch_size, input_size),
+        )?
+        .with_device(device.clone());
+        let refs: Vec<&dyn ModuleT> = teacher_models
+            .iter()
+            .map(|t| t.as_ref() as &dyn ModuleT)
+            .collect();
+        let run = distill_label_free(
+            preset,
+            model.as_ref(),
+            params,
+            &refs,
+            schedule,
+            &loader,
+            preset.train.epochs,
+            st.lr.unwrap_or(preset.train.trainer.optimizer.lr()),
+            st.kd_weight,
+            &st.name,
+        )?;
+        let model: &dyn ModuleT = model.as_ref();
+        let mut embedder = BackboneEmbedder::new(model, device);
+        let (protocols, _) = evaluate_all(&mut embedder, sets, preset, &st.name)?;
+        Ok((
+            run.epoch_loss,
+            run.train_seconds,
+            run.images as f64 / run.train_seconds.max(1e-9),
+            batch_size,
+            protocols,
+        ))
+    }
 }
 
 /// The report's student section: one row per student with its backbone size, objective,
