@@ -614,77 +614,48 @@ struct IjbResult {
     scoring_seconds: f64,
 }
 
-fn ijb_eval(ctx: &mut Ctx, root: &Path, subset: IjbSubset, qmagface: bool) -> Result<IjbResult> {
-    let layout = IjbLayout::new(root, subset);
-    let meta = IjbMeta::open(&layout)?;
-    let crops = IjbLooseCrops::from_layout(&layout)?;
-    // Align at the backbone's size when the ArcFace template scales to it, else at 112 and
-    // resize.
-    let crops = match crops.clone().with_size(ctx.size) {
-        Ok(c) => c,
-        Err(_) => crops,
-    };
-    let size = ctx.size;
-    let emb = ctx.embed(
-        &layout.name_5pts_score(),
-        &format!("ijb {}", fingerprint(&layout.loose_crop())?),
-        meta.faces.len(),
-        &|idx: &[usize]| {
-            let images: Vec<RgbImage> = crops
-                .load_aligned(idx)
-                .into_iter()
-                .collect::<fr_data::Result<_>>()?;
-            to_array(&images, size)
-        },
-    )?;
-    let start = Instant::now();
-    let faceness: Vec<f32> = meta.landmarks.iter().map(|l| l.score).collect();
-    let tids: Vec<i64> = meta
-        .faces
-        .iter()
-        .map(|f| i64::from(f.template_id))
+/// QMagFace on IJB 1:1: each pair's template cosine plus ω(cos)·min(q1, q2), a template's
+/// quality q being the mean MagFace magnitude ‖(e + e_flip)/2‖ of its images (published ω).
+///
+/// # Errors
+/// A pair template without images, or a failing ROC.
+fn qmagface_1to1(
+    emb: &Array2<f32>,
+    tids: &[i64],
+    scores: &[f64],
+    (p1, p2): (&[i64], &[i64]),
+    labels: &[bool],
+) -> Result<OneToOneReport> {
+    let e = flip_sum(emb);
+    let mut sum: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
+    for (row, &t) in e.outer_iter().zip(tids) {
+        let q = sum.entry(t).or_default();
+        q.0 += 0.5 * norm(row);
+        q.1 += 1;
+    }
+    let quality: HashMap<i64, f64> = sum
+        .into_iter()
+        .map(|(t, (s, n))| (t, s / n as f64))
         .collect();
-    let mids: Vec<i64> = meta.faces.iter().map(|f| i64::from(f.media_id)).collect();
-    let flags = IjbFlags::default();
-    let img = ijb::image_features(emb.view(), &faceness, flags)?;
-    let templates = ijb::templates(img.view(), &tids, &mids)?;
-    let p1: Vec<i64> = meta.pairs.iter().map(|p| i64::from(p.t1)).collect();
-    let p2: Vec<i64> = meta.pairs.iter().map(|p| i64::from(p.t2)).collect();
-    let labels: Vec<bool> = meta.pairs.iter().map(|p| p.genuine).collect();
-    let scores = ijb::pair_scores(&templates, &p1, &p2)
-        .with_context(|| format!("scoring {}", layout.template_pair_label().display()))?;
-    let one_to_one = ijb::verify_1to1(&scores, &labels, &IJB_FARS)
-        .with_context(|| format!("1:1 ROC of {}", layout.template_pair_label().display()))?;
-    let one_to_one_qmagface = if qmagface {
-        // Template quality: the mean MagFace magnitude of its images.
-        let e = flip_sum(&emb);
-        let mut sum: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
-        for (row, &t) in e.outer_iter().zip(&tids) {
-            let q = sum.entry(t).or_default();
-            q.0 += 0.5 * norm(row);
-            q.1 += 1;
-        }
-        let quality: HashMap<i64, f64> = sum
-            .into_iter()
-            .map(|(t, (s, n))| (t, s / n as f64))
-            .collect();
-        let w = QualityWeight::default();
-        let q: Vec<f64> = scores
-            .iter()
-            .zip(p1.iter().zip(&p2))
-            .map(|(&c, (a, b))| w.score(c, quality[a], quality[b]))
-            .collect();
-        Some(ijb::verify_1to1(&q, &labels, &IJB_FARS)?)
-    } else {
-        None
-    };
-    let scoring_seconds = start.elapsed().as_secs_f64();
-    info!(
-        pairs = scores.len(),
-        seconds = format!("{scoring_seconds:.2}"),
-        "IJB 1:1 scored"
-    );
-    // 1:N when the protocol files are there.
+    let w = QualityWeight::default();
+    let q: Vec<f64> = scores
+        .iter()
+        .zip(p1.iter().zip(p2))
+        .map(|(&c, (a, b))| w.score(c, quality[a], quality[b]))
+        .collect();
+    Ok(ijb::verify_1to1(&q, labels, &IJB_FARS)?)
+}
+
+/// IJB 1:N (mixed probe against each gallery) when the protocol files are there; empty when
+/// not.
+///
+/// # Errors
+/// Unreadable protocol files, a template without images (named), a failing identification.
+fn one_to_n_per_gallery(
+    layout: &IjbLayout,
+    subset: IjbSubset,
+    templates: &ijb::Templates,
+) -> Result<Vec<(String, OneToNReport)>> {
     let galleries = layout.galleries();
     let probe = layout.probe_mixed();
     let mut per_gallery = Vec::new();
@@ -727,8 +698,65 @@ fn ijb_eval(ctx: &mut Ctx, root: &Path, subset: IjbSubset, qmagface: bool) -> Re
             per_gallery.push((name.to_string(), r));
         }
     } else {
-        info!("no 1:N protocol files under {}: 1:1 only", root.display());
+        info!(
+            "no 1:N protocol files under {}: 1:1 only",
+            layout.root.display()
+        );
     }
+    Ok(per_gallery)
+}
+
+fn ijb_eval(ctx: &mut Ctx, root: &Path, subset: IjbSubset, qmagface: bool) -> Result<IjbResult> {
+    let layout = IjbLayout::new(root, subset);
+    let meta = IjbMeta::open(&layout)?;
+    let crops = IjbLooseCrops::from_layout(&layout)?;
+    // Align at the backbone's size when the ArcFace template scales to it, else at 112 and
+    // resize.
+    let crops = match crops.clone().with_size(ctx.size) {
+        Ok(c) => c,
+        Err(_) => crops,
+    };
+    let size = ctx.size;
+    let emb = ctx.embed(
+        &layout.name_5pts_score(),
+        &format!("ijb {}", fingerprint(&layout.loose_crop())?),
+        meta.faces.len(),
+        &|idx: &[usize]| {
+            let images: Vec<RgbImage> = crops
+                .load_aligned(idx)
+                .into_iter()
+                .collect::<fr_data::Result<_>>()?;
+            to_array(&images, size)
+        },
+    )?;
+    let start = Instant::now();
+    let faceness: Vec<f32> = meta.landmarks.iter().map(|l| l.score).collect();
+    let tids: Vec<i64> = meta
+        .faces
+        .iter()
+        .map(|f| i64::from(f.template_id))
+        .collect();
+    let mids: Vec<i64> = meta.faces.iter().map(|f| i64::from(f.media_id)).collect();
+    let flags = IjbFlags::default();
+    let img = ijb::image_features(emb.view(), &faceness, flags)?;
+    let templates = ijb::templates(img.view(), &tids, &mids)?;
+    let p1: Vec<i64> = meta.pairs.iter().map(|p| i64::from(p.t1)).collect();
+    let p2: Vec<i64> = meta.pairs.iter().map(|p| i64::from(p.t2)).collect();
+    let labels: Vec<bool> = meta.pairs.iter().map(|p| p.genuine).collect();
+    let scores = ijb::pair_scores(&templates, &p1, &p2)
+        .with_context(|| format!("scoring {}", layout.template_pair_label().display()))?;
+    let one_to_one = ijb::verify_1to1(&scores, &labels, &IJB_FARS)
+        .with_context(|| format!("1:1 ROC of {}", layout.template_pair_label().display()))?;
+    let one_to_one_qmagface = qmagface
+        .then(|| qmagface_1to1(&emb, &tids, &scores, (&p1, &p2), &labels))
+        .transpose()?;
+    let scoring_seconds = start.elapsed().as_secs_f64();
+    info!(
+        pairs = scores.len(),
+        seconds = format!("{scoring_seconds:.2}"),
+        "IJB 1:1 scored"
+    );
+    let per_gallery = one_to_n_per_gallery(&layout, subset, &templates)?;
     let one_to_n = if per_gallery.is_empty() {
         None
     } else {

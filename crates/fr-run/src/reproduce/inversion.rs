@@ -101,14 +101,11 @@ pub(super) fn run(
     if e * per > n_test {
         bail!("config key `inversion.embeddings`: {e} identities × {per} images > {n_test} test images");
     }
-    let all = {
-        let shape = test.images.shape().to_vec();
-        Tensor::from_vec(
-            test.images.iter().copied().collect::<Vec<f32>>(),
-            shape,
-            device,
-        )?
-    };
+    let all = Tensor::from_vec(
+        test.images.iter().copied().collect::<Vec<f32>>(),
+        test.images.shape(),
+        device,
+    )?;
     let mut identity_first_last = Vec::new();
 
     // Embedding targets: the first image of each of the first `e` test identities.
@@ -142,43 +139,8 @@ pub(super) fn run(
             backbone,
             &all.index_select(&Tensor::new(rest, device)?, 0)?,
         )?);
-        let others = per - 1;
-        let mut correct = 0usize;
-        let mut means = Array2::<f32>::zeros((e, generated.ncols()));
-        for k in 0..e {
-            let block = rest_emb.slice(s![k * others..(k + 1) * others, ..]);
-            means
-                .row_mut(k)
-                .assign(&block.mean_axis(Axis(0)).context("no other image")?);
-        }
-        let means = rows_normalized(&means);
-        for k in 0..e {
-            let g = generated.row(k);
-            let sims = rest_emb.dot(&g);
-            let own: f64 = sims
-                .slice(s![k * others..(k + 1) * others])
-                .iter()
-                .map(|&v| v as f64)
-                .sum::<f64>()
-                / others as f64;
-            let other_count = (e - 1) * others;
-            let other: f64 = if other_count == 0 {
-                f64::NAN
-            } else {
-                (sims.iter().map(|&v| v as f64).sum::<f64>() - own * others as f64)
-                    / other_count as f64
-            };
-            genuine_cosine.push(own);
-            impostor_cosine.push(other);
-            let scores = means.dot(&g);
-            let best = scores
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i);
-            correct += usize::from(best == Some(k));
-        }
-        embedding_rank1 = correct as f64 / e as f64;
+        (genuine_cosine, impostor_cosine, embedding_rank1) =
+            identity_scores(&generated, &rest_emb, e, per - 1)?;
     }
 
     // Class-centre targets: the head's first `c` weight rows.
@@ -210,20 +172,7 @@ pub(super) fn run(
         identity_first_last.push(first_last(&result.history));
         let generated = rows_normalized(&embed(backbone, &result.images)?);
         let centres = rows_normalized(&to_array2(&weight)?);
-        let scores = generated.dot(&centres.t());
-        let correct = scores
-            .rows()
-            .into_iter()
-            .enumerate()
-            .filter(|(j, row)| {
-                row.iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(i, _)| i)
-                    == Some(*j)
-            })
-            .count();
-        centre_rank1 = correct as f64 / c as f64;
+        centre_rank1 = rank1(&generated.dot(&centres.t()));
     }
     let summary = InversionSummary {
         method: method.to_string(),
@@ -247,6 +196,74 @@ pub(super) fn run(
         "inversion done"
     );
     Ok(summary)
+}
+
+/// How the `e` generated images (rows of `generated`, L2-normalised) score against the test
+/// identities' other images (`rest`, `others` per identity, identity-major): each one's mean
+/// cosine to its own identity's images and to the other identities' images, and the rank-1
+/// rate of identifying it among the identities' mean embeddings.
+///
+/// # Errors
+/// An identity with no other image.
+#[allow(clippy::type_complexity)]
+fn identity_scores(
+    generated: &Array2<f32>,
+    rest_emb: &Array2<f32>,
+    e: usize,
+    others: usize,
+) -> Result<(Vec<f64>, Vec<f64>, f64)> {
+    let (mut genuine_cosine, mut impostor_cosine, mut correct) = (Vec::new(), Vec::new(), 0usize);
+    let mut means = Array2::<f32>::zeros((e, generated.ncols()));
+    for k in 0..e {
+        let block = rest_emb.slice(s![k * others..(k + 1) * others, ..]);
+        means
+            .row_mut(k)
+            .assign(&block.mean_axis(Axis(0)).context("no other image")?);
+    }
+    let means = rows_normalized(&means);
+    for k in 0..e {
+        let g = generated.row(k);
+        let sims = rest_emb.dot(&g);
+        let own: f64 = sims
+            .slice(s![k * others..(k + 1) * others])
+            .iter()
+            .map(|&v| v as f64)
+            .sum::<f64>()
+            / others as f64;
+        let other_count = (e - 1) * others;
+        let other: f64 = if other_count == 0 {
+            f64::NAN
+        } else {
+            (sims.iter().map(|&v| v as f64).sum::<f64>() - own * others as f64) / other_count as f64
+        };
+        genuine_cosine.push(own);
+        impostor_cosine.push(other);
+        let scores = means.dot(&g);
+        let best = scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i);
+        correct += usize::from(best == Some(k));
+    }
+    Ok((genuine_cosine, impostor_cosine, correct as f64 / e as f64))
+}
+
+/// The fraction of rows of `scores` `(N, C)` whose largest entry is on the diagonal.
+fn rank1(scores: &Array2<f32>) -> f64 {
+    let correct = scores
+        .rows()
+        .into_iter()
+        .enumerate()
+        .filter(|(j, row)| {
+            row.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i)
+                == Some(*j)
+        })
+        .count();
+    correct as f64 / scores.nrows() as f64
 }
 
 fn first_last(history: &[fr_train::InversionStep]) -> (f64, f64) {

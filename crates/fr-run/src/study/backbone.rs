@@ -222,22 +222,17 @@ fn details(o: &Outcome<Depth>) -> Result<Details> {
     })
 }
 
-/// Entry point of `study backbone-size`.
-///
-/// # Errors
-/// A bad depth or base backbone, a training failure, an unwritable output folder.
-pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
-    let plans = plans(&ctx.base, &ctx.data, &args.depths)?;
-    let mut data = SharedData { ctx, built: None };
-    let outcomes = ctx.execute(plans, &mut data)?;
-    let details: Vec<Details> = outcomes.iter().map(details).collect::<Result<_>>()?;
-    let protocols = Context::protocols(&outcomes);
-    let fars = &ctx.base.eval.far;
+/// The summary table: one row per run (head, depth, size, accuracy per protocol, TAR@FAR on
+/// the first, throughput, training time).
+fn summary_table(
+    outcomes: &[Outcome<Depth>],
+    details: &[Details],
+    protocols: &[String],
+    fars: &[f64],
+) -> String {
     let first = protocols.first().cloned().unwrap_or_default();
-
-    // Summary table.
     let mut t = String::from("| head | backbone | layers | params (M) | MACs (M) |");
-    for p in &protocols {
+    for p in protocols {
         t += &format!(" accuracy {p} (%) |");
     }
     for far in fars {
@@ -248,7 +243,7 @@ pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
         t += "---|";
     }
     t += "---|---|\n";
-    for (o, d) in outcomes.iter().zip(&details) {
+    for (o, d) in outcomes.iter().zip(details) {
         t += &format!(
             "| {} | IResNet-{} | {:?} | {:.3} | {:.1} |",
             o.plan.head,
@@ -257,7 +252,7 @@ pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
             d.params as f64 / 1e6,
             d.macs as f64 / 1e6
         );
-        for p in &protocols {
+        for p in protocols {
             t += &format!(" {} |", accuracy_cell(o, p));
         }
         for &far in fars {
@@ -268,9 +263,19 @@ pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
             o.result.images_per_second, o.result.train_seconds
         );
     }
+    t
+}
 
-    // Plot: accuracy (and TAR) against MACs, one panel per metric, one line per head.
-    let panels: Vec<Panel> = Metric::panels(&protocols, fars)
+/// `backbone-size.png`: accuracy (and TAR) against MACs, one panel per metric, one line per
+/// head. Returns the file name.
+fn plot_against_macs(
+    ctx: &Context,
+    outcomes: &[Outcome<Depth>],
+    details: &[Details],
+    protocols: &[String],
+) -> Result<String> {
+    let fars = &ctx.base.eval.far;
+    let panels: Vec<Panel> = Metric::panels(protocols, fars)
         .iter()
         .map(|m| Panel {
             title: m.title(),
@@ -286,7 +291,7 @@ pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
                     dashed: false,
                     points: outcomes
                         .iter()
-                        .zip(&details)
+                        .zip(details)
                         .filter(|(o, _)| &o.plan.head == head)
                         .filter_map(|(o, d)| {
                             let (y, err) = m.value(&o.result)?;
@@ -309,6 +314,23 @@ pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
         "MACs per image (millions, log scale)",
         &panels,
     )?;
+    Ok(plot)
+}
+
+/// Entry point of `study backbone-size`.
+///
+/// # Errors
+/// A bad depth or base backbone, a training failure, an unwritable output folder.
+pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
+    let plans = plans(&ctx.base, &ctx.data, &args.depths)?;
+    let mut data = SharedData { ctx, built: None };
+    let outcomes = ctx.execute(plans, &mut data)?;
+    let details: Vec<Details> = outcomes.iter().map(details).collect::<Result<_>>()?;
+    let protocols = Context::protocols(&outcomes);
+    let fars = &ctx.base.eval.far;
+    let t = summary_table(&outcomes, &details, &protocols, fars);
+
+    let plot = plot_against_macs(ctx, &outcomes, &details, &protocols)?;
 
     let (full, rows) = ctx.full_table(&outcomes);
     let widths = details

@@ -18,8 +18,8 @@ use serde::Serialize;
 use tracing::info;
 
 use super::{
-    accuracy_cell, plot_panels, preset_for_head, tar_cell, Context, Data, Metric, Panel, Plan,
-    Point, Series, Study, StudyOptions, TrainingData,
+    accuracy_cell, plot_panels, preset_for_head, tar_cell, Context, Data, Metric, Outcome, Panel,
+    Plan, Point, Series, Study, StudyOptions, TrainingData,
 };
 use crate::config::Preset;
 use crate::report::Written;
@@ -476,33 +476,14 @@ struct Metrics<'a> {
     total_seconds: f64,
 }
 
-/// Entry point of `study data-distribution`.
-///
-/// # Errors
-/// Bad split settings, insufficient data, a training failure, an unwritable output folder.
-pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
-    let (budget, identities) = defaults(&ctx.base, args);
-    let zipf = args.zipf.unwrap_or(DEFAULT_ZIPF);
-    let splits = splits(&identities, budget, zipf)?;
-    let plans = plans(&ctx.base, &ctx.data, &splits)?;
-    let mut data = SplitData {
-        ctx,
-        rec: None,
-        last: None,
-    };
-    data.check(&splits)?;
-    let mut outcomes = ctx.execute(plans, &mut data)?;
-    // Report order: heads as given, then splits.
-    let head_rank = |h: &str| ctx.base.methods.iter().position(|m| m == h);
-    outcomes.sort_by_key(|o| head_rank(&o.plan.head));
-    let protocols = Context::protocols(&outcomes);
-    let fars = &ctx.base.eval.far;
+/// The summary table: one row per run (head, split shape, class sizes, accuracy per protocol,
+/// TAR@FAR on the first, training time).
+fn summary_table(outcomes: &[Outcome<Split>], protocols: &[String], fars: &[f64]) -> String {
     let first = protocols.first().cloned().unwrap_or_default();
-
     let mut t = String::from(
         "| head | split | identities | images | images per identity (max / median / min) | top 10 % identities' share |",
     );
-    for p in &protocols {
+    for p in protocols {
         t += &format!(" accuracy {p} (%) |");
     }
     for far in fars {
@@ -513,7 +494,7 @@ pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
         t += "---|";
     }
     t += "---|\n";
-    for o in &outcomes {
+    for o in outcomes {
         let s = &o.plan.spec;
         t += &format!(
             "| {} | {} | {} | {} | {} / {} / {} | {:.1} % |",
@@ -526,7 +507,7 @@ pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
             s.sizes[s.sizes.len() - 1],
             100.0 * s.head_share()
         );
-        for p in &protocols {
+        for p in protocols {
             t += &format!(" {} |", accuracy_cell(o, p));
         }
         for &far in fars {
@@ -534,10 +515,19 @@ pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
         }
         t += &format!(" {:.1} |\n", o.result.train_seconds);
     }
+    t
+}
 
-    // Plot: accuracy (and TAR) against identities, one panel per metric; per head a solid
-    // (balanced) and a dashed (long-tailed) line.
-    let panels: Vec<Panel> = Metric::panels(&protocols, fars)
+/// `data-distribution.png`: accuracy (and TAR) against identities, one panel per metric; per
+/// head a solid (balanced) and a dashed (long-tailed) line. Returns the file name.
+fn plot_against_identities(
+    ctx: &Context,
+    outcomes: &[Outcome<Split>],
+    protocols: &[String],
+    budget: usize,
+) -> Result<String> {
+    let fars = &ctx.base.eval.far;
+    let panels: Vec<Panel> = Metric::panels(protocols, fars)
         .iter()
         .map(|m| {
             let mut series = Vec::new();
@@ -593,9 +583,12 @@ pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
         "identities (log scale)",
         &panels,
     )?;
+    Ok(plot)
+}
 
-    let (full, rows) = ctx.full_table(&outcomes);
-    let data_desc = match &ctx.data {
+/// The data sentence of the report: synthetic splits or RecordIO subsamples at `budget` images.
+fn data_description(ctx: &Context, budget: usize) -> String {
+    match &ctx.data {
         Data::Synthetic => format!(
             "{budget} synthetic images per split; a split of N identities takes the synthetic \
 generator's N identities from global id {first} on (seed {seed}) and identity c's first n_c \
@@ -608,7 +601,36 @@ images, so a balanced split of the base config's shape is exactly `reproduce`'s 
             dir.display(),
             ctx.base.seed
         ),
+    }
+}
+
+/// Entry point of `study data-distribution`.
+///
+/// # Errors
+/// Bad split settings, insufficient data, a training failure, an unwritable output folder.
+pub(crate) fn run(ctx: &Context, args: &StudyOptions) -> Result<Written> {
+    let (budget, identities) = defaults(&ctx.base, args);
+    let zipf = args.zipf.unwrap_or(DEFAULT_ZIPF);
+    let splits = splits(&identities, budget, zipf)?;
+    let plans = plans(&ctx.base, &ctx.data, &splits)?;
+    let mut data = SplitData {
+        ctx,
+        rec: None,
+        last: None,
     };
+    data.check(&splits)?;
+    let mut outcomes = ctx.execute(plans, &mut data)?;
+    // Report order: heads as given, then splits.
+    let head_rank = |h: &str| ctx.base.methods.iter().position(|m| m == h);
+    outcomes.sort_by_key(|o| head_rank(&o.plan.head));
+    let protocols = Context::protocols(&outcomes);
+    let fars = &ctx.base.eval.far;
+    let t = summary_table(&outcomes, &protocols, fars);
+
+    let plot = plot_against_identities(ctx, &outcomes, &protocols, budget)?;
+
+    let (full, rows) = ctx.full_table(&outcomes);
+    let data_desc = data_description(ctx, budget);
     let md = format!(
         "# Study: training-data distribution\n\n\
 At a fixed image budget, is it better to have many identities with few images each or few \
