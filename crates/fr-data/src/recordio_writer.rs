@@ -271,25 +271,8 @@ pub fn pack_records(
 ) -> Result<PackSummary> {
     config.validate()?;
     let out_dir = out_dir.as_ref().to_path_buf();
-    if let Some(bad) = items.iter().find(|it| it.label as usize >= num_classes) {
-        return Err(Error::Format {
-            path: bad.path.clone(),
-            what: format!(
-                "class id {} is not below the number of classes {num_classes}",
-                bad.label
-            ),
-        });
-    }
-    std::fs::create_dir_all(&out_dir).map_err(io_err(&out_dir))?;
     let names = ["train.rec", "train.idx", "property"];
-    if !config.overwrite {
-        if let Some(existing) = names.iter().map(|n| out_dir.join(n)).find(|p| p.exists()) {
-            return Err(Error::Format {
-                path: existing,
-                what: "already exists (set overwrite to replace it)".into(),
-            });
-        }
-    }
+    check_inputs(items, num_classes, &out_dir, &names, config.overwrite)?;
     // Layout A groups the images by identity in class order; the sort is stable, so the
     // source order is kept within an identity.
     let mut order: Vec<usize> = (0..items.len()).collect();
@@ -376,30 +359,73 @@ pub fn pack_records(
     }
     summary.skipped.sort_by(|a, b| a.path.cmp(&b.path));
     if !config.shuffle {
-        let first_identity_key = next_key;
-        for &(_, start, end) in &identities {
-            let key = next_key;
-            next_key += 1;
-            let record = ImageRecord::with_labels(vec![start as f32, end as f32], key, Vec::new());
-            writer.write(key, &record.pack())?;
-        }
-        let end_identity_key = next_key;
-        writer.finish()?;
-        // Fill in the header record at offset 0 (same length as the reserved one).
-        let chunk = encode_record(&header_payload(first_identity_key, end_identity_key))
-            .expect("a 32-byte payload");
-        let rec_tmp = temps.temp(0);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(rec_tmp)
-            .map_err(io_err(rec_tmp))?;
-        use std::io::Write;
-        f.write_all(&chunk)
-            .and_then(|()| f.sync_all())
-            .map_err(io_err(rec_tmp))?;
+        write_identity_records(writer, &identities, next_key, &temps)?;
         return finish(temps, summary, config, None);
     }
     finish(temps, summary, config, Some(writer))
+}
+
+/// Labels below `num_classes` (else the offending file is named) and, unless `overwrite`, no
+/// output file already in `out_dir` (created if missing).
+fn check_inputs(
+    items: &[PackItem],
+    num_classes: usize,
+    out_dir: &Path,
+    names: &[&str],
+    overwrite: bool,
+) -> Result<()> {
+    if let Some(bad) = items.iter().find(|it| it.label as usize >= num_classes) {
+        return Err(Error::Format {
+            path: bad.path.clone(),
+            what: format!(
+                "class id {} is not below the number of classes {num_classes}",
+                bad.label
+            ),
+        });
+    }
+    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    if !overwrite {
+        if let Some(existing) = names.iter().map(|n| out_dir.join(n)).find(|p| p.exists()) {
+            return Err(Error::Format {
+                path: existing,
+                what: "already exists (set overwrite to replace it)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Layout A's tail: one identity record `[first key, end key)` per identity from key
+/// `next_key` on, then the header record at offset 0 filled in (same length as the one
+/// reserved) with the identity records' key range.
+fn write_identity_records(
+    mut writer: RecordIoWriter,
+    identities: &[(u32, u64, u64)],
+    mut next_key: u64,
+    temps: &TempFiles,
+) -> Result<()> {
+    let first_identity_key = next_key;
+    for &(_, start, end) in identities {
+        let key = next_key;
+        next_key += 1;
+        let record = ImageRecord::with_labels(vec![start as f32, end as f32], key, Vec::new());
+        writer.write(key, &record.pack())?;
+    }
+    let end_identity_key = next_key;
+    writer.finish()?;
+    // Fill in the header record at offset 0 (same length as the reserved one).
+    let chunk = encode_record(&header_payload(first_identity_key, end_identity_key))
+        .expect("a 32-byte payload");
+    let rec_tmp = temps.temp(0);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(rec_tmp)
+        .map_err(io_err(rec_tmp))?;
+    use std::io::Write;
+    f.write_all(&chunk)
+        .and_then(|()| f.sync_all())
+        .map_err(io_err(rec_tmp))?;
+    Ok(())
 }
 
 /// Flush, write `property`, rename everything into place.

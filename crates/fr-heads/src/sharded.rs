@@ -54,6 +54,10 @@ use crate::margin::MarginSoftmax;
 use crate::partial_fc::{sample_classes, ClassSample};
 use crate::{Error, Head, HeadOutput, Result, StepContext};
 
+/// One rank's part of a step (see `ShardedPartialFc::local_part`): sample, gathered
+/// embeddings, logits, target mask, targets owned, their cosines.
+type LocalPart = (ClassSample, Var, Tensor, Tensor, Tensor, Tensor);
+
 /// The class range `[start, start + n)` rank `rank` of `world_size` owns out of `num_classes`
 /// (arcface_torch: `num_local = C // K + int(rank < C % K)`,
 /// `class_start = C // K * rank + min(rank, C % K)`).
@@ -257,6 +261,74 @@ impl<C: Collective> ShardedPartialFc<C> {
         sample_classes(labels, n, self.cfg.num_sample(n), &mut rng)
     }
 
+    /// The held ranks' embeddings and labels checked and all-gathered: every rank's batch
+    /// size, the gathered embeddings `(B, D)` and labels `(B,)` per held rank.
+    fn gather(
+        &self,
+        embeddings: &[Tensor],
+        labels: &[Tensor],
+    ) -> Result<(Vec<usize>, Vec<Tensor>, Vec<Tensor>)> {
+        let mut xs = Vec::with_capacity(embeddings.len());
+        let mut sizes = Vec::with_capacity(embeddings.len());
+        for (x, y) in embeddings.iter().zip(labels) {
+            let inp = common::check_inputs(x, y, self.embedding_size, self.num_classes)?;
+            sizes.push(Tensor::new(&[inp.labels.len() as u32], x.device())?);
+            xs.push(inp.x);
+        }
+        let batch_sizes: Vec<usize> = self.collective.all_gather(&sizes)?[0]
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|b| b as usize)
+            .collect();
+        let gathered_x = self.collective.all_gather(&xs)?;
+        let gathered_y = self.collective.all_gather(labels)?;
+        Ok((batch_sizes, gathered_x, gathered_y))
+    }
+
+    /// One rank's part of the step: its sampled centres, the gathered embeddings as a variable,
+    /// the margin logits `(B, n')` with the margin on the targets it owns, the target mask,
+    /// how many targets it owns per sample and their cosines.
+    fn local_part(
+        &self,
+        shard: &Shard,
+        gx: &Tensor,
+        gy: &Tensor,
+        ctx: &StepContext,
+    ) -> Result<LocalPart> {
+        let eps = self.cfg.margin.cos_eps;
+        let start = shard.classes.start as i64;
+        let end = shard.classes.end as i64;
+        let local: Vec<i64> = gy
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|l| {
+                let l = i64::from(l);
+                if (start..end).contains(&l) {
+                    l - start
+                } else {
+                    -1
+                }
+            })
+            .collect();
+        let sample = self.sample(shard, &local, ctx)?;
+        let gathered = Var::from_tensor(gx)?;
+        let n = sample.index.len();
+        let index = Tensor::new(sample.index.as_slice(), gx.device())?;
+        let w = as_dtype_of(&shard.weight, gx)?.index_select(&index, 0)?;
+        let cos = common::cosine(gathered.as_tensor(), &w, eps)?;
+        // −1 becomes `n`, outside `0..n`: an all-zero mask row.
+        let remapped: Vec<u32> = sample
+            .labels
+            .iter()
+            .map(|&l| if l < 0 { n as u32 } else { l as u32 })
+            .collect();
+        let mask = common::target_mask(&Tensor::new(remapped.as_slice(), gx.device())?, n)?;
+        let (logits, c) = self.cfg.margin.logits(&cos, &mask)?;
+        let owned = mask.sum(1)?.to_dtype(DType::F64)?;
+        let c_owned = (c.to_dtype(DType::F64)? * &owned)?;
+        Ok((sample, gathered, logits, mask, owned, c_owned))
+    }
+
     /// One step: `embeddings[i]` `(B_i, D)` and u32 `labels[i]` `(B_i,)` (global class ids) of
     /// each held rank, in [`Collective::local_ranks`] order.
     ///
@@ -277,57 +349,12 @@ impl<C: Collective> ShardedPartialFc<C> {
                 got: format!("{} / {}", embeddings.len(), labels.len()),
             });
         }
-        let mut xs = Vec::with_capacity(held);
-        let mut sizes = Vec::with_capacity(held);
-        for (x, y) in embeddings.iter().zip(labels) {
-            let inp = common::check_inputs(x, y, self.embedding_size, self.num_classes)?;
-            sizes.push(Tensor::new(&[inp.labels.len() as u32], x.device())?);
-            xs.push(inp.x);
-        }
-        let batch_sizes: Vec<usize> = self.collective.all_gather(&sizes)?[0]
-            .to_vec1::<u32>()?
-            .into_iter()
-            .map(|b| b as usize)
-            .collect();
-        let gathered_x = self.collective.all_gather(&xs)?;
-        let gathered_y = self.collective.all_gather(labels)?;
+        let (batch_sizes, gathered_x, gathered_y) = self.gather(embeddings, labels)?;
         let b = gathered_x[0].dim(0)?;
-        let eps = self.cfg.margin.cos_eps;
-
         // Local logits, with the margin on the targets this rank owns.
         let mut parts = Vec::with_capacity(held);
         for ((shard, gx), gy) in self.shards.iter().zip(&gathered_x).zip(&gathered_y) {
-            let start = shard.classes.start as i64;
-            let end = shard.classes.end as i64;
-            let local: Vec<i64> = gy
-                .to_vec1::<u32>()?
-                .into_iter()
-                .map(|l| {
-                    let l = i64::from(l);
-                    if (start..end).contains(&l) {
-                        l - start
-                    } else {
-                        -1
-                    }
-                })
-                .collect();
-            let sample = self.sample(shard, &local, ctx)?;
-            let gathered = Var::from_tensor(gx)?;
-            let n = sample.index.len();
-            let index = Tensor::new(sample.index.as_slice(), gx.device())?;
-            let w = as_dtype_of(&shard.weight, gx)?.index_select(&index, 0)?;
-            let cos = common::cosine(gathered.as_tensor(), &w, eps)?;
-            // −1 becomes `n`, outside `0..n`: an all-zero mask row.
-            let remapped: Vec<u32> = sample
-                .labels
-                .iter()
-                .map(|&l| if l < 0 { n as u32 } else { l as u32 })
-                .collect();
-            let mask = common::target_mask(&Tensor::new(remapped.as_slice(), gx.device())?, n)?;
-            let (logits, c) = self.cfg.margin.logits(&cos, &mask)?;
-            let owned = mask.sum(1)?.to_dtype(DType::F64)?;
-            let c_owned = (c.to_dtype(DType::F64)? * &owned)?;
-            parts.push((sample, gathered, logits, mask, owned, c_owned));
+            parts.push(self.local_part(shard, gx, gy, ctx)?);
         }
 
         // Distributed softmax: max, exp-sum and target logit all-reduced.

@@ -1863,6 +1863,27 @@ mod tests {
         }
     }
 
+    /// What a preset needs beyond [`tiny`] to run in seconds.
+    fn tiny_extras(name: &str) -> &'static [&'static str] {
+        match name {
+            "triplet-joint" => &["train.identities_per_batch=4"],
+            "epl" => &["heads.epl.start_vp_epoch=1"],
+            "quantface" => &["quant.epochs=1", "quant.calibration_batches=2"],
+            "arcface-inversion" => &[
+                "inversion.embeddings=3",
+                "inversion.centres=2",
+                "inversion.config.steps=5",
+            ],
+            // Two epochs: the multi-step student switches teacher checkpoints.
+            "sface" | "pocketnet" => &[
+                "student_data.num_identities=12",
+                "student_data.images_per_identity=4",
+                "train.epochs=2",
+            ],
+            _ => &[],
+        }
+    }
+
     /// Every shipped preset runs end to end (on a tiny budget) and writes its report; the
     /// paper-specific outputs appear: QMagFace rows, the sub-center cleaned list, QuantFace's
     /// quantised rows and model sizes.
@@ -1873,32 +1894,7 @@ mod tests {
         assert!(presets.len() >= 19, "{presets:?}");
         for name in presets {
             let out = std::env::temp_dir().join(format!("fr-preset-{name}-{}", std::process::id()));
-            let mut extra = vec![];
-            if name == "triplet-joint" {
-                extra.push("train.identities_per_batch=4");
-            }
-            if name == "epl" {
-                extra.push("heads.epl.start_vp_epoch=1");
-            }
-            if name == "quantface" {
-                extra.extend(["quant.epochs=1", "quant.calibration_batches=2"]);
-            }
-            if name == "arcface-inversion" {
-                extra.extend([
-                    "inversion.embeddings=3",
-                    "inversion.centres=2",
-                    "inversion.config.steps=5",
-                ]);
-            }
-            if name == "sface" || name == "pocketnet" {
-                extra.extend([
-                    "student_data.num_identities=12",
-                    "student_data.images_per_identity=4",
-                    // Two epochs: the multi-step student switches teacher checkpoints.
-                    "train.epochs=2",
-                ]);
-            }
-            run(&args(&name, &[], tiny(&extra), &out), &root)
+            run(&args(&name, &[], tiny(tiny_extras(&name)), &out), &root)
                 .unwrap_or_else(|e| panic!("preset {name}: {e:#}"));
             let report = std::fs::read_to_string(out.join("report.md")).unwrap();
             assert!(report.contains("Published headline"), "{name}");

@@ -416,31 +416,7 @@ impl Trainer {
         if let Some(scaler) = &self.scaler {
             stats.insert("loss_scale".into(), scaler.scale());
         }
-        let total = match self.auxiliary.as_mut() {
-            None => out.loss,
-            Some(aux) => {
-                let batch = AuxiliaryBatch {
-                    images: &images,
-                    labels,
-                    embeddings: &embeddings,
-                    ctx: &ctx,
-                };
-                let name = aux.name();
-                let extra = aux
-                    .loss(&batch, self.backbone.as_ref(), self.head.as_mut())
-                    .map_err(|source| Error::Auxiliary {
-                        name: name.to_string(),
-                        source,
-                    })?;
-                stats.insert("head_loss".into(), self.scalar_loss(&out.loss)?);
-                stats.extend(extra.stats);
-                let extra = extra
-                    .loss
-                    .to_dtype(out.loss.dtype())?
-                    .reshape(out.loss.shape())?;
-                (out.loss + extra)?
-            }
-        };
+        let total = self.add_auxiliary(out.loss, &images, labels, &embeddings, &ctx, &mut stats)?;
         let loss = self.scalar_loss(&total)?;
         // Data parallel: the mean over ranks, so that every rank takes the same decision.
         let loss = match &self.dp {
@@ -505,6 +481,39 @@ impl Trainer {
         self.state.consecutive_skips = 0;
         outcome.skipped = false;
         Ok(outcome)
+    }
+
+    /// The head's `loss` plus the auxiliary loss when one is set; its statistics and the head's
+    /// loss alone (`head_loss`) go into `stats`.
+    fn add_auxiliary(
+        &mut self,
+        loss: Tensor,
+        images: &Tensor,
+        labels: &Tensor,
+        embeddings: &Tensor,
+        ctx: &StepContext,
+        stats: &mut BTreeMap<String, f64>,
+    ) -> Result<Tensor> {
+        let Some(aux) = self.auxiliary.as_mut() else {
+            return Ok(loss);
+        };
+        let batch = AuxiliaryBatch {
+            images,
+            labels,
+            embeddings,
+            ctx,
+        };
+        let name = aux.name();
+        let extra = aux
+            .loss(&batch, self.backbone.as_ref(), self.head.as_mut())
+            .map_err(|source| Error::Auxiliary {
+                name: name.to_string(),
+                source,
+            })?;
+        stats.insert("head_loss".into(), self.scalar_loss(&loss)?);
+        stats.extend(extra.stats);
+        let extra = extra.loss.to_dtype(loss.dtype())?.reshape(loss.shape())?;
+        Ok((loss + extra)?)
     }
 
     /// Save a checkpoint under `dir` (weights, optimiser buffers, head state, position), then
