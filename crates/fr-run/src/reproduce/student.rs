@@ -347,25 +347,15 @@ impl StudentRun<'_> {
         out_dir: &std::path::Path,
         data_desc: &str,
     ) -> Result<StudentOutcome> {
-        let StudentRun {
-            preset,
-            st,
-            backbone: backbone_cfg,
-            teachers: teacher_models,
-            schedule,
-            train_set,
-            sets,
-            device,
-            input_size,
-        } = self;
+        let (preset, st, backbone_cfg, device) = (self.preset, self.st, self.backbone, self.device);
         let mut p = preset.clone();
         p.backbone = backbone_cfg.clone();
         p.heads.insert(st.name.clone(), preset.heads[head].clone());
         p.render = None;
         let auxiliary: Option<Box<dyn fr_train::AuxiliaryLoss>> = if st.kd_weight > 0.0 {
             Some(Box::new(Distillation::with_schedule(
-                teacher_models,
-                schedule,
+                self.teachers,
+                self.schedule,
                 st.kd_weight,
             )?))
         } else {
@@ -374,11 +364,11 @@ impl StudentRun<'_> {
         let (r, _) = run_method_with(
             &p,
             &st.name,
-            train_set.clone(),
-            sets,
+            self.train_set.clone(),
+            self.sets,
             None,
             device,
-            input_size,
+            self.input_size,
             out_dir,
             None,
             &out_dir.join("unused_render_grid.png"),
@@ -400,17 +390,7 @@ impl StudentRun<'_> {
     /// A student without a head: label-free distillation ([`distill_label_free`]) from its
     /// teachers, then evaluation.
     fn label_free(self) -> Result<StudentOutcome> {
-        let StudentRun {
-            preset,
-            st,
-            backbone: backbone_cfg,
-            teachers: teacher_models,
-            schedule,
-            train_set,
-            sets,
-            device,
-            input_size,
-        } = self;
+        let (preset, st, backbone_cfg, device) = (self.preset, self.st, self.backbone, self.device);
         let seeded = SeededVarMap::new(preset.seed);
         let model = build_backbone(&backbone_cfg, seeded.var_builder(DType::F32, device))
             .with_context(|| format!("building student {}", st.name))?;
@@ -422,13 +402,14 @@ impl StudentRun<'_> {
                 .collect()
         };
         params.sort_by(|a, b| a.0.cmp(&b.0));
-        let batch_size = train_set.len().min(preset.train.batch_size);
+        let batch_size = self.train_set.len().min(preset.train.batch_size);
         let loader = BatchLoader::new(
-            train_set.clone(),
-            preset.loader_config(batch_size, input_size),
+            self.train_set.clone(),
+            preset.loader_config(batch_size, self.input_size),
         )?
         .with_device(device.clone());
-        let refs: Vec<&dyn ModuleT> = teacher_models
+        let refs: Vec<&dyn ModuleT> = self
+            .teachers
             .iter()
             .map(|t| t.as_ref() as &dyn ModuleT)
             .collect();
@@ -437,7 +418,7 @@ impl StudentRun<'_> {
             model.as_ref(),
             params,
             &refs,
-            schedule,
+            self.schedule,
             &loader,
             preset.train.epochs,
             st.lr.unwrap_or(preset.train.trainer.optimizer.lr()),
@@ -446,7 +427,7 @@ impl StudentRun<'_> {
         )?;
         let model: &dyn ModuleT = model.as_ref();
         let mut embedder = BackboneEmbedder::new(model, device);
-        let (protocols, _) = evaluate_all(&mut embedder, sets, preset, &st.name)?;
+        let (protocols, _) = evaluate_all(&mut embedder, self.sets, preset, &st.name)?;
         Ok((
             run.epoch_loss,
             run.train_seconds,
