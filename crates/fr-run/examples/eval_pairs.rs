@@ -36,7 +36,7 @@ fn main() -> fr_run::Result<()> {
         };
     }
     std::fs::write(dir.join("pairs.txt"), pairs)?;
-    let written = run(
+    let evaluation = run(
         &EvalOptions {
             config: "arcface".into(),
             checkpoint: checkpoint.into(),
@@ -46,6 +46,12 @@ fn main() -> fr_run::Result<()> {
         },
         std::path::Path::new("."),
     )?;
-    println!("{written}");
+    for set in &evaluation.pair_sets {
+        println!("{}: accuracy {:.4}", set.name, set.cosine.accuracy_mean);
+    }
+    println!(
+        "report: {}",
+        evaluation.written.out_dir.join("report.md").display()
+    );
     Ok(())
 }

@@ -37,9 +37,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::progress::progress_bar;
 use crate::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use fr_backbone::hub::HubOptions;
 use fr_backbone::pretrained::{ConfigOrigin, LoadOptions, Pretrained, Source, HUB_SCHEME};
 use fr_backbone::{Backbone, BackboneConfig};
@@ -57,7 +56,10 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::config::Preset;
-use crate::embed::{BackboneEmbedder, InputTransform};
+use crate::embed::{fingerprint, BackboneEmbedder, CachedEmbedder, EmbedInfo, InputTransform};
+
+/// The checkpoint's embedder with its cache, as every protocol of [`run`] uses it.
+type Ctx = CachedEmbedder<Box<dyn Backbone>>;
 use crate::presets::Presets;
 use crate::report::{self, Curve, Row, Written};
 
@@ -65,8 +67,6 @@ use crate::report::{self, Curve, Row, Written};
 const MIN_PAIRS_PER_FOLD: usize = 10;
 /// FPIRs of the 1:N report.
 const FPIRS: [f64; 2] = [0.01, 0.1];
-/// Bump when the cached layout changes.
-const CACHE_VERSION: u32 = 1;
 /// Points per curve in the plots (the ROC of IJB-C has up to millions).
 const PLOT_POINTS: usize = 4000;
 
@@ -198,194 +198,6 @@ weights file{}",
             ""
         }
     )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Embedding cache
-
-/// 64-bit FNV-1a: a stable hash for cache keys (std's hasher may change between releases).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// `path|size|mtime` of a file or folder (for cache keys).
-fn fingerprint(path: &Path) -> Result<String> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    Ok(format!("{}|{}|{mtime}", canonical.display(), meta.len()))
-}
-
-/// Where one dataset's embeddings under one model are cached.
-struct CacheEntry {
-    path: PathBuf,
-    /// The key's text (stored in the file's metadata, checked on load).
-    key: String,
-}
-
-impl CacheEntry {
-    fn new(dir: &Path, weights: &str, dataset: &Path, what: &str, size: u32) -> Result<Self> {
-        let key = format!(
-            "v{CACHE_VERSION}|weights {weights}|data {}|{what}|size {size}|flip 1",
-            fingerprint(dataset)?
-        );
-        let stem: String = dataset
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        Ok(Self {
-            path: dir.join(format!("{stem}-{:016x}.safetensors", fnv1a(key.as_bytes()))),
-            key,
-        })
-    }
-
-    fn load(&self, n: usize) -> Result<Option<Array2<f32>>> {
-        if !self.path.is_file() {
-            return Ok(None);
-        }
-        let bytes = std::fs::read(&self.path)
-            .with_context(|| format!("reading {}", self.path.display()))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .with_context(|| format!("{}: not a readable safetensors file", self.path.display()))?;
-        let (Some(emb), Some(key)) = (tensors.get("embeddings"), tensors.get("key")) else {
-            return Ok(None);
-        };
-        let key: Vec<u8> = key.to_vec1()?;
-        if key != self.key.as_bytes() {
-            return Ok(None);
-        }
-        let (rows, cols) = emb.dims2()?;
-        if rows != n {
-            return Ok(None);
-        }
-        let v = emb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Some(Array2::from_shape_vec((rows, cols), v)?))
-    }
-
-    fn store(&self, emb: &Array2<f32>) -> Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let t = Tensor::from_slice(
-            emb.as_standard_layout()
-                .as_slice()
-                .expect("standard layout"),
-            emb.dim(),
-            &Device::Cpu,
-        )?;
-        let key = Tensor::from_slice(self.key.as_bytes(), self.key.len(), &Device::Cpu)?;
-        let tmp = self.path.with_extension("tmp");
-        candle_core::safetensors::save(
-            &HashMap::from([("embeddings".to_string(), t), ("key".to_string(), key)]),
-            &tmp,
-        )
-        .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("renaming to {}", self.path.display()))?;
-        Ok(())
-    }
-}
-
-/// What embedding one dataset did.
-#[derive(Debug, Clone, Serialize)]
-struct EmbedInfo {
-    dataset: String,
-    images: usize,
-    cache_file: PathBuf,
-    /// `true` when the embeddings came from the cache.
-    cached: bool,
-    seconds: f64,
-}
-
-/// The model, its input size, the cache and the batch size.
-struct Ctx {
-    embedder: BackboneEmbedder<Box<dyn Backbone>>,
-    size: u32,
-    batch: usize,
-    cache_dir: PathBuf,
-    weights_key: String,
-    embedded: Vec<EmbedInfo>,
-}
-
-impl Ctx {
-    /// `(n, 2D)` embeddings (image, then flipped image) of `n` images that `load` produces
-    /// batch by batch as `(B, 3, size, size)` normalised arrays; from the cache when present.
-    fn embed(
-        &mut self,
-        dataset: &Path,
-        what: &str,
-        n: usize,
-        load: &dyn Fn(&[usize]) -> Result<Array4<f32>>,
-    ) -> Result<Array2<f32>> {
-        let start = Instant::now();
-        let entry = CacheEntry::new(&self.cache_dir, &self.weights_key, dataset, what, self.size)?;
-        if let Some(e) = entry.load(n)? {
-            info!(dataset = %dataset.display(), cache = %entry.path.display(), "reusing cached embeddings");
-            self.embedded.push(EmbedInfo {
-                dataset: dataset.display().to_string(),
-                images: n,
-                cache_file: entry.path,
-                cached: true,
-                seconds: start.elapsed().as_secs_f64(),
-            });
-            return Ok(e);
-        }
-        if n == 0 {
-            bail!("{}: no images to embed", dataset.display());
-        }
-        let pb = progress_bar(n as u64, "embed");
-        pb.set_message("images");
-        let mut out: Option<Array2<f32>> = None;
-        for begin in (0..n).step_by(self.batch) {
-            let idx: Vec<usize> = (begin..(begin + self.batch).min(n)).collect();
-            let images = load(&idx)?;
-            let flipped = images
-                .slice(s![.., .., .., ..;-1])
-                .as_standard_layout()
-                .into_owned();
-            let a = self.embedder.embed(images.view())?;
-            let b = self.embedder.embed(flipped.view())?;
-            let d = a.ncols();
-            let o = out.get_or_insert_with(|| Array2::zeros((n, 2 * d)));
-            if a.nrows() != idx.len() || b.dim() != a.dim() || o.ncols() != 2 * d {
-                bail!(
-                    "the model returned {:?} embeddings for a batch of {}",
-                    a.dim(),
-                    idx.len()
-                );
-            }
-            o.slice_mut(s![begin..begin + idx.len(), ..d]).assign(&a);
-            o.slice_mut(s![begin..begin + idx.len(), d..]).assign(&b);
-            pb.set_position((begin + idx.len()) as u64);
-        }
-        pb.finish_and_clear();
-        let out = out.expect("n > 0");
-        entry.store(&out)?;
-        let seconds = start.elapsed().as_secs_f64();
-        info!(
-            dataset = %dataset.display(),
-            images = n,
-            seconds = format!("{seconds:.1}"),
-            cache = %entry.path.display(),
-            "embedded and cached"
-        );
-        self.embedded.push(EmbedInfo {
-            dataset: dataset.display().to_string(),
-            images: n,
-            cache_file: entry.path,
-            cached: false,
-            seconds,
-        });
-        Ok(out)
-    }
 }
 
 fn to_array(images: &[RgbImage], size: u32) -> Result<Array4<f32>> {
@@ -592,26 +404,32 @@ fn verification(
 // ---------------------------------------------------------------------------------------------
 // IJB
 
-/// The IJB results of one model.
-#[derive(Debug, Serialize)]
-struct IjbResult {
-    root: PathBuf,
-    subset: String,
-    images: usize,
-    templates: usize,
-    flags: IjbFlags,
-    one_to_one: OneToOneReport,
+/// The IJB-B/C results of one model (insightface's `eval_ijbc.py` protocol).
+#[derive(Debug, Clone, Serialize)]
+pub struct IjbResult {
+    /// The release folder.
+    pub root: PathBuf,
+    /// `IJB-B` or `IJB-C`.
+    pub subset: String,
+    /// Face images embedded.
+    pub images: usize,
+    /// Templates aggregated.
+    pub templates: usize,
+    /// Which of `eval_ijbc.py`'s flags (norm, detector score, flip) were used.
+    pub flags: IjbFlags,
+    /// 1:1 verification: TAR@FAR over the template pairs.
+    pub one_to_one: OneToOneReport,
     /// `--qmagface`: template cosine + ω(cos)·min(q1, q2), q = mean image magnitude.
     #[serde(skip_serializing_if = "Option::is_none")]
-    one_to_one_qmagface: Option<OneToOneReport>,
-    /// Open-set 1:N, the two galleries averaged (absent without the CSVs).
+    pub one_to_one_qmagface: Option<OneToOneReport>,
+    /// Open-set 1:N (TPIR@FPIR, rank-k), the two galleries averaged (absent without the CSVs).
     #[serde(skip_serializing_if = "Option::is_none")]
-    one_to_n: Option<OneToNReport>,
+    pub one_to_n: Option<OneToNReport>,
     /// Per gallery.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    one_to_n_galleries: Vec<(String, OneToNReport)>,
+    pub one_to_n_galleries: Vec<(String, OneToNReport)>,
     /// Seconds for aggregation + 1:1 scoring + ROC.
-    scoring_seconds: f64,
+    pub scoring_seconds: f64,
 }
 
 /// QMagFace on IJB 1:1: each pair's template cosine plus ω(cos)·min(q1, q2), a template's
@@ -781,12 +599,15 @@ fn ijb_eval(ctx: &mut Ctx, root: &Path, subset: IjbSubset, qmagface: bool) -> Re
 // Uniform accuracy
 
 /// Uniform classification on a labelled folder.
-#[derive(Debug, Serialize)]
-struct UniformResult {
-    folder: PathBuf,
-    classes: usize,
+#[derive(Debug, Clone, Serialize)]
+pub struct UniformResult {
+    /// The labelled folder.
+    pub folder: PathBuf,
+    /// Identities (class centres of the checkpoint's head).
+    pub classes: usize,
+    /// Uniform (one global threshold) and arg-max accuracy.
     #[serde(flatten)]
-    accuracy: fr_eval::UniformAccuracy,
+    pub accuracy: fr_eval::UniformAccuracy,
 }
 
 fn uniform_eval(ctx: &mut Ctx, folder: &Path, weights: &Path) -> Result<UniformResult> {
@@ -855,12 +676,29 @@ training holds them; a backbone-only weights file does not)",
 // ---------------------------------------------------------------------------------------------
 // Report
 
-#[derive(Debug, Serialize)]
-struct PairSetResult {
-    name: String,
-    cosine: VerificationReport,
+/// Verification on one pair set (a `.bin` or a pairs folder).
+#[derive(Debug, Clone, Serialize)]
+pub struct PairSetResult {
+    /// The set's name (the `.bin`'s stem, or `pairs`).
+    pub name: String,
+    /// 10-fold verification of the cosine of flip-summed embeddings.
+    pub cosine: VerificationReport,
+    /// The same with QMagFace's quality-aware score (`--qmagface`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    qmagface: Option<VerificationReport>,
+    pub qmagface: Option<VerificationReport>,
+}
+
+/// What [`run`] measured, typed, and what it wrote.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// `report.md`'s text and the output folder.
+    pub written: Written,
+    /// One result per `.bin` set, then the pairs folder.
+    pub pair_sets: Vec<PairSetResult>,
+    /// IJB-B/C 1:1 and 1:N.
+    pub ijb: Option<IjbResult>,
+    /// Uniform classification accuracy.
+    pub uniform: Option<UniformResult>,
 }
 
 #[derive(Debug, Serialize)]
@@ -879,11 +717,11 @@ struct Metrics<'a> {
     /// QMagFace's ω when `--qmagface`: (α, β), published values.
     #[serde(skip_serializing_if = "Option::is_none")]
     qmagface_omega: Option<(f64, f64)>,
-    pair_sets: Vec<PairSetResult>,
+    pair_sets: &'a [PairSetResult],
     #[serde(skip_serializing_if = "Option::is_none")]
-    ijb: Option<IjbResult>,
+    ijb: Option<&'a IjbResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    uniform: Option<UniformResult>,
+    uniform: Option<&'a UniformResult>,
     embedded: Vec<EmbedInfo>,
     total_seconds: f64,
 }
@@ -1141,7 +979,7 @@ impl crate::fit::FitHooks<fr_train::Trainer> for VerificationCallback<'_> {
 /// # Errors
 /// A bad config or checkpoint, unreadable or malformed data (naming the file and line), a model
 /// failure.
-pub fn run(args: &EvalOptions, root: &Path) -> Result<Written> {
+pub fn run(args: &EvalOptions, root: &Path) -> Result<Evaluation> {
     let started = Instant::now();
     if args.bin.is_empty() && args.ijb.is_none() && args.pairs.is_none() && args.labelled.is_none()
     {
@@ -1219,18 +1057,23 @@ input {size}×{size}{}). Embeddings: image + horizontally flipped image, batch {
                 let w = QualityWeight::default();
                 (w.alpha, w.beta)
             }),
-            pair_sets,
-            ijb,
-            uniform,
+            pair_sets: &pair_sets,
+            ijb: ijb.as_ref(),
+            uniform: uniform.as_ref(),
             embedded: ctx.embedded,
             total_seconds: started.elapsed().as_secs_f64(),
         },
     )?;
-    Ok(Written {
-        table: md,
-        out_dir,
-        files: "report.md, metrics.json, roc.png, det.png".into(),
-        seconds: started.elapsed().as_secs_f64(),
+    Ok(Evaluation {
+        written: Written {
+            table: md,
+            out_dir,
+            files: "report.md, metrics.json, roc.png, det.png".into(),
+            seconds: started.elapsed().as_secs_f64(),
+        },
+        pair_sets,
+        ijb,
+        uniform,
     })
 }
 
@@ -1323,7 +1166,7 @@ fn model_context(
     if !input.is_identity() {
         weights_key += &format!("|input {}", input.describe());
     }
-    let ctx = Ctx {
+    let ctx = CachedEmbedder {
         embedder: BackboneEmbedder {
             model,
             device,

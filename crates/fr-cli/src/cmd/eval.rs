@@ -103,6 +103,6 @@ impl From<EvalArgs> for EvalOptions {
 /// # Errors
 /// A bad config or checkpoint, unreadable or malformed data (naming the file and line).
 pub fn run(args: EvalArgs, root: &Path) -> Result<()> {
-    println!("{}", fr_run::evaluate::run(&args.into(), root)?);
+    println!("{}", fr_run::evaluate::run(&args.into(), root)?.written);
     Ok(())
 }
