@@ -209,97 +209,116 @@ fn k_ranks_train_like_one_process_with_the_global_batch() {
     assert!(init.iter().any(|(n, w)| w != &want[n]));
 }
 
+/// What one rank of [`buckets_presence_flags_and_broadcast`] sees: its bucket plan (names),
+/// its values of `a`, `h`, `head.local` after the broadcast, its reduced gradients of `a`,
+/// `b`, `c`, `h`, `head.local`, and the reduction's statistics.
+#[allow(clippy::type_complexity)]
+fn buckets_rank(
+    rank: usize,
+    k: usize,
+    port: u16,
+) -> (
+    Vec<Vec<String>>,
+    (f64, f64, f64),
+    (
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+    ),
+    fr_train::data_parallel::ReduceStats,
+) {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    // Different values per rank: the broadcast must make them rank 0's.
+    let init = candle_nn::Init::Const(rank as f64 + 1.0);
+    let a = vb.get_with_hints((300, 2), "a", init).unwrap();
+    let b = vb.get_with_hints(100, "b", init).unwrap();
+    let c = vb.get_with_hints(50, "c", init).unwrap();
+    let local = vb.get_with_hints(7, "head.local", init).unwrap();
+    let _ = &local;
+    let h = VarBuilder::from_varmap(&vm, DType::F64, &dev)
+        .get_with_hints(10, "h", init)
+        .unwrap();
+    let vars: Vec<(String, Var)> = {
+        let data = vm.data().lock().unwrap();
+        let mut v: Vec<_> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    let _ = (&a, &b, &c, &h);
+    let dp = DataParallel::new(
+        Box::new(connect(rank, k, port)),
+        DataParallelConfig {
+            // 1.2 KiB: `a` (2400 B) alone, `b` + `c` (600 B) together.
+            bucket_cap_mb: 1200.0 / (1024.0 * 1024.0),
+            reduction: GradReduction::Mean,
+            broadcast_buffers: true,
+            compression: fr_train::GradCompression::None,
+        },
+    )
+    .unwrap()
+    .with_local_variables(|n| n.starts_with("head."));
+    let names = |bs: Vec<Vec<usize>>| -> Vec<Vec<String>> {
+        bs.iter()
+            .map(|b| b.iter().map(|&i| vars[i].0.clone()).collect())
+            .collect()
+    };
+    let plan = names(dp.buckets(&vars));
+    dp.broadcast_from_rank0(&vars).unwrap();
+    let value = |name: &str| -> f64 {
+        let v = &vars.iter().find(|(n, _)| n == name).unwrap().1;
+        v.as_tensor()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let after = (value("a"), value("h"), value("head.local"));
+    // Gradients: `a` on both ranks, `b` on rank 1 only, `c` nowhere, the local
+    // variable on both (it must stay this rank's own).
+    let mut grads = candle_core::backprop::GradStore::default();
+    let get = |name: &str| vars.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    grads.insert(
+        get("a").as_tensor(),
+        Tensor::full(rank as f32 + 1.0, (300, 2), &dev).unwrap(),
+    );
+    if rank == 1 {
+        grads.insert(get("b").as_tensor(), Tensor::full(4f32, 100, &dev).unwrap());
+    }
+    grads.insert(
+        get("h").as_tensor(),
+        Tensor::full(rank as f64 * 2.0, 10, &dev).unwrap(),
+    );
+    grads.insert(
+        get("head.local").as_tensor(),
+        Tensor::full(rank as f32 + 5.0, 7, &dev).unwrap(),
+    );
+    let stats = dp.reduce_gradients(&mut grads, &vars).unwrap();
+    let g = |name: &str| -> Option<f64> {
+        grads.get(get(name).as_tensor()).map(|t| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+    };
+    let reduced = (g("a"), g("b"), g("c"), g("h"), g("head.local"));
+    (plan, after, reduced, stats)
+}
+
 #[test]
 fn buckets_presence_flags_and_broadcast() {
     let k = 2;
     let port = free_port();
     let ranks: Vec<_> = (0..k)
-        .map(|rank| {
-            thread::spawn(move || {
-                let dev = Device::Cpu;
-                let vm = VarMap::new();
-                let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-                // Different values per rank: the broadcast must make them rank 0's.
-                let init = candle_nn::Init::Const(rank as f64 + 1.0);
-                let a = vb.get_with_hints((300, 2), "a", init).unwrap();
-                let b = vb.get_with_hints(100, "b", init).unwrap();
-                let c = vb.get_with_hints(50, "c", init).unwrap();
-                let local = vb.get_with_hints(7, "head.local", init).unwrap();
-                let _ = &local;
-                let h = VarBuilder::from_varmap(&vm, DType::F64, &dev)
-                    .get_with_hints(10, "h", init)
-                    .unwrap();
-                let vars: Vec<(String, Var)> = {
-                    let data = vm.data().lock().unwrap();
-                    let mut v: Vec<_> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-                    v.sort_by(|x, y| x.0.cmp(&y.0));
-                    v
-                };
-                let _ = (&a, &b, &c, &h);
-                let dp = DataParallel::new(
-                    Box::new(connect(rank, k, port)),
-                    DataParallelConfig {
-                        // 1.2 KiB: `a` (2400 B) alone, `b` + `c` (600 B) together.
-                        bucket_cap_mb: 1200.0 / (1024.0 * 1024.0),
-                        reduction: GradReduction::Mean,
-                        broadcast_buffers: true,
-                        compression: fr_train::GradCompression::None,
-                    },
-                )
-                .unwrap()
-                .with_local_variables(|n| n.starts_with("head."));
-                let names = |bs: Vec<Vec<usize>>| -> Vec<Vec<String>> {
-                    bs.iter()
-                        .map(|b| b.iter().map(|&i| vars[i].0.clone()).collect())
-                        .collect()
-                };
-                let plan = names(dp.buckets(&vars));
-                dp.broadcast_from_rank0(&vars).unwrap();
-                let value = |name: &str| -> f64 {
-                    let v = &vars.iter().find(|(n, _)| n == name).unwrap().1;
-                    v.as_tensor()
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                        .mean_all()
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                };
-                let after = (value("a"), value("h"), value("head.local"));
-                // Gradients: `a` on both ranks, `b` on rank 1 only, `c` nowhere, the local
-                // variable on both (it must stay this rank's own).
-                let mut grads = candle_core::backprop::GradStore::default();
-                let get = |name: &str| vars.iter().find(|(n, _)| n == name).unwrap().1.clone();
-                grads.insert(
-                    get("a").as_tensor(),
-                    Tensor::full(rank as f32 + 1.0, (300, 2), &dev).unwrap(),
-                );
-                if rank == 1 {
-                    grads.insert(get("b").as_tensor(), Tensor::full(4f32, 100, &dev).unwrap());
-                }
-                grads.insert(
-                    get("h").as_tensor(),
-                    Tensor::full(rank as f64 * 2.0, 10, &dev).unwrap(),
-                );
-                grads.insert(
-                    get("head.local").as_tensor(),
-                    Tensor::full(rank as f32 + 5.0, 7, &dev).unwrap(),
-                );
-                let stats = dp.reduce_gradients(&mut grads, &vars).unwrap();
-                let g = |name: &str| -> Option<f64> {
-                    grads.get(get(name).as_tensor()).map(|t| {
-                        t.to_dtype(DType::F64)
-                            .unwrap()
-                            .mean_all()
-                            .unwrap()
-                            .to_scalar::<f64>()
-                            .unwrap()
-                    })
-                };
-                let reduced = (g("a"), g("b"), g("c"), g("h"), g("head.local"));
-                (plan, after, reduced, stats)
-            })
-        })
+        .map(|rank| thread::spawn(move || buckets_rank(rank, k, port)))
         .collect();
     let got: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
     for (rank, (plan, after, reduced, stats)) in got.iter().enumerate() {
@@ -334,6 +353,10 @@ fn buckets_presence_flags_and_broadcast() {
         );
         assert_eq!((stats.buckets, stats.tensors), (3, 3));
     }
+}
+
+#[test]
+fn bad_data_parallel_configs_are_refused() {
     assert!(
         DataParallel::new(
             Box::new(fr_dist::SimulatedCollective::new(2).unwrap()),
