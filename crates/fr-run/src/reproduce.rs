@@ -372,37 +372,6 @@ fn folds_for(vcfg: &VerificationConfig, p: &Protocol) -> VerificationConfig {
     vcfg
 }
 
-/// Train one method and evaluate it; also returns the trained variables.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run_method(
-    preset: &Preset,
-    method: &str,
-    train_set: Arc<dyn FaceDataset>,
-    sets: &[EvalSet],
-    fit_set: Option<&EvalSet>,
-    device: &Device,
-    input_size: u32,
-    out_dir: &Path,
-    depth_truth: Option<&DepthTruth>,
-    grid_path: &Path,
-    data_desc: &str,
-) -> Result<(MethodResult, candle_nn::VarMap)> {
-    run_method_with(
-        preset,
-        method,
-        train_set,
-        sets,
-        fit_set,
-        device,
-        input_size,
-        out_dir,
-        depth_truth,
-        grid_path,
-        data_desc,
-        MethodExtras::default(),
-    )
-}
-
 /// Optional additions to one method's training run ([`run_method_with`]).
 #[derive(Default)]
 pub(crate) struct MethodExtras<'a> {
@@ -466,9 +435,9 @@ fn fresh_checkpoints(checkpoints: &Path, method: &str) -> Result<PathBuf> {
     Ok(ckpt_dir)
 }
 
-/// [`run_method`] with `extras`.
+/// Trains one method and evaluates it, with `extras`; also returns the trained variables.
 #[allow(clippy::too_many_arguments)]
-fn run_method_with(
+pub(crate) fn run_method_with(
     preset: &Preset,
     method: &str,
     train_set: Arc<dyn FaceDataset>,

@@ -16,7 +16,7 @@
 //! (`--fresh` retrains everything), so an interrupted study resumes at the first unfinished
 //! run and several `--head` invocations share one output folder.
 //!
-//! [`run_method`]: crate::reproduce::run_method
+//! [`run_method`]: crate::reproduce::run_method_with
 
 mod backbone;
 mod distribution;
@@ -601,7 +601,7 @@ impl Context {
             let (train_set, desc) = data.train_set(&plan)?;
             let run_dir = runs.join(&plan.name);
             fr_train::check_output_dir(&run_dir.join("checkpoints"))?;
-            let (m, _vars) = reproduce::run_method(
+            let (m, _vars) = reproduce::run_method_with(
                 &plan.preset,
                 &plan.head,
                 train_set.clone(),
@@ -613,6 +613,7 @@ impl Context {
                 None,
                 &run_dir.join("render_grid.png"),
                 &desc,
+                reproduce::MethodExtras::default(),
             )
             .with_context(|| format!("study run {}", plan.name))?;
             let result = RunResult {
