@@ -264,3 +264,54 @@ fn mismatched_settings_are_named() {
         "train.json of the finished run is kept"
     );
 }
+
+/// `--val-bin` verifies every `--verbose` steps into train.json; `--frequent` writes a log line
+/// every N steps into log.jsonl (the mean loss of those steps, lr, img/s, time left).
+#[test]
+fn verification_and_step_log_during_training() {
+    let out = out_dir("val");
+    let bin = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fr-data/tests/data/bin/pairs_py2_str.bin"
+    );
+    let run = train(
+        &out,
+        &["--val-bin", bin, "--verbose", "10", "--frequent", "5"],
+    );
+    let s = summary(&out, &run);
+    let steps = s["steps"].as_u64().unwrap();
+    assert_eq!(steps, 40, "20 identities × 8 images, batch 8, 2 epochs");
+    let verified: Vec<(u64, String)> = s["verification"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v[0].as_u64().unwrap(), v[1].as_str().unwrap().to_string()))
+        .collect();
+    let expected: Vec<(u64, String)> = (1..=steps / 10)
+        .map(|k| (10 * k, "pairs_py2_str".to_string()))
+        .collect();
+    assert_eq!(verified, expected);
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let logged: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(logged, (1..=steps / 5).map(|k| 5 * k).collect::<Vec<_>>());
+    // Each line's loss is the mean of its 5 steps' losses in train.json.
+    let step_loss: Vec<f64> = s["step_loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    for (k, l) in lines.iter().enumerate() {
+        let mean = step_loss[5 * k..5 * k + 5].iter().sum::<f64>() / 5.0;
+        let got = l["loss"].as_f64().unwrap();
+        assert!(
+            (got - mean).abs() <= 1e-9 * mean.abs(),
+            "line {k}: {got} vs {mean}"
+        );
+        assert!(l["images_per_second"].as_f64().unwrap() > 0.0);
+    }
+}

@@ -97,6 +97,128 @@ pub trait FitHooks<L: ?Sized> {
 
 impl<L: ?Sized> FitHooks<L> for () {}
 
+/// An optional hook: nothing when `None`.
+impl<L: ?Sized, H: FitHooks<L>> FitHooks<L> for Option<H> {
+    fn after_step(&mut self, learner: &mut L, epoch: usize, outcome: &StepOutcome) -> Result<()> {
+        match self {
+            Some(h) => h.after_step(learner, epoch, outcome),
+            None => Ok(()),
+        }
+    }
+
+    fn after_epoch(&mut self, learner: &mut L, epochs_done: usize) -> Result<()> {
+        match self {
+            Some(h) => h.after_epoch(learner, epochs_done),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Two hooks in one: `a`'s callbacks, then `b`'s.
+impl<L: ?Sized, A: FitHooks<L>, B: FitHooks<L>> FitHooks<L> for (A, B) {
+    fn after_step(&mut self, learner: &mut L, epoch: usize, outcome: &StepOutcome) -> Result<()> {
+        self.0.after_step(learner, epoch, outcome)?;
+        self.1.after_step(learner, epoch, outcome)
+    }
+
+    fn after_epoch(&mut self, learner: &mut L, epochs_done: usize) -> Result<()> {
+        self.0.after_epoch(learner, epochs_done)?;
+        self.1.after_epoch(learner, epochs_done)
+    }
+}
+
+/// One line per `every` steps, as arcface_torch's `CallBackLogging`: step, epoch, the mean loss
+/// over those steps (skipped ones left out), the learning rate, images/s over them and the time
+/// left, logged (`tracing`, target `fr_run::fit`) and, with a file, appended to it as JSON lines
+/// (`{"step":…,"epoch":…,"loss":…,"lr":…,"images_per_second":…,"eta_seconds":…}`).
+pub struct StepLog {
+    every: u64,
+    images_per_step: usize,
+    total_steps: u64,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    window: (f64, usize, Instant),
+}
+
+impl StepLog {
+    /// A line every `every` steps (0: never) of a run of `total_steps` steps of
+    /// `images_per_step` images (all ranks), written to `jsonl` as well when given (created,
+    /// or appended to when it exists: a resumed run goes on in the same file).
+    ///
+    /// # Errors
+    /// A file that cannot be opened, named.
+    pub fn new(
+        every: u64,
+        images_per_step: usize,
+        total_steps: u64,
+        jsonl: Option<&Path>,
+    ) -> Result<Self> {
+        let file = jsonl
+            .map(|path| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map(std::io::BufWriter::new)
+                    .map_err(|e| {
+                        crate::Error::from(e).context(format!("opening {}", path.display()))
+                    })
+            })
+            .transpose()?;
+        Ok(Self {
+            every,
+            images_per_step,
+            total_steps,
+            file,
+            window: (0.0, 0, Instant::now()),
+        })
+    }
+}
+
+impl<L: ?Sized> FitHooks<L> for StepLog {
+    fn after_step(&mut self, _: &mut L, epoch: usize, outcome: &StepOutcome) -> Result<()> {
+        if !outcome.skipped {
+            self.window.0 += outcome.loss;
+            self.window.1 += 1;
+        }
+        let done = outcome.step + 1;
+        if self.every == 0 || done % self.every != 0 {
+            return Ok(());
+        }
+        let (sum, count, since) = std::mem::replace(&mut self.window, (0.0, 0, Instant::now()));
+        let seconds = since.elapsed().as_secs_f64().max(1e-9);
+        let loss = if count > 0 {
+            sum / count as f64
+        } else {
+            f64::NAN
+        };
+        let images_per_second = (self.every as usize * self.images_per_step) as f64 / seconds;
+        let eta_seconds =
+            self.total_steps.saturating_sub(done) as f64 * seconds / self.every as f64;
+        info!(
+            step = done,
+            epoch = epoch + 1,
+            loss = format!("{loss:.4}"),
+            lr = format!("{:.6}", outcome.lr),
+            images_per_second = format!("{images_per_second:.1}"),
+            eta_seconds = format!("{eta_seconds:.0}"),
+            "training"
+        );
+        if let Some(f) = self.file.as_mut() {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "step": done,
+                "epoch": epoch + 1,
+                "loss": loss,
+                "lr": outcome.lr,
+                "images_per_second": images_per_second,
+                "eta_seconds": eta_seconds,
+            });
+            writeln!(f, "{line}").and_then(|()| f.flush())?;
+        }
+        Ok(())
+    }
+}
+
 /// A hook that calls its closure after every epoch with the epochs done and the learner (a
 /// teacher's per-epoch snapshots for multi-step distillation, say).
 pub struct OnEpoch<F>(pub F);

@@ -35,7 +35,8 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::config::Preset;
-use crate::fit::{fit, FitConfig, FitHooks};
+use crate::evaluate::VerificationCallback;
+use crate::fit::{fit, FitConfig, FitHooks, StepLog};
 use crate::model::{assemble, HeadBuilder, ModelSpec};
 use crate::presets::Presets;
 
@@ -56,6 +57,14 @@ pub struct TrainOptions {
     pub train_rec: Option<PathBuf>,
     /// Output folder (default `target/train/<preset>-<method>`).
     pub out: Option<PathBuf>,
+    /// Verification sets (insightface `.bin`) evaluated on rank 0 during training (arcface_torch's
+    /// `CallBackVerification`); results in the log and `train.json`.
+    pub val_bin: Vec<PathBuf>,
+    /// Evaluate `val_bin` every this many steps (arcface_torch's `verbose`; 0: never).
+    pub verbose: u64,
+    /// A log line (loss, lr, images/s, time left) every this many steps on rank 0, also
+    /// appended to `log.jsonl` in the output folder (arcface_torch's `frequent`; 0: never).
+    pub frequent: u64,
     /// GPUs on this node: one process per GPU (`cuda:LOCAL_RANK`), NCCL collectives. Needs a
     /// `--features cuda,nccl` build.
     pub gpus: Option<usize>,
@@ -107,6 +116,9 @@ impl Default for TrainOptions {
             sets: Vec::new(),
             train_rec: None,
             out: None,
+            val_bin: Vec::new(),
+            verbose: 2000,
+            frequent: 50,
             gpus: None,
             nproc: None,
             nnodes: 1,
@@ -156,6 +168,9 @@ struct Summary {
     weight_checksums: Vec<f64>,
     gradient_buckets: usize,
     checkpoint: Option<PathBuf>,
+    /// `(step, set, accuracy)` of every verification during training (`--val-bin`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    verification: Vec<(u64, String, f64)>,
 }
 
 impl Summary {
@@ -226,6 +241,9 @@ cuda,cudnn,nccl -- train ... (use --nproc N for CPU processes)"
     }
     if args.nnodes > 1 && args.master_port == Some(0) {
         bail!("--master-port 0: the nodes need one fixed port to meet on");
+    }
+    if let Some(bin) = args.val_bin.iter().find(|b| !b.is_file()) {
+        bail!("--val-bin {}: no such file", bin.display());
     }
     if let Some(dir) = &args.train_rec {
         if !dir.is_dir() {
@@ -692,8 +710,20 @@ pub fn run_rank(args: &TrainOptions, root: &Path) -> Result<()> {
         world_size,
         progress: rank == 0,
     };
-    let mut buckets = GradientBuckets(0);
-    let fitted = fit(&mut trainer, &loader, &fit_config, &mut buckets)?;
+    let log_every = if rank == 0 { args.frequent } else { 0 };
+    let log_file = (rank == 0).then(|| out.join("log.jsonl"));
+    let step_log = StepLog::new(
+        log_every,
+        preset.train.batch_size * world_size,
+        stop_at,
+        log_file.as_deref(),
+    )?;
+    let verify = (rank == 0 && !args.val_bin.is_empty())
+        .then(|| VerificationCallback::new(&preset, &args.val_bin, args.verbose, &device))
+        .transpose()?;
+    let mut hooks = ((GradientBuckets(0), step_log), verify);
+    let fitted = fit(&mut trainer, &loader, &fit_config, &mut hooks)?;
+    let ((buckets, _), verify) = hooks;
     let (buckets, train_seconds) = (buckets.0, fitted.train_seconds);
 
     let weight_checksums = weight_checksums(&trainer, &device)?;
@@ -723,6 +753,7 @@ pub fn run_rank(args: &TrainOptions, root: &Path) -> Result<()> {
             weight_checksums,
             gradient_buckets: buckets,
             checkpoint: fitted.last_checkpoint,
+            verification: verify.map(|v| v.history).unwrap_or_default(),
         };
         summary.write(&out)?;
     }

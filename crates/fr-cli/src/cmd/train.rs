@@ -30,6 +30,18 @@ pub struct TrainArgs {
     /// Output folder (default `target/train/<preset>-<method>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Verification sets (insightface `.bin`) evaluated on rank 0 during training, every
+    /// `--verbose` steps (arcface_torch's verification callback); results in the log and
+    /// train.json.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub val_bin: Vec<PathBuf>,
+    /// Steps between two verifications on `--val-bin` (0: never).
+    #[arg(long, default_value_t = 2000)]
+    pub verbose: u64,
+    /// Steps between two log lines (loss, lr, img/s, time left) on rank 0, also appended to
+    /// log.jsonl in the output folder (0: never).
+    #[arg(long, default_value_t = 50)]
+    pub frequent: u64,
     /// GPUs on this node: one process per GPU (`cuda:LOCAL_RANK`), NCCL collectives. Needs a
     /// `--features cuda,nccl` build.
     #[arg(long, conflicts_with = "nproc")]
@@ -93,6 +105,9 @@ impl From<TrainArgs> for TrainOptions {
             sets: a.sets,
             train_rec: a.train_rec,
             out: a.out,
+            val_bin: a.val_bin,
+            verbose: a.verbose,
+            frequent: a.frequent,
             gpus: a.gpus,
             nproc: a.nproc,
             nnodes: a.nnodes,
