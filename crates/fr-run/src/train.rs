@@ -623,6 +623,33 @@ folder (or pick another --out) to start over",
     Ok(())
 }
 
+/// The hooks of one rank's `fit`: the gradient bucket count, and on rank 0 the step log
+/// (`--frequent`, into `log.jsonl`) and the verification on `--val-bin` (`--verbose`).
+fn rank_hooks<'a>(
+    args: &TrainOptions,
+    preset: &'a Preset,
+    env: &DistEnv,
+    total_steps: u64,
+    out: &Path,
+    device: &Device,
+) -> Result<RankHooks<'a>> {
+    let rank0 = env.rank == 0;
+    let log_file = rank0.then(|| out.join("log.jsonl"));
+    let step_log = StepLog::new(
+        if rank0 { args.frequent } else { 0 },
+        preset.train.batch_size * env.world_size,
+        total_steps,
+        log_file.as_deref(),
+    )?;
+    let verify = (rank0 && !args.val_bin.is_empty())
+        .then(|| VerificationCallback::new(preset, &args.val_bin, args.verbose, device))
+        .transpose()?;
+    Ok(((GradientBuckets(0), step_log), verify))
+}
+
+/// [`rank_hooks`]' hooks, in the order they run.
+type RankHooks<'a> = ((GradientBuckets, StepLog), Option<VerificationCallback<'a>>);
+
 /// Trains as one rank of the run `args` describes (rank, world size and rendezvous from the
 /// torchrun environment variables, [`DistEnv`]; a single process when they are unset): rank 0
 /// writes `checkpoints/` and `train.json` under the output folder (default
@@ -710,18 +737,7 @@ pub fn run_rank(args: &TrainOptions, root: &Path) -> Result<()> {
         world_size,
         progress: rank == 0,
     };
-    let log_every = if rank == 0 { args.frequent } else { 0 };
-    let log_file = (rank == 0).then(|| out.join("log.jsonl"));
-    let step_log = StepLog::new(
-        log_every,
-        preset.train.batch_size * world_size,
-        stop_at,
-        log_file.as_deref(),
-    )?;
-    let verify = (rank == 0 && !args.val_bin.is_empty())
-        .then(|| VerificationCallback::new(&preset, &args.val_bin, args.verbose, &device))
-        .transpose()?;
-    let mut hooks = ((GradientBuckets(0), step_log), verify);
+    let mut hooks = rank_hooks(args, &preset, &env, stop_at, &out, &device)?;
     let fitted = fit(&mut trainer, &loader, &fit_config, &mut hooks)?;
     let ((buckets, _), verify) = hooks;
     let (buckets, train_seconds) = (buckets.0, fitted.train_seconds);
