@@ -48,11 +48,6 @@ impl Presets {
         }
     }
 
-    /// The folder overlaid on the built-in presets, if any.
-    pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
-    }
-
     /// Where the config file `file` (`arcface.toml`, `_base.toml`) comes from, if anywhere.
     pub fn source(&self, file: &str) -> Option<ConfigSource> {
         if let Some(dir) = &self.dir {
